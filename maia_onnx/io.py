@@ -1,0 +1,223 @@
+"""Model and file I/O: lazy onnx_ir loading with external data, atomic writes that never leave partial output."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import onnx_ir as ir
+
+from maia_onnx.errors import ModelLoadError, UserError
+
+# Protobuf refuses messages over 2 GiB; stay clear of it with headroom for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+EXTERNAL_SIZE_THRESHOLD = 1024  # tensors smaller than this stay inline even in external-data mode
+
+
+def _check_model_path(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path} (check the path)")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, expected an .onnx file (pass the model file inside it)")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes): re-export or copy the model again")
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    """Fail early with a clear message when an external-data file is missing or too short."""
+    sizes: dict[str, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            data_path = Path(tensor.base_dir) / tensor.location
+            key = str(data_path)
+            if key not in sizes:
+                if not data_path.is_file():
+                    raise ModelLoadError(
+                        f"external data file {tensor.location!r} of {path.name} not found next to the model "
+                        f"(expected {data_path}); copy it beside the .onnx file"
+                    )
+                sizes[key] = data_path.stat().st_size
+            end = (tensor.offset or 0) + (tensor.length or 0)
+            if end > sizes[key]:
+                raise ModelLoadError(
+                    f"external data file {data_path} is truncated ({sizes[key]} bytes, tensor {value.name!r} "
+                    f"needs {end}); copy the complete file again"
+                )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model as onnx_ir; external weights stay memory-mapped (never read eagerly)."""
+    path = Path(path)
+    _check_model_path(path)
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises a zoo of types for garbage input
+        raise ModelLoadError(
+            f"cannot parse {path} as an ONNX model ({type(exc).__name__}): is it truncated or not ONNX?"
+        ) from exc
+    _check_external_data(model, path)
+    return model
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of all initializers (as stored), without loading external data."""
+    total = 0
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            total += value.const_value.nbytes
+    return total
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> Path:
+    """Refuse to overwrite an input and make sure the output directory is writable."""
+    output = Path(output)
+    for inp in inputs:
+        if inp is not None and same_file(output, inp):
+            raise UserError(f"output path {output} is the input path: choose a different -o so the input is kept")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.exists():
+        raise UserError(f"output directory {parent} does not exist: create it first")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"output directory {parent} is not writable: choose another -o")
+    return output
+
+
+def _os_error(exc: OSError, target: Path) -> UserError:
+    if exc.errno == errno.ENOSPC:
+        return UserError(f"no space left on device while writing {target}: free disk space and retry (nothing was written)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"permission denied writing {target}: choose a writable output location")
+    return UserError(f"cannot write {target}: {exc.strerror or exc}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Open a temp file beside ``path``; rename over it only if the block finishes without error."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _os_error(exc, path) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp directory that replaces ``path`` as a whole when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_error(exc, path) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _wants_external(model: ir.Model, external_data: bool | None) -> bool:
+    if external_data is not None:
+        return external_data
+    return initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+    """Save atomically: model (and ``<name>.data`` when external) appear together or not at all.
+
+    ``external_data=None`` switches to external data automatically above the protobuf limit.
+    Weights already memory-mapped from another file are streamed, not loaded whole.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    use_external = _wants_external(model, external_data)
+    data_name = f"{path.name}.data"
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent))
+    try:
+        tmp_model = tmpdir / path.name
+        if use_external:
+            ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=EXTERNAL_SIZE_THRESHOLD)
+        else:
+            proto = ir.to_proto(model)
+            # Tensors that were external in the source must be inlined, or the output would point at the input's data.
+            import onnx
+
+            from onnx.external_data_helper import uses_external_data
+
+            if any(uses_external_data(t) for t in proto.graph.initializer):
+                for value in model.graph.initializers.values():
+                    if isinstance(value.const_value, ir.ExternalTensor):
+                        value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
+                proto = ir.to_proto(model)
+            with open(tmp_model, "wb") as f:
+                f.write(proto.SerializeToString())
+        data_tmp = tmpdir / data_name
+        if data_tmp.exists():
+            os.replace(data_tmp, parent / data_name)
+        elif (parent / data_name).exists() and not use_external:
+            os.unlink(parent / data_name)  # stale side file from an earlier external save
+        os.replace(tmp_model, path)
+    except OSError as exc:
+        raise _os_error(exc, path) from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_content_hash(path: str | os.PathLike) -> str:
+    """Hash of a model file and its external data files (content, not names)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    h.update(sha256_file(path).encode())
+    model = ir.load(path)
+    seen = set()
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor):
+            data = Path(t.base_dir) / t.location
+            if data not in seen:
+                seen.add(data)
+                h.update(sha256_file(data).encode())
+    return h.hexdigest()

@@ -1,0 +1,115 @@
+"""Shared helpers to run onnx_ir models in ONNX Runtime, synthesize inputs from input specs and compare outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+DEFAULT_DIM = 2  # value used for a symbolic dim nobody named
+
+
+def session_options(disable_optimizations: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if disable_optimizations:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def make_session(model: ir.Model | str | os.PathLike, disable_optimizations: bool = True, sess_options=None):
+    """An ORT CPU session for a model file or an in-memory onnx_ir model (weights stay where they are)."""
+    import onnxruntime as ort
+
+    so = sess_options or session_options(disable_optimizations)
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    proto = ir.to_proto(model)
+    has_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    if has_external:
+        # ORT resolves external data relative to a path; add_external_initializers would copy, so save beside.
+        from onnx.external_data_helper import load_external_data_for_model
+
+        base = next(
+            v.const_value.base_dir for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+        )
+        load_external_data_for_model(proto, base)
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_model(model, feeds: Mapping[str, np.ndarray], disable_optimizations: bool = True) -> dict[str, np.ndarray]:
+    sess = make_session(model, disable_optimizations)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds))))
+
+
+_NP_FOR_IR = {
+    ir.DataType.FLOAT: np.float32,
+    ir.DataType.DOUBLE: np.float64,
+    ir.DataType.FLOAT16: np.float16,
+    ir.DataType.INT64: np.int64,
+    ir.DataType.INT32: np.int32,
+    ir.DataType.BOOL: np.bool_,
+    ir.DataType.UINT8: np.uint8,
+    ir.DataType.INT8: np.int8,
+}
+
+
+def input_shape(value: ir.Value, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:
+    dims = dims or {}
+    shape = []
+    for d in value.shape or ():
+        if isinstance(d, int):
+            shape.append(d)
+        else:
+            shape.append(int(dims.get(str(d), dims.get("*", DEFAULT_DIM))))
+    return tuple(shape)
+
+
+def make_inputs(model: ir.Model, seed: int = 0, dims: Mapping[str, int] | None = None, int_high: int = 8) -> dict[str, np.ndarray]:
+    """Random feeds for every graph input (symbolic dims from ``dims``; ints drawn in [0, int_high))."""
+    rng = np.random.default_rng(seed)
+    init_names = set(model.graph.initializers)
+    feeds = {}
+    for value in model.graph.inputs:
+        if value.name in init_names:
+            continue
+        shape = input_shape(value, dims)
+        dtype = value.dtype
+        if dtype in (ir.DataType.INT64, ir.DataType.INT32):
+            feeds[value.name] = rng.integers(0, int_high, size=shape).astype(_NP_FOR_IR[dtype])
+        elif dtype == ir.DataType.BOOL:
+            feeds[value.name] = rng.integers(0, 2, size=shape).astype(bool)
+        elif dtype == ir.DataType.BFLOAT16:
+            import ml_dtypes
+
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+        else:
+            feeds[value.name] = rng.standard_normal(shape).astype(_NP_FOR_IR.get(dtype, np.float32))
+    return feeds
+
+
+def compare(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    """Max abs error, max error relative to the reference's max magnitude, and cosine similarity."""
+    ref = np.asarray(reference, dtype=np.float64).ravel()
+    act = np.asarray(actual, dtype=np.float64).ravel()
+    if ref.shape != act.shape:
+        raise ValueError(f"shape mismatch: {np.shape(reference)} vs {np.shape(actual)}")
+    if ref.size == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "cosine": 1.0}
+    diff = np.abs(ref - act)
+    max_abs = float(diff.max())
+    scale = float(np.abs(ref).max())
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(act))
+    cosine = float(ref @ act / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+    return {"max_abs": max_abs, "max_rel": max_rel, "cosine": cosine}
+
+
+def compare_outputs(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    return {name: compare(reference[name], actual[name]) for name in reference if name in actual}

@@ -1,0 +1,1 @@
+"""Maia runtime: device profiles, capability, EPContext compile, emulator, sessions, executors, perf model."""
