@@ -137,7 +137,9 @@ class Pipeline:
                     raise ValidationError(f"after {name}: {exc}") from exc
             numeric = None
             if reference is not None and result.modified:
-                numeric = compare_outputs(reference, run_model(model, self.check_inputs))
+                # pair outputs by position: a pass may rename a graph output
+                actual = dict(zip(reference, run_model(model, self.check_inputs).values()))
+                numeric = compare_outputs(reference, actual)
                 if self.min_cosine is not None:
                     for out, m in numeric.items():
                         if m["cosine"] < self.min_cosine:

@@ -37,9 +37,11 @@ _HELP = {
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return list(VERBS)
+        return list(VERBS) + sorted(set(self.commands) - set(VERBS))
 
     def get_command(self, ctx, name):
+        if name in self.commands:
+            return self.commands[name]
         if name not in VERBS:
             return None
         try:
