@@ -1,0 +1,187 @@
+"""Accuracy report of a quantized model against its unquantized original on held-out samples.
+
+Per quantized layer: SQNR (dB) and max abs error of the layer's output (quantized model vs original, same
+value names since QDQ only rewires inputs), the scales used, and the fraction of the layer's input
+activations that the static scale clips.  End to end, per graph output: cosine, relative error
+(||q - ref|| / ||ref||), max abs error and top-1 agreement (argmax over the last axis).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+LAYER_COLUMNS = ["layer", "op", "sqnr_db", "max_abs_err", "act_scale", "weight_scale", "clipped"]
+OUTPUT_COLUMNS = ["output", "cosine", "rel_err", "max_abs_err", "top1_agree"]
+
+
+@dataclass
+class _Accumulator:
+    """Streaming sums for SQNR / cosine / relative error over many batches."""
+
+    signal: float = 0.0  # sum ref^2
+    noise: float = 0.0  # sum (ref - q)^2
+    dot: float = 0.0  # sum ref * q
+    q_energy: float = 0.0  # sum q^2
+    max_abs: float = 0.0
+    top1_match: int = 0
+    top1_total: int = 0
+
+    def update(self, ref: np.ndarray, got: np.ndarray, top1: bool = False) -> None:
+        r = np.asarray(ref, dtype=np.float64)
+        g = np.asarray(got, dtype=np.float64)
+        if r.shape != g.shape:
+            raise ValueError(f"shape mismatch {r.shape} vs {g.shape}")
+        d = r - g
+        self.signal += float(np.sum(r * r))
+        self.noise += float(np.sum(d * d))
+        self.dot += float(np.sum(r * g))
+        self.q_energy += float(np.sum(g * g))
+        if d.size:
+            self.max_abs = max(self.max_abs, float(np.nanmax(np.abs(d))))
+        if top1 and r.ndim >= 1 and r.shape[-1] > 1:
+            self.top1_match += int(np.sum(r.argmax(-1) == g.argmax(-1)))
+            self.top1_total += int(np.prod(r.shape[:-1]))
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0:
+            return math.inf
+        if self.signal == 0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def cosine(self) -> float:
+        denom = math.sqrt(self.signal * self.q_energy)
+        return self.dot / denom if denom > 0 else (1.0 if self.noise == 0 else 0.0)
+
+    @property
+    def rel_err(self) -> float:
+        return math.sqrt(self.noise / self.signal) if self.signal > 0 else (0.0 if self.noise == 0 else math.inf)
+
+    @property
+    def top1(self) -> float | None:
+        return self.top1_match / self.top1_total if self.top1_total else None
+
+
+def _is_float(arr: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(arr).dtype, np.floating)
+
+
+def evaluate_accuracy(
+    reference: ir.Model,
+    quantized: ir.Model,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    layers: Sequence[Any] = (),
+    fmt_max: float = 448.0,
+) -> dict[str, Any]:
+    """Run both models on ``batches`` and return {"layers": [...], "outputs": {...}, "summary": {...}}.
+
+    ``layers`` are records with ``node``, ``op_type``, ``outputs``, ``activation_scales`` (value -> scale),
+    ``weight_scale_max`` (e.g. ``passes.quantize_fp8.LayerRecord``).
+    """
+    from maia_onnx.calib import _session_with_outputs
+
+    layer_outputs = [r.outputs[0] for r in layers if r.outputs]
+    act_inputs = sorted({name for r in layers for name in r.activation_scales})
+    ref_graph_outputs = [o.name for o in reference.graph.outputs]
+    q_graph_outputs = {o.name for o in quantized.graph.outputs}
+    ref_sess = _session_with_outputs(reference, list(dict.fromkeys(layer_outputs + act_inputs)))
+    q_sess = _session_with_outputs(quantized, layer_outputs)
+    ref_names = [o.name for o in ref_sess.get_outputs()]
+    q_names = [o.name for o in q_sess.get_outputs()]
+
+    per_layer = {name: _Accumulator() for name in layer_outputs}
+    per_output = {name: _Accumulator() for name in ref_graph_outputs if name in q_graph_outputs}
+    clipped = {name: [0, 0] for name in act_inputs}
+    scales = {name: s for r in layers for name, s in r.activation_scales.items()}
+    n_batches = 0
+    for feeds in batches:
+        ref_vals = dict(zip(ref_names, ref_sess.run(ref_names, dict(feeds))))
+        q_vals = dict(zip(q_names, q_sess.run(q_names, dict(feeds))))
+        for k, v in feeds.items():
+            ref_vals.setdefault(k, v)
+        for name, acc in per_layer.items():
+            if name in ref_vals and name in q_vals and _is_float(ref_vals[name]):
+                acc.update(ref_vals[name], q_vals[name])
+        for name, acc in per_output.items():
+            if _is_float(ref_vals[name]):
+                acc.update(ref_vals[name], q_vals[name], top1=True)
+        for name in act_inputs:
+            if name in ref_vals:
+                x = np.abs(np.asarray(ref_vals[name], dtype=np.float32))
+                clipped[name][0] += int(np.count_nonzero(x > scales[name] * fmt_max))
+                clipped[name][1] += x.size
+        n_batches += 1
+
+    layer_rows = []
+    for r in layers:
+        if not r.outputs:
+            continue
+        acc = per_layer[r.outputs[0]]
+        n_clip = sum(clipped[a][0] for a in r.activation_scales)
+        n_tot = sum(clipped[a][1] for a in r.activation_scales)
+        act_scale = max(r.activation_scales.values()) if r.activation_scales else None
+        layer_rows.append(
+            {
+                "layer": getattr(r, "layer", None) or r.node,
+                "node": r.node,
+                "op": r.op_type,
+                "output": r.outputs[0],
+                "sqnr_db": acc.sqnr_db,
+                "max_abs_err": acc.max_abs,
+                "act_scale": act_scale,
+                "activation_scales": dict(r.activation_scales),
+                "weight": r.weight,
+                "weight_scale": r.weight_scale_max,
+                "weight_scale_min": r.weight_scale_min,
+                "weight_granularity": r.weight_granularity,
+                "weight_sqnr_db": r.weight_sqnr_db,
+                "clipped": (n_clip / n_tot) if n_tot else 0.0,
+            }
+        )
+    outputs = {
+        name: {
+            "cosine": acc.cosine,
+            "rel_err": acc.rel_err,
+            "max_abs_err": acc.max_abs,
+            "sqnr_db": acc.sqnr_db,
+            "top1_agree": acc.top1,
+        }
+        for name, acc in per_output.items()
+    }
+    finite_sqnr = [row["sqnr_db"] for row in layer_rows if math.isfinite(row["sqnr_db"])]
+    summary = {
+        "samples_batches": n_batches,
+        "min_output_cosine": min((o["cosine"] for o in outputs.values()), default=1.0),
+        "max_output_rel_err": max((o["rel_err"] for o in outputs.values()), default=0.0),
+        "worst_layer_sqnr_db": min(finite_sqnr) if finite_sqnr else None,
+        "quantized_layers": len(layer_rows),
+    }
+    first = next(iter(outputs.values()), None)
+    if first is not None:
+        summary["top1_agree"] = first["top1_agree"]
+    return {"layers": layer_rows, "outputs": outputs, "summary": summary}
+
+
+def format_report(report: Mapping[str, Any], max_layers: int | None = 40) -> str:
+    """Terminal tables: per-layer rows (worst SQNR first when truncated) then per-output rows."""
+    from maia_onnx.report import format_table
+
+    parts = []
+    rows = list(report.get("layers", []))
+    title = f"per-layer accuracy ({len(rows)} quantized layers)"
+    if max_layers is not None and len(rows) > max_layers:
+        rows = sorted(rows, key=lambda r: r["sqnr_db"])[:max_layers]
+        title += f", worst {max_layers} by SQNR"
+    if rows:
+        parts.append(format_table(rows, LAYER_COLUMNS, title))
+    out_rows = [{"output": k, **v} for k, v in report.get("outputs", {}).items()]
+    if out_rows:
+        parts.append(format_table(out_rows, OUTPUT_COLUMNS, "end-to-end accuracy vs the unquantized model"))
+    return "\n\n".join(parts)

@@ -1,0 +1,468 @@
+"""Calibration: feed batches from .npz / a directory of .npz / random inputs through ORT and turn streamed
+activation statistics (running amax + a power-of-two-growing |x| histogram) into per-tensor FP8 scales.
+
+Methods: ``minmax`` (amax), ``percentile`` (e.g. 99.99 of |x|), ``mse`` (clip value minimising the expected
+FP8 quantisation MSE over the histogram) and ``entropy`` (clip value minimising KL(P || Q) between the
+clipped histogram and its FP8-quantised version).  Only one batch of activations is alive at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from maia_onnx.errors import InvalidOptionError, UserError
+from maia_onnx.formats.fp8 import Fp8Format, cast_fp8_saturate, fp8_amax_scale, get_fp8_format
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "mse", "entropy")
+DEFAULT_BINS = 2048
+DEFAULT_PERCENTILE = 99.99
+MIN_KL_BINS = 128
+
+
+# --------------------------------------------------------------------------------------------------
+# Data sources
+# --------------------------------------------------------------------------------------------------
+def _feed_inputs(model: ir.Model) -> list[ir.Value]:
+    inits = set(model.graph.initializers)
+    return [v for v in model.graph.inputs if v.name not in inits]
+
+
+def _token_range(model: ir.Model, input_name: str) -> int | None:
+    """Vocabulary size for an integer input that indexes an embedding (Gather on a constant table)."""
+    for value in model.graph.inputs:
+        if value.name != input_name:
+            continue
+        for node, idx in value.uses():
+            if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None and node.inputs[0].const_value is not None:
+                return int(node.inputs[0].const_value.shape[0])
+    return None
+
+
+@dataclass
+class CalibrationSource:
+    """Where calibration (or evaluation) batches come from; iterate with ``batches(model)``."""
+
+    kind: str  # "random" | "npz" | "dir"
+    path: Path | None = None
+    num_samples: int | None = None  # None: every sample in the files (random: 8)
+    batch_size: int = 1
+    seed: int = 0
+    dims: dict[str, int] = field(default_factory=dict)
+    sample_range: tuple[int, int | None] = (0, None)  # [start, stop) of samples used (held-out splits)
+
+    @property
+    def description(self) -> str:
+        return "random" if self.kind == "random" else str(self.path)
+
+    def count(self) -> int:
+        """Number of batches this source yields (for the progress bar)."""
+        if self.kind == "random":
+            n = self.num_samples or 8
+            return -(-n // self.batch_size)
+        total = sum(-(-n // self.batch_size) for n in self._file_sample_counts())
+        return total
+
+    def _files(self) -> list[Path]:
+        if self.kind == "npz":
+            return [self.path]
+        files = sorted(self.path.glob("*.npz"))
+        if not files:
+            raise UserError(f"calibration directory {self.path} has no .npz files: add one array per graph input per file")
+        return files
+
+    def _file_sample_counts(self) -> list[int]:
+        counts = []
+        start, stop = self.sample_range
+        seen = 0
+        limit = self.num_samples
+        for f in self._files():
+            with np.load(f) as data:
+                n = min(data[k].shape[0] for k in data.files) if data.files else 0
+            lo, hi = max(start - seen, 0), n if stop is None else min(n, max(stop - seen, 0))
+            seen += n
+            used = max(hi - lo, 0)
+            if limit is not None:
+                used = min(used, max(limit - sum(counts), 0))
+            counts.append(used)
+        return counts
+
+    def total_samples(self) -> int:
+        if self.kind == "random":
+            return self.num_samples or 8
+        return sum(self._file_sample_counts())
+
+    def batches(self, model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
+        inputs = _feed_inputs(model)
+        if self.kind == "random":
+            yield from self._random_batches(model, inputs)
+            return
+        yield from self._npz_batches(inputs)
+
+    def _random_batches(self, model: ir.Model, inputs: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
+        from maia_onnx.ortutil import input_shape
+
+        n = self.num_samples or 8
+        rng = np.random.default_rng(self.seed)
+        dims = {"*": 8, **self.dims}
+        for start in range(0, n, self.batch_size):
+            batch = min(self.batch_size, n - start)
+            feeds = {}
+            for value in inputs:
+                shape_dims = dict(dims)
+                shape = list(input_shape(value, shape_dims))
+                # the first symbolic dim is taken as the batch dim
+                if value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int):
+                    shape[0] = batch
+                dtype = value.dtype
+                if dtype in (ir.DataType.INT64, ir.DataType.INT32):
+                    high = _token_range(model, value.name) or 8
+                    feeds[value.name] = rng.integers(0, high, size=shape).astype(np.int64 if dtype == ir.DataType.INT64 else np.int32)
+                elif dtype == ir.DataType.BOOL:
+                    feeds[value.name] = rng.integers(0, 2, size=shape).astype(bool)
+                elif dtype == ir.DataType.FLOAT16:
+                    feeds[value.name] = rng.standard_normal(shape).astype(np.float16)
+                else:
+                    feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
+            yield feeds
+
+    def _npz_batches(self, inputs: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
+        counts = self._file_sample_counts()
+        start, _ = self.sample_range
+        seen = 0
+        for f, used in zip(self._files(), counts):
+            with np.load(f) as data:
+                missing = [v.name for v in inputs if v.name not in data.files]
+                if missing:
+                    raise UserError(
+                        f"calibration file {f} lacks arrays for graph inputs {', '.join(missing)}: "
+                        f"save one array per input (first axis = samples) with np.savez"
+                    )
+                n = min(data[v.name].shape[0] for v in inputs)
+                lo = max(start - seen, 0)
+                seen += n
+                arrays = {v.name: data[v.name] for v in inputs}
+            for s in range(lo, lo + used, self.batch_size):
+                e = min(s + self.batch_size, lo + used)
+                feeds = {}
+                for value in inputs:
+                    arr = arrays[value.name]
+                    rank = len(value.shape) if value.shape is not None else arr.ndim - 1
+                    if arr.ndim == rank + 1 and self.batch_size == 1:
+                        feeds[value.name] = np.ascontiguousarray(arr[s])  # samples are whole inputs
+                    elif arr.ndim == rank + 1:
+                        feeds[value.name] = np.concatenate([arr[i] for i in range(s, e)], axis=0)
+                    else:
+                        feeds[value.name] = np.ascontiguousarray(arr[s:e])  # first axis is the batch axis
+                    want = _np_dtype(value.dtype)
+                    if want is not None and feeds[value.name].dtype != want:
+                        feeds[value.name] = feeds[value.name].astype(want)
+                yield feeds
+
+
+def _np_dtype(dtype):
+    table = {
+        ir.DataType.FLOAT: np.float32,
+        ir.DataType.FLOAT16: np.float16,
+        ir.DataType.INT64: np.int64,
+        ir.DataType.INT32: np.int32,
+        ir.DataType.BOOL: np.bool_,
+    }
+    return table.get(dtype)
+
+
+def make_source(
+    spec: str | os.PathLike | None,
+    num_samples: int | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+    dims: Mapping[str, int] | None = None,
+) -> CalibrationSource:
+    """``random`` / None, an ``.npz`` file (one array per graph input, first axis = samples) or a directory of them."""
+    if batch_size < 1:
+        raise InvalidOptionError(f"calibration batch size must be >= 1, got {batch_size}")
+    if spec is None or str(spec) == "random":
+        return CalibrationSource("random", None, num_samples, batch_size, seed, dict(dims or {}))
+    path = Path(spec)
+    if path.is_dir():
+        return CalibrationSource("dir", path, num_samples, batch_size, seed, dict(dims or {}))
+    if not path.exists():
+        raise UserError(f"calibration data {path} not found: pass an .npz file, a directory of .npz files, or 'random'")
+    if path.suffix != ".npz":
+        raise UserError(f"calibration data {path} is not an .npz file: save it with numpy.savez (one array per input)")
+    return CalibrationSource("npz", path, num_samples, batch_size, seed, dict(dims or {}))
+
+
+def split_holdout(source: CalibrationSource, holdout: int) -> tuple[CalibrationSource, CalibrationSource]:
+    """(calibration, evaluation) sources with disjoint samples; random sources get a different seed."""
+    import dataclasses
+
+    if source.kind == "random":
+        return source, dataclasses.replace(source, seed=source.seed + 7919, num_samples=holdout)
+    total = source.total_samples()
+    if total < 2:
+        logger.warning("only %d calibration sample(s): the accuracy report reuses them (not held out)", total)
+        return source, source
+    holdout = min(max(1, holdout), total // 2)
+    calib = dataclasses.replace(source, sample_range=(0, total - holdout), num_samples=None)
+    evaluation = dataclasses.replace(source, sample_range=(total - holdout, None), num_samples=None)
+    return calib, evaluation
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming statistics
+# --------------------------------------------------------------------------------------------------
+class HistogramStat:
+    """Running amax and a histogram of |x| over [0, range); the range doubles (bins merge exactly) as needed."""
+
+    def __init__(self, bins: int = DEFAULT_BINS):
+        if bins < 16 or bins & (bins - 1):
+            raise ValueError("bins must be a power of two >= 16")
+        self.bins = bins
+        self.hist = np.zeros(bins, dtype=np.int64)
+        self.range = 0.0
+        self.amax = 0.0
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        a = np.abs(np.asarray(x, dtype=np.float32)).ravel()
+        a = a[np.isfinite(a)]
+        if a.size == 0:
+            return
+        batch_max = float(a.max())
+        self.amax = max(self.amax, batch_max)
+        self.count += a.size
+        if batch_max == 0.0 and self.range == 0.0:
+            self.hist[0] += a.size
+            return
+        if self.range == 0.0:
+            self.range = batch_max
+        elif batch_max >= self.range:
+            grow = math.ceil(math.log2(batch_max / self.range) + 1e-12)
+            grow = max(grow, 1)
+            factor = 1 << min(grow, int(math.log2(self.bins)))
+            merged = self.hist.reshape(-1, factor).sum(axis=1)
+            self.hist = np.zeros(self.bins, dtype=np.int64)
+            self.hist[: merged.size] = merged
+            self.range *= 2.0**grow
+        idx = (a * np.float32(self.bins / self.range)).astype(np.int64)
+        np.minimum(idx, self.bins - 1, out=idx)
+        self.hist += np.bincount(idx, minlength=self.bins)
+
+    @property
+    def bin_width(self) -> float:
+        return self.range / self.bins if self.range else 0.0
+
+    def centers(self) -> np.ndarray:
+        return (np.arange(self.bins) + 0.5) * self.bin_width
+
+    def percentile_amax(self, percentile: float) -> float:
+        if self.count == 0 or self.range == 0:
+            return self.amax
+        cum = np.cumsum(self.hist)
+        target = percentile / 100.0 * cum[-1]
+        i = int(np.searchsorted(cum, target, side="left"))
+        return float(min((i + 1) * self.bin_width, self.amax))
+
+    def _candidates(self, n: int = 128) -> np.ndarray:
+        lo = self.amax / 64.0
+        return np.unique(np.geomspace(max(lo, 1e-12), self.amax, n))
+
+    def mse_amax(self, fmt: Fp8Format) -> float:
+        if self.count == 0 or self.amax == 0:
+            return self.amax
+        centers = self.centers().astype(np.float32)
+        weights = self.hist.astype(np.float64)
+        nz = weights > 0
+        centers, weights = centers[nz], weights[nz]
+        best, best_err = self.amax, math.inf
+        for clip in self._candidates():
+            scale = np.float32(clip / fmt.max)
+            q = cast_fp8_saturate(centers / scale, fmt).astype(np.float32) * scale
+            err = float(np.sum(weights * (centers.astype(np.float64) - q) ** 2))
+            if err < best_err:
+                best, best_err = float(clip), err
+        return best
+
+    def entropy_amax(self, fmt: Fp8Format) -> float:
+        if self.count == 0 or self.amax == 0:
+            return self.amax
+        total = float(self.hist.sum())
+        centers = self.centers().astype(np.float32)
+        best, best_kl = self.amax, math.inf
+        last_bin = min(self.bins, int(math.ceil(self.amax / self.bin_width)))
+        # fewer than MIN_KL_BINS histogram bins under the clip would make FP8 rounding invisible to KL
+        # (each bin its own FP8 level, KL = 0), so candidates start there, as TensorRT does for int8
+        min_bins = min(MIN_KL_BINS, last_bin)
+        for clip in self._candidates():
+            i = min(last_bin, max(min_bins, int(math.ceil(clip / self.bin_width))))
+            p = self.hist[:i].astype(np.float64)
+            p[-1] += self.hist[i:].sum()  # clipped values pile up at the clip value
+            scale = np.float32(i * self.bin_width / fmt.max)
+            codes = cast_fp8_saturate(centers[:i] / scale, fmt).view(np.uint8)
+            # Q: each FP8 level's mass spread evenly over the non-empty bins that round to it
+            q = np.zeros(i)
+            nonempty = p > 0
+            level_mass = np.bincount(codes, weights=p, minlength=256)
+            level_bins = np.bincount(codes, weights=nonempty.astype(np.float64), minlength=256)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                q[nonempty] = (level_mass / np.maximum(level_bins, 1))[codes[nonempty]]
+            p /= total
+            qs = q.sum()
+            if qs == 0:
+                continue
+            q /= qs
+            mask = p > 0
+            kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+            if kl < best_kl:
+                best, best_kl = float(i * self.bin_width), kl
+        return min(best, self.amax)
+
+    def clip_amax(self, method: str, fmt: Fp8Format, percentile: float = DEFAULT_PERCENTILE) -> float:
+        if method == "minmax":
+            return self.amax
+        if method == "percentile":
+            return self.percentile_amax(percentile)
+        if method == "mse":
+            return self.mse_amax(fmt)
+        if method == "entropy":
+            return self.entropy_amax(fmt)
+        raise InvalidOptionError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+
+
+def check_method(method: str, percentile: float = DEFAULT_PERCENTILE) -> None:
+    if method not in METHODS:
+        raise InvalidOptionError(f"calibration method {method!r} is not one of {', '.join(METHODS)}")
+    if not 0 < percentile <= 100:
+        raise InvalidOptionError(f"--percentile must be in (0, 100], got {percentile}")
+
+
+def _session_with_outputs(model: ir.Model, names: Sequence[str]):
+    """An ORT session of ``model`` that also returns the named intermediate values (model is not modified)."""
+    import onnx
+
+    from maia_onnx.ortutil import session_options
+
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    dtypes = {}
+    for node in model.graph:
+        for out in node.outputs:
+            if out.name in names:
+                dtypes[out.name] = out.dtype
+    for v in model.graph.inputs:
+        if v.name in names:
+            dtypes[v.name] = v.dtype
+    for name in names:
+        if name in existing:
+            continue
+        elem = dtypes.get(name) or ir.DataType.FLOAT
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, int(elem), None))
+    external = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
+    if external:
+        from onnx.external_data_helper import load_external_data_for_model
+
+        load_external_data_for_model(proto, external[0].base_dir)
+    import onnxruntime as ort
+
+    return ort.InferenceSession(proto.SerializeToString(), session_options(True), providers=["CPUExecutionProvider"])
+
+
+def run_with_intermediates(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]], callback, progress=None) -> int:
+    """For each batch run the model once and call ``callback(batch_index, {name: array})``; returns batches run."""
+    sess = _session_with_outputs(model, names)
+    graph_outputs = [o.name for o in sess.get_outputs()]
+    wanted = list(dict.fromkeys(list(names) + graph_outputs))
+    n = 0
+    for feeds in batches:
+        try:
+            values = sess.run(wanted, dict(feeds))
+        except Exception as exc:
+            raise UserError(
+                f"calibration batch {n} failed in ONNX Runtime ({str(exc).splitlines()[0][:200]}): "
+                f"check the calibration arrays' shapes and dtypes against the model inputs"
+            ) from exc
+        # graph inputs are fed, not produced: take them from the feeds
+        results = dict(zip(wanted, values))
+        for k, v in feeds.items():
+            if k in names:
+                results[k] = v
+        callback(n, results)
+        n += 1
+        if progress is not None:
+            progress.update(1)
+    return n
+
+
+def collect_statistics(
+    model: ir.Model,
+    value_names: Sequence[str],
+    source: CalibrationSource,
+    bins: int = DEFAULT_BINS,
+    show_progress: bool = True,
+) -> dict[str, HistogramStat]:
+    """Stream ``source`` through the model and keep a histogram per named activation."""
+    stats = {name: HistogramStat(bins) for name in value_names}
+    if not value_names:
+        return stats
+
+    def update(_, values):
+        for name in value_names:
+            if name in values:
+                stats[name].update(values[name])
+
+    progress = None
+    if show_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=source.count(), desc="calibrating", unit="batch", file=sys.stderr, leave=False)
+    try:
+        n = run_with_intermediates(model, value_names, source.batches(model), update, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if n == 0:
+        raise UserError(f"calibration data {source.description} yielded no samples: provide at least one sample")
+    return stats
+
+
+def compute_scales(
+    stats: Mapping[str, HistogramStat],
+    method: str = "minmax",
+    fmt: str | Fp8Format = "e4m3fn",
+    percentile: float = DEFAULT_PERCENTILE,
+) -> dict[str, float]:
+    """Per-tensor FP8 scale per activation: clip value from ``method`` divided by the format max."""
+    check_method(method, percentile)
+    fmt = get_fp8_format(fmt)
+    scales = {}
+    for name, stat in stats.items():
+        clip = stat.clip_amax(method, fmt, percentile)
+        scales[name] = float(fp8_amax_scale(clip, fmt))
+    return scales
+
+
+def calibrate(
+    model: ir.Model,
+    value_names: Sequence[str],
+    source: CalibrationSource,
+    method: str = "minmax",
+    fmt: str | Fp8Format = "e4m3fn",
+    percentile: float = DEFAULT_PERCENTILE,
+    bins: int = DEFAULT_BINS,
+    show_progress: bool = True,
+) -> tuple[dict[str, float], dict[str, HistogramStat]]:
+    """Scales for ``value_names`` from ``source`` with ``method``; also returns the statistics."""
+    check_method(method, percentile)
+    stats = collect_statistics(model, value_names, source, bins, show_progress)
+    return compute_scales(stats, method, fmt, percentile), stats

@@ -1,0 +1,57 @@
+"""`maia-onnx compile`: offline compile for Maia (device partitions -> com.microsoft EPContext nodes) with a placement report."""
+
+from __future__ import annotations
+
+import click
+
+from maia_onnx.cli.options import device_option, echo_json, external_data_option, json_option, model_argument, output_option, report_option
+
+
+def _split(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _dims(text: str | None) -> dict[str, int]:
+    from maia_onnx.errors import InvalidOptionError
+
+    dims = {}
+    for item in _split(text):
+        name, _, value = item.partition("=")
+        if not value.strip().isdigit():
+            raise InvalidOptionError(f"--dims item {item!r} is not NAME=INT: write e.g. --dims batch=1,seq=128")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+@click.command("compile")
+@model_argument()
+@output_option(help="Compiled model path (.onnx).")
+@device_option
+@click.option("--embed/--no-embed", default=True, show_default=True,
+              help="Embed the Maia programs in the EPContext nodes, or write them to <out>_maia.bin beside the model.")
+@click.option("--cpu-ops", default="", help="Comma-separated op types to keep on the CPU.")
+@click.option("--dims", default="", help="Symbolic dims for the estimates and memory plan, e.g. batch=1,seq=128.")
+@external_data_option
+@report_option
+@json_option
+def command(model, output, device, embed, cpu_ops, dims, external_data, report_path, as_json):
+    """Compile MODEL for a Maia device: supported subgraphs become EPContext nodes, the rest stays on the CPU."""
+    from maia_onnx.io import write_text_atomic
+    from maia_onnx.report import dumps, print_table
+    from maia_onnx.runtime.capability import partition_rows, placement_rows
+    from maia_onnx.runtime.compile import compile_model
+
+    result = compile_model(model, output, device=device, embed=embed, excluded_ops=_split(cpu_ops), dims=_dims(dims),
+                           external_data=external_data, progress=not as_json)
+    report = {"summary": result.summary(), "placement": result.placement.to_dict()}
+    if report_path:
+        write_text_atomic(report_path, dumps(report))
+    if as_json:
+        echo_json(report)
+        return
+    print_table(placement_rows(result.placement), ["op", "where", "nodes", "flops", "reason"], title=f"placement on {result.placement.device}")
+    click.echo()
+    print_table(partition_rows(result.placement), ["partition", "nodes", "flops", "bytes", "est_time_us"], title="device partitions")
+    s = result.summary()
+    click.echo(f"\n{s['nodes_device']} nodes on {s['device']}, {s['nodes_cpu']} on CPU; {s['partitions']} partitions; "
+               f"wrote {result.path}" + (f" and {result.side_file}" if result.side_file else ""))

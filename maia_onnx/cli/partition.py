@@ -1,0 +1,35 @@
+"""`maia-onnx partition`: split a model into tensor-parallel ranks x pipeline stages and print a summary."""
+
+from __future__ import annotations
+
+import click
+
+from maia_onnx.cli.options import echo_json, json_option, model_argument
+
+
+@click.command("partition")
+@model_argument()
+@click.option("-o", "--output", required=True, type=click.Path(), help="Partition directory to write (manifest.json + rank files).")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree (ranks per stage).")
+@click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree (stages).")
+@click.option("--balance", type=click.Choice(["flops", "params", "memory"]), default="flops", show_default=True,
+              help="What pipeline stages are balanced on.")
+@json_option
+def command(model, output, tp, pp, balance, as_json):
+    """Split MODEL for tensor (--tp) and pipeline (--pp) parallelism into a partition directory."""
+    from maia_onnx.partition import partition_file, summary_rows
+    from maia_onnx.report import human_bytes, print_table
+
+    manifest = partition_file(model, output, tp=tp, pp=pp, balance=balance, progress=not as_json)
+    rows = summary_rows(manifest)
+    if as_json:
+        echo_json({"output": str(output), "mesh": manifest.data["mesh"], "ranks": rows,
+                   "inputs": manifest.inputs, "outputs": manifest.outputs})
+        return
+    for r in rows:
+        r["weights"] = human_bytes(r["weight_bytes"])
+        r["coll_bytes/token"] = human_bytes(r["payload_bytes_per_token"])
+        r["wire_bytes/token"] = human_bytes(r["wire_bytes_per_token"])
+    print_table(rows, ["rank", "tp_rank", "stage", "file", "weights", "collectives", "allreduce", "allgather",
+                       "coll_bytes/token", "wire_bytes/token"],
+                title=f"partition {output}: tp={manifest.tp} pp={manifest.pp}")

@@ -1,0 +1,192 @@
+"""Local Hugging Face checkpoints (hf:DIR) -> ModelSpec: decoder LMs with a flat KV cache (llama-tiny I/O names), encoders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Mapping
+
+from maia_onnx.errors import UnsupportedModelError, UserError
+
+# decoder-only families whose attention caches [batch, kv_heads, seq, head_dim] per layer in a DynamicCache
+_ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta", "deberta-v2", "camembert", "mpnet"}
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"Hugging Face directory {path} does not exist: pass hf:DIR with a local checkpoint directory")
+    if not path.is_dir():
+        raise UserError(f"hf:{path} is not a directory: pass the checkpoint directory (config.json + weights)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UserError(f"no config.json in {path}: hf:DIR must be a saved Hugging Face checkpoint (save_pretrained)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {cfg_file}: {exc}") from exc
+
+
+def _has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or any(path.glob("*.safetensors.index.json"))
+
+
+def _make_decoder_wrapper(model, num_layers: int):
+    import torch
+    from transformers import DynamicCache
+
+    import inspect
+
+    # transformers 5.x renamed past_key_values -> cache; use whichever this version's forward takes
+    params = inspect.signature(model.forward).parameters
+    cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    class FlatKVCausalLM(torch.nn.Module):
+        """Flat past/present tensors around an HF causal LM so ONNX I/O matches llama-tiny's names and layout."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids, *past):
+            seq = input_ids.shape[1]
+            past_len = past[0].shape[2]
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(num_layers)])
+            positions = torch.arange(seq, device=input_ids.device) + past_len
+            attention_mask = torch.ones(input_ids.shape[0], past_len + seq, dtype=torch.long, device=input_ids.device)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions[None, :].expand(input_ids.shape[0], seq),
+                use_cache=True,
+                return_dict=True,
+                **{cache_kwarg: cache},
+            )
+            presents = []
+            for layer in out.past_key_values.layers:
+                presents += [layer.keys, layer.values]
+            return (out.logits, *presents)
+
+    return FlatKVCausalLM(model)
+
+
+def _kv_geometry(config) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) from an HF config of a decoder."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if not (layers and kv_heads and head_dim):
+        raise UnsupportedModelError(f"cannot read layer/head geometry from the {config.model_type} config: export it with a module:factory")
+    return int(layers), int(kv_heads), int(head_dim)
+
+
+def build_hf_spec(directory: str, seed: int = 0, dims: Mapping[str, int] | None = None, progress: Callable[[str], None] | None = None):
+    """Load a local HF checkpoint offline and wrap it for export (eager attention: explicit MatMul/Softmax)."""
+    import torch
+
+    from maia_onnx.models.registry import ModelSpec
+
+    path = Path(directory).expanduser()
+    raw = _read_config(path)
+    if not _has_weights(path):
+        raise UserError(f"no weights (*.safetensors or *.bin) in {path}: save the model with save_pretrained")
+    model_type = raw.get("model_type", "?")
+    archs = raw.get("architectures") or []
+    dims = dict(dims or {})
+    batch, seq, past = dims.get("batch", 2), dims.get("seq", 5), dims.get("past", 3)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if progress:
+        progress(f"loading Hugging Face {model_type} from {path} (offline)")
+    try:
+        import transformers
+        from transformers import AutoConfig
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise UnsupportedModelError(f"transformers cannot read {path}/config.json ({type(exc).__name__}: {exc})") from exc
+    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or (
+        not archs and model_type not in _ENCODER_TYPES and getattr(config, "is_decoder", True) and model_type not in _ENCODER_TYPES
+    )
+    if model_type in _ENCODER_TYPES:
+        is_decoder = False
+    common = dict(local_files_only=True, dtype=torch.float32, attn_implementation="eager")
+    try:
+        if is_decoder:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, **common)
+        else:
+            model = transformers.AutoModel.from_pretrained(path, **common)
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"cannot load {model_type} checkpoint {path} with transformers ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    model.eval()
+    meta = {"model": f"hf:{path.name}", "family": model_type, "hf_architectures": archs}
+    from torch.export import Dim
+
+    if is_decoder:
+        num_layers, kv_heads, head_dim = _kv_geometry(model.config)
+        vocab = int(getattr(model.config, "vocab_size"))
+        wrapper = _make_decoder_wrapper(model, num_layers).eval()
+        inputs = {"input_ids": torch.randint(0, vocab, (batch, seq), generator=gen)}
+        input_names, output_names = ["input_ids"], ["logits"]
+        for i in range(num_layers):
+            for kind in ("key", "value"):
+                inputs[f"past_key_values.{i}.{kind}"] = torch.randn(batch, kv_heads, past, head_dim, generator=gen)
+                input_names.append(f"past_key_values.{i}.{kind}")
+                output_names.append(f"present.{i}.{kind}")
+        d_batch, d_seq, d_past = Dim("batch"), Dim("seq"), Dim("past")
+        dyn = ({0: d_batch, 1: d_seq}, tuple({0: d_batch, 2: d_past} for _ in range(2 * num_layers)))
+        text = model.config
+        meta.update(
+            num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,
+            num_heads=int(getattr(text, "num_attention_heads", 0) or getattr(text, "n_head", 0)),
+            hidden_size=int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0)),
+            kv_cache_layout="batch,kv_heads,past,head_dim",
+        )
+        return ModelSpec(name=f"hf:{path}", module=wrapper, example_inputs=inputs, input_names=input_names,
+                         output_names=output_names, dynamic_shapes=dyn, config=meta, param_prefix="model.")
+    # encoder: input_ids, attention_mask (+ token_type_ids when the model has them) -> last_hidden_state
+    vocab = int(getattr(model.config, "vocab_size"))
+    ids = torch.randint(0, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -1] = 0  # a padded position, so the exported mask path is exercised
+    names = ["input_ids", "attention_mask"]
+    tensors = [ids, mask]
+    if getattr(model.config, "type_vocab_size", 0):
+        names.append("token_type_ids")
+        tensors.append(torch.zeros(batch, seq, dtype=torch.long))
+    wrapper = _make_encoder_wrapper(model, names).eval()
+    with torch.no_grad():
+        outs = wrapper(*tensors)
+    output_names = ["last_hidden_state", "pooler_output"][: len(outs)]
+    d_batch, d_seq = Dim("batch"), Dim("seq")
+    dyn = (tuple({0: d_batch, 1: d_seq} for _ in names),)  # forward(*args): one nested entry
+    meta.update(num_layers=int(getattr(model.config, "num_hidden_layers", 0)), hidden_size=int(getattr(model.config, "hidden_size", 0)),
+                num_heads=int(getattr(model.config, "num_attention_heads", 0)), vocab_size=vocab)
+    return ModelSpec(name=f"hf:{path}", module=wrapper, example_inputs=dict(zip(names, tensors)), input_names=names,
+                     output_names=output_names, dynamic_shapes=dyn, config=meta, param_prefix="model.")
+
+
+def _make_encoder_wrapper(model, names: list[str]):
+    import torch
+
+    class EncoderOutputs(torch.nn.Module):
+        """Positional inputs -> (last_hidden_state[, pooler_output]) tuple for a clean export signature."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, *args):
+            out = self.model(**dict(zip(names, args)), return_dict=True)
+            result = [out.last_hidden_state]
+            if getattr(out, "pooler_output", None) is not None:
+                result.append(out.pooler_output)
+            return tuple(result)
+
+    return EncoderOutputs(model)

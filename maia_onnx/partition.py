@@ -1,0 +1,521 @@
+"""Partition directories: the manifest schema, the streaming writer, the reader and the validator.
+
+A partition directory holds one ONNX model per (tensor-parallel rank, pipeline stage) plus ``manifest.json``::
+
+    DIR/manifest.json
+    DIR/rank{t}_stage{s}.onnx          # standalone, checker-clean ONNX (imports com.microsoft for collectives)
+    DIR/rank{t}_stage{s}.onnx.data     # that file's own external weights (absent when it has none)
+
+``t`` is the tensor-parallel rank inside a stage (0..tp-1), ``s`` the pipeline stage (0..pp-1); the global
+device rank is ``s * tp + t``.
+
+Manifest (``format: "maia-onnx-partition"``, ``version: 1``; JSON, keys sorted)::
+
+    mesh:        {tp, pp, world_size}
+    source:      {path, sha256, inputs: [io], outputs: [io]}   # io = {name, dtype, shape}; shape items int|str|null
+    ranks:       [{rank, tp_rank, stage, file, data|null, weight_bytes, sha256}]      # one per file
+    stages:      [{stage, inputs: [names], outputs: [names]}]
+                 # a stage's graph inputs are source inputs or outputs of earlier stages (same tp_rank feeds
+                 # same tp_rank); its outputs are source outputs or tensors later stages consume
+    inputs:      {name: {sharding: "replicated"|"split", axis: int|null}}
+                 # how the executor feeds a full source input to each tp rank: "split" = rank t gets
+                 # the t-th of tp equal chunks along axis (e.g. a KV cache split by heads)
+    outputs:     {name: {sharding: "replicated"|"split", axis: int|null, stage: int}}
+                 # how the full output is assembled: replicated = take tp rank 0, split = concat along axis
+    collectives: [{id, stage, op: "AllReduce"|"AllGather", node, input, output, axis|null, group_size,
+                   group: [global ranks], dtype, elements_per_token}]
+                 # in execution order; node/input/output are the same names in every tp rank of the stage
+    tensors:     {source initializer name: {kind, axis|null, full_shape, shards: {tp_rank: [start, stop]}}}
+                 # kind: column | row | vocab | replicated | sliced (which part of the weight went where)
+    microbatch:  {axis: 0}     # axis along which run_partition splits inputs into pipeline microbatches
+    extra:       {...}         # free-form provenance (pass options, PP balance, etc.)
+
+The schema is shared by the TP pass, the PP pass, resharding, the in-process executor and the torchrun worker.
+Weights are streamed tensor by tensor into each file's external data (lazy slices of the source's
+memory-mapped data are evaluated one at a time), so writing never holds a copy of all weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from maia_onnx.errors import UserError, ValidationError
+from maia_onnx.io import atomic_dir, sha256_file
+
+FORMAT = "maia-onnx-partition"
+VERSION = 1
+MANIFEST = "manifest.json"
+INLINE_LIMIT_BYTES = 1024  # smaller tensors stay inside the .onnx file
+ALIGNMENT = 64
+
+COLLECTIVE_DOMAIN = "com.microsoft"
+COLLECTIVE_OPS = ("AllReduce", "AllGather")
+
+
+def rank_file_name(tp_rank: int, stage: int) -> str:
+    return f"rank{tp_rank}_stage{stage}.onnx"
+
+
+def global_rank(tp_rank: int, stage: int, tp: int) -> int:
+    return stage * tp + tp_rank
+
+
+class PartitionError(UserError):
+    """A partition directory is missing, inconsistent or does not match its manifest."""
+
+
+@dataclass
+class Manifest:
+    """Typed access to manifest.json (``data`` is the plain dict that is written)."""
+
+    data: dict[str, Any]
+    directory: Path | None = None
+
+    @property
+    def tp(self) -> int:
+        return int(self.data["mesh"]["tp"])
+
+    @property
+    def pp(self) -> int:
+        return int(self.data["mesh"]["pp"])
+
+    @property
+    def ranks(self) -> list[dict[str, Any]]:
+        return self.data["ranks"]
+
+    @property
+    def stages(self) -> list[dict[str, Any]]:
+        return self.data["stages"]
+
+    @property
+    def collectives(self) -> list[dict[str, Any]]:
+        return self.data.get("collectives", [])
+
+    @property
+    def inputs(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("inputs", {})
+
+    @property
+    def outputs(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("outputs", {})
+
+    @property
+    def tensors(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("tensors", {})
+
+    def rank_entry(self, tp_rank: int, stage: int) -> dict[str, Any]:
+        for entry in self.ranks:
+            if entry["tp_rank"] == tp_rank and entry["stage"] == stage:
+                return entry
+        raise PartitionError(f"manifest has no rank {tp_rank} stage {stage}: the partition is incomplete; re-run partition")
+
+    def rank_path(self, tp_rank: int, stage: int) -> Path:
+        base = self.directory or Path(".")
+        return base / self.rank_entry(tp_rank, stage)["file"]
+
+    def source_output_names(self) -> list[str]:
+        return [o["name"] for o in self.data["source"]["outputs"]]
+
+    def source_input_names(self) -> list[str]:
+        return [i["name"] for i in self.data["source"]["inputs"]]
+
+
+def io_spec(value: ir.Value) -> dict[str, Any]:
+    """JSON description of a graph input/output: name, dtype name, shape (ints, symbols or null)."""
+    shape = None
+    if value.shape is not None:
+        shape = [d if isinstance(d, int) else (str(d) if d is not None and str(d) else None) for d in value.shape]
+    return {"name": value.name, "dtype": value.dtype.name if value.dtype is not None else None, "shape": shape}
+
+
+def new_manifest(tp: int, pp: int, source_model: ir.Model, source_path: str | os.PathLike | None, source_hash: str | None) -> dict[str, Any]:
+    """A manifest skeleton with mesh and source filled in; callers add stages, inputs, outputs, collectives, tensors."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "mesh": {"tp": tp, "pp": pp, "world_size": tp * pp},
+        "source": {
+            "path": str(source_path) if source_path is not None else None,
+            "sha256": source_hash,
+            "inputs": [io_spec(v) for v in source_model.graph.inputs],
+            "outputs": [io_spec(v) for v in source_model.graph.outputs],
+        },
+        "ranks": [],
+        "stages": [],
+        "inputs": {},
+        "outputs": {},
+        "collectives": [],
+        "tensors": {},
+        "microbatch": {"axis": 0},
+        "extra": {},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _tensor_bytes_view(tensor: ir.TensorProtocol) -> memoryview | bytes:
+    """The tensor's raw little-endian bytes, as a view into its array when possible (no extra copy)."""
+    if tensor.dtype in (ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.FLOAT4E2M1):
+        return tensor.tobytes()
+    arr = tensor.numpy()
+    if not arr.flags["C_CONTIGUOUS"]:
+        arr = np.ascontiguousarray(arr)
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _release(tensor: Any) -> None:
+    release = getattr(tensor, "release", None)
+    if callable(release):
+        release()
+
+
+def write_model_streaming(model: ir.Model, path: Path, progress: Callable[[int], None] | None = None) -> int:
+    """Save ``model`` to ``path`` with every initializer over 1 KiB streamed into ``<path>.data``.
+
+    Tensors are materialised one at a time (lazy slices are evaluated here) and written straight to disk;
+    the in-memory model is left pointing at the new file. Returns the weight bytes written.
+    """
+    path = Path(path)
+    data_name = f"{path.name}.data"
+    data_path = path.parent / data_name
+    written = 0
+    offset = 0
+    with open(data_path, "wb") as f:
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            nbytes = tensor.nbytes
+            if nbytes <= INLINE_LIMIT_BYTES:
+                if not isinstance(tensor, ir.Tensor):
+                    value.const_value = ir.Tensor(tensor.numpy(), name=value.name)
+                continue
+            pad = (-offset) % ALIGNMENT
+            if pad:
+                f.write(b"\0" * pad)
+                offset += pad
+            view = _tensor_bytes_view(tensor)
+            f.write(view)
+            length = len(view) if isinstance(view, bytes) else view.nbytes
+            del view
+            _release(tensor)
+            value.const_value = ir.ExternalTensor(
+                data_name, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=path.parent
+            )
+            offset += length
+            written += length
+            if progress:
+                progress(length)
+    if written == 0:
+        os.unlink(data_path)
+    ir.save(model, path)
+    return written
+
+
+def write_partition(
+    out_dir: str | os.PathLike,
+    rank_stage_models: Mapping[tuple[int, int], ir.Model] | Iterable[tuple[tuple[int, int], Callable[[], ir.Model]]],
+    manifest: Mapping[str, Any],
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Write a partition directory atomically (all files appear together or none do).
+
+    ``rank_stage_models``: ``{(tp_rank, stage): ir.Model}`` or an iterable of ``((tp_rank, stage), factory)``
+    where ``factory()`` builds that model on demand, so only one rank's graph is alive at a time.
+    ``manifest``: everything but ``ranks`` (filled in here with file names, weight bytes and hashes).
+    The result is validated before the directory is renamed into place.
+    """
+    out_dir = Path(out_dir)
+    data = json.loads(json.dumps(dict(manifest)))  # private deep copy; also proves it is JSON-clean
+    items = rank_stage_models.items() if isinstance(rank_stage_models, Mapping) else rank_stage_models
+    with atomic_dir(out_dir) as tmp:
+        ranks = []
+        for (tp_rank, stage), model in items:
+            if callable(model) and not isinstance(model, ir.Model):
+                model = model()
+            name = rank_file_name(tp_rank, stage)
+            weight_bytes = write_model_streaming(model, tmp / name, progress)
+            del model
+            data_file = f"{name}.data"
+            ranks.append(
+                {
+                    "rank": global_rank(tp_rank, stage, data["mesh"]["tp"]),
+                    "tp_rank": tp_rank,
+                    "stage": stage,
+                    "file": name,
+                    "data": data_file if (tmp / data_file).exists() else None,
+                    "weight_bytes": weight_bytes,
+                    "sha256": sha256_file(tmp / name),
+                }
+            )
+        data["ranks"] = sorted(ranks, key=lambda r: r["rank"])
+        from maia_onnx.report import dumps
+
+        (tmp / MANIFEST).write_text(dumps(data) + "\n")
+        result = Manifest(data, tmp)
+        validate_partition(result, check_models=False)
+    return Manifest(data, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(directory: str | os.PathLike) -> Manifest:
+    """Load and validate ``DIR/manifest.json`` (structure and files; not the weights)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PartitionError(f"{directory} is not a partition directory: pass the folder written by 'maia-onnx partition'")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise PartitionError(f"{directory} has no {MANIFEST}: pass the folder written by 'maia-onnx partition'")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PartitionError(f"{path} is not valid JSON (line {exc.lineno}): re-run partition to rewrite it") from exc
+    manifest = Manifest(data, directory)
+    validate_partition(manifest)
+    return manifest
+
+
+def is_partition_dir(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def load_rank_model(manifest: Manifest, tp_rank: int, stage: int) -> ir.Model:
+    from maia_onnx.io import load_model
+
+    return load_model(manifest.rank_path(tp_rank, stage))
+
+
+def validate_partition(manifest: Manifest, check_models: bool = True) -> None:
+    """Check the manifest is self-consistent and matches the files beside it; one-line errors name the problem."""
+    d = manifest.data
+    where = manifest.directory / MANIFEST if manifest.directory else MANIFEST
+    if d.get("format") != FORMAT:
+        raise PartitionError(f"{where}: not a maia-onnx partition manifest (format={d.get('format')!r})")
+    if d.get("version") != VERSION:
+        raise PartitionError(f"{where}: manifest version {d.get('version')} is not supported (expected {VERSION}); re-run partition")
+    for key in ("mesh", "source", "ranks", "stages"):
+        if key not in d:
+            raise PartitionError(f"{where}: missing key {key!r}; re-run partition")
+    tp, pp = manifest.tp, manifest.pp
+    if tp < 1 or pp < 1 or d["mesh"].get("world_size", tp * pp) != tp * pp:
+        raise PartitionError(f"{where}: mesh {d['mesh']} is inconsistent (world_size must be tp*pp)")
+    expected = {(t, s) for t in range(tp) for s in range(pp)}
+    present = {(r["tp_rank"], r["stage"]) for r in d["ranks"]}
+    if present != expected:
+        missing = sorted(expected - present)
+        extra = sorted(present - expected)
+        raise PartitionError(
+            f"{where}: ranks do not match mesh tp={tp} pp={pp} (missing {missing}, unexpected {extra}); re-run partition"
+        )
+    if len(d["stages"]) != pp or sorted(s["stage"] for s in d["stages"]) != list(range(pp)):
+        raise PartitionError(f"{where}: expected {pp} stage entries 0..{pp - 1}; re-run partition")
+    for c in d.get("collectives", []):
+        if c.get("op") not in COLLECTIVE_OPS:
+            raise PartitionError(f"{where}: collective {c.get('id')} has unknown op {c.get('op')!r}")
+        if c.get("group_size") != len(c.get("group", [])) or c.get("group_size") != tp:
+            raise PartitionError(f"{where}: collective {c.get('id')} group {c.get('group')} does not match tp={tp}")
+    for name, spec in d.get("inputs", {}).items():
+        if spec.get("sharding") not in ("replicated", "split"):
+            raise PartitionError(f"{where}: input {name!r} has unknown sharding {spec.get('sharding')!r}")
+    for name, spec in d.get("outputs", {}).items():
+        if spec.get("sharding") not in ("replicated", "split"):
+            raise PartitionError(f"{where}: output {name!r} has unknown sharding {spec.get('sharding')!r}")
+    if manifest.directory is None:
+        return
+    for r in d["ranks"]:
+        f = manifest.directory / r["file"]
+        if not f.is_file():
+            raise PartitionError(f"{f} listed in the manifest is missing: the partition is incomplete; re-run partition")
+        if r.get("data") and not (manifest.directory / r["data"]).is_file():
+            raise PartitionError(f"weights file {manifest.directory / r['data']} is missing: copy the whole partition directory")
+    if check_models:
+        import onnx
+
+        stage_io = {s["stage"]: s for s in d["stages"]}
+        for r in d["ranks"]:
+            proto = onnx.load(str(manifest.directory / r["file"]), load_external_data=False)
+            inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+            outputs = {o.name for o in proto.graph.output}
+            stage = stage_io[r["stage"]]
+            if inputs != set(stage["inputs"]) or outputs != set(stage["outputs"]):
+                raise PartitionError(
+                    f"{r['file']} does not match the manifest's stage {r['stage']} inputs/outputs "
+                    f"(model has {sorted(inputs)} -> {sorted(outputs)}); the manifest and models are mismatched, re-run partition"
+                )
+
+
+def check_source(manifest: Manifest, model_path: str | os.PathLike) -> None:
+    """Fail when ``model_path`` is not the model this partition was made from (content hash)."""
+    from maia_onnx.io import model_content_hash
+
+    want = manifest.data["source"].get("sha256")
+    if want and model_content_hash(model_path) != want:
+        raise PartitionError(
+            f"{model_path} is not the source of partition {manifest.directory} (content hash differs); "
+            "partition the model again or pass the original"
+        )
+
+
+@dataclass
+class CollectiveRecord:
+    """One collective in a rank model (same in every tp rank of a stage)."""
+
+    op: str
+    node: str
+    input: str
+    output: str
+    axis: int | None
+    group_size: int
+    dtype: str | None = None
+    elements_per_token: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def find_collectives(model: ir.Model) -> list[CollectiveRecord]:
+    """Collective nodes of a rank model in graph order."""
+    found = []
+    for node in model.graph:
+        if node.domain == COLLECTIVE_DOMAIN and node.op_type in COLLECTIVE_OPS:
+            axis = node.attributes.get("axis")
+            group = node.attributes.get("group_size")
+            found.append(
+                CollectiveRecord(
+                    op=node.op_type,
+                    node=node.name,
+                    input=node.inputs[0].name,
+                    output=node.outputs[0].name,
+                    axis=axis.as_int() if axis is not None else None,
+                    group_size=group.as_int() if group is not None else 1,
+                    dtype=node.outputs[0].dtype.name if node.outputs[0].dtype is not None else None,
+                )
+            )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def source_fingerprint(path: str | os.PathLike, full_limit_bytes: int = 1 << 30) -> str:
+    """sha256 identifying a model: full content below 1 GiB; above, the graph file plus each external
+    data file's size and first/middle/last MiB (a full hash would cost as much as the partition itself)."""
+    import hashlib
+
+    from maia_onnx.io import model_content_hash
+
+    path = Path(path)
+    files = sorted({p for p in path.parent.glob(f"{path.name}*")} | {path})
+    proto_size = path.stat().st_size
+    data_files = _external_files(path)
+    total = proto_size + sum(f.stat().st_size for f in data_files)
+    if total <= full_limit_bytes:
+        return model_content_hash(path)
+    h = hashlib.sha256()
+    h.update(sha256_file(path).encode())
+    chunk = 1 << 20
+    for f in data_files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for offset in (0, max(0, size // 2 - chunk // 2), max(0, size - chunk)):
+                fh.seek(offset)
+                h.update(fh.read(chunk))
+    del files
+    return "sampled:" + h.hexdigest()
+
+
+def _external_files(path: Path) -> list[Path]:
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    proto = onnx.load(str(path), load_external_data=False)
+    names = set()
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            for entry in t.external_data:
+                if entry.key == "location":
+                    names.add(entry.value)
+    return [path.parent / n for n in sorted(names)]
+
+
+def partition_file(
+    model_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tp: int = 1,
+    pp: int = 1,
+    balance: str = "flops",
+    progress: bool = False,
+) -> Manifest:
+    """Partition an ONNX file into ``tp`` x ``pp`` rank files under ``out_dir`` (atomic; input untouched)."""
+    from maia_onnx.errors import InvalidOptionError
+    from maia_onnx.io import check_output_path, load_model
+
+    if tp < 1 or pp < 1:
+        raise InvalidOptionError(f"--tp {tp} --pp {pp}: both degrees must be >= 1")
+    out_dir = Path(out_dir)
+    check_output_path(out_dir, model_path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"-o {out_dir} is a file: give a directory path for the partition")
+    model = load_model(model_path)
+    from maia_onnx.io import initializer_bytes
+    from maia_onnx.passes.pipeline_parallel import partition_model
+
+    total = initializer_bytes(model)
+    bar = None
+    callback = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"partition tp{tp} pp{pp}", file=__import__("sys").stderr)
+        callback = bar.update
+    try:
+        manifest, _plan = partition_model(
+            model, out_dir, tp=tp, pp=pp, balance=balance, source_path=str(model_path),
+            source_hash=source_fingerprint(model_path), progress=callback,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    return read_manifest(out_dir)
+
+
+_ITEMSIZE = {"FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "DOUBLE": 8, "INT64": 8, "INT32": 4, "FLOAT8E4M3FN": 1, "FLOAT8E5M2": 1}
+
+
+def summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """Per rank file: weights, collectives per forward and collective payload bytes per token."""
+    rows = []
+    for entry in manifest.ranks:
+        colls = [c for c in manifest.collectives if c.get("stage") == entry["stage"]]
+        per_token = sum((c.get("elements_per_token") or 0) * _ITEMSIZE.get(c.get("dtype") or "FLOAT", 4) for c in colls)
+        # ring algorithms: AllReduce moves 2(n-1)/n of the tensor per rank, AllGather (n-1)/n
+        n = manifest.tp
+        wire = sum(
+            (c.get("elements_per_token") or 0) * _ITEMSIZE.get(c.get("dtype") or "FLOAT", 4)
+            * (2 if c["op"] == "AllReduce" else 1) * (n - 1) / n
+            for c in colls
+        )
+        rows.append(
+            {
+                "rank": entry["rank"],
+                "tp_rank": entry["tp_rank"],
+                "stage": entry["stage"],
+                "file": entry["file"],
+                "weight_bytes": entry["weight_bytes"],
+                "collectives": len(colls),
+                "allreduce": sum(1 for c in colls if c["op"] == "AllReduce"),
+                "allgather": sum(1 for c in colls if c["op"] == "AllGather"),
+                "payload_bytes_per_token": int(per_token),
+                "wire_bytes_per_token": int(wire),
+            }
+        )
+    return rows

@@ -1,0 +1,307 @@
+"""QuantizeMxPass: block-scaled weights (and activations) for MatMul/Gemm/Conv in OCP MX or Maia mx9/mx6 numerics.
+
+Formats (NumPy reference: ``maia_onnx.formats.mx``):
+
+- OCP MX ``mxfp8-e4m3``, ``mxfp8-e5m2``, ``mxint8`` (weights + activations) and ``mxfp4`` (weight-only):
+  blocks of ``block_size`` (32) along the reduction axis, power-of-two shared scales.  Weights are
+  stored quantised (1 byte per element; FLOAT4E2M1 is half a byte in the standard form) and read
+  through a blocked ``DequantizeLinear``.  Two ONNX forms give bit-identical dequantised weights:
+
+  * ``form="ort"`` (default, opset >= 21): float32 scales that are exact powers of two (mxint8's
+    implicit 2^-6 folded in).  ORT's CPU provider runs it.  ORT CPU has no FLOAT4E2M1
+    DequantizeLinear, so mxfp4 elements are stored as FLOAT8E4M3FN holding the exact E2M1 values
+    (every E2M1 value is exactly representable in E4M3FN; 1 byte per element instead of 0.5).
+  * ``form="standard"`` (opset >= 24): real FLOAT8E8M0 scales and FLOAT4E2M1 elements for mxfp4
+    (``DequantizeLinear(output_dtype=FLOAT)``); mxint8 keeps INT8 elements with the 2^-6 folded into
+    the E8M0 code (code - 6).  ORT rejects E8M0 scales today; ``onnx.reference`` runs this form.
+
+  Activations (mxfp8/mxint8, the MatMul/Gemm data input when its last axis is a multiple of the
+  block size): dynamic MX quantise-dequantise inserted in the graph: per block of the last axis,
+  ``X = 2^(floor(log2 amax) - emax)`` (floor(log2) computed exactly from float ops), then a blocked
+  ``QuantizeLinear(output_dtype=element type)`` -> ``DequantizeLinear`` pair, so the compiler can see
+  the MX activation quantisation.  ONNX QuantizeLinear to INT8 saturates to [-128, 127]; the weight
+  reference clamps mxint8 symmetrically to +-127 (they differ only for a block value that rounds to
+  exactly -2.0 * X).  Shared activations (q/k/v reading one input) are quantised once.
+
+- Maia 100 ``mx9`` / ``mx6`` (shared micro-exponents, block 16, sub-blocks of 2): fake quant.  No ONNX
+  type or op expresses per-sub-block micro-exponents, so the pass stores the reference's
+  quantise-dequantised weights as FLOAT (bit-exact to ``fake_quant_mx9/mx6``) and tags each such
+  initializer with ``maia.format`` / ``maia.block_axis`` metadata; a Maia compiler re-encodes them
+  losslessly.  Activations are left in FP32 for these formats (weight numerics only).
+
+``QuantizeMxPass(fmt, form="ort"|"standard", block_size=None (32 for MX, 16 for mx9/mx6), exclude=(...),
+activations=None (True where the format supports it))``; ``exclude`` takes fnmatch patterns
+matched against checkpoint layer names (``model.layers.0.mlp.*``), node names and weight names.
+After ``call`` the pass's ``layers`` lists, per weight, its layer name, shape, axis, SQNR (dB) and bytes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Iterable
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes
+
+from maia_onnx.errors import InvalidOptionError
+from maia_onnx.formats import mx as mxf
+from maia_onnx.scales import WeightTarget, weight_targets
+
+FORMS = ("ort", "standard")
+ACTIVATION_FORMATS = ("mxfp8-e4m3", "mxfp8-e5m2", "mxint8")
+ORT_OPSET = 21  # blocked DequantizeLinear / QuantizeLinear with output_dtype
+STANDARD_OPSET = 24  # FLOAT8E8M0 scales
+_ELEMENT_IR = {
+    "mxfp8-e4m3": ir.DataType.FLOAT8E4M3FN,
+    "mxfp8-e5m2": ir.DataType.FLOAT8E5M2,
+    "mxint8": ir.DataType.INT8,
+    "mxfp4": ir.DataType.FLOAT4E2M1,
+}
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def require_opset(model: ir.Model, version: int) -> None:
+    """Raise the default-domain opset to ``version`` (ops we may meet from 18 on only gained types since)."""
+    current = model.opset_imports.get("", 0)
+    if current < version:
+        model.opset_imports[""] = version
+    import onnx.helper
+
+    min_ir = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", model.opset_imports[""])])
+    # FLOAT4E2M1 / FLOAT8E8M0 tensors need IR 11
+    min_ir = max(min_ir, 11 if version >= STANDARD_OPSET else min_ir)
+    if model.ir_version < min_ir:
+        model.ir_version = min_ir
+
+
+def _matches(patterns: Iterable[str], *names: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
+
+
+class _Namer:
+    """Fresh value/node names that don't collide with anything already in the graph."""
+
+    def __init__(self, graph: ir.Graph):
+        self.used = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None and v.name}
+        self.used |= set(graph.initializers) | {v.name for v in graph.inputs}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+class QuantizeMxPass(onnx_ir.passes.InPlacePass):
+    """Quantise MatMul/Gemm/Conv weights (and MatMul/Gemm activations) to an MX or mx9/mx6 format."""
+
+    def __init__(
+        self,
+        fmt: str = "mxfp8-e4m3",
+        form: str = "ort",
+        block_size: int | None = None,
+        exclude: Iterable[str] = (),
+        activations: bool | None = None,
+    ):
+        super().__init__()
+        if fmt not in mxf.ALL_BLOCK_FORMATS:
+            raise InvalidOptionError(
+                f"unknown MX format {fmt!r}: choose one of {', '.join(mxf.ALL_BLOCK_FORMATS)}"
+            )
+        if form not in FORMS:
+            raise InvalidOptionError(f"unknown --mx-form {form!r}: choose 'ort' or 'standard'")
+        self.fmt = fmt
+        self.smx = fmt in mxf.SMX_FORMATS
+        self.form = form
+        self.block_size = int(block_size or (mxf.SMX_BLOCK_SIZE if self.smx else mxf.MX_BLOCK_SIZE))
+        if self.block_size <= 0 or (self.smx and self.block_size % mxf.SMX_SUB_BLOCK):
+            raise InvalidOptionError(f"block size {self.block_size} is invalid for {fmt}: use a positive (even for mx9/mx6) size")
+        if activations and fmt not in ACTIVATION_FORMATS:
+            raise InvalidOptionError(
+                f"{fmt} is weight-only here: drop activations=True (activation MX needs one of {', '.join(ACTIVATION_FORMATS)})"
+            )
+        self.activations = (fmt in ACTIVATION_FORMATS) if activations is None else bool(activations)
+        self.exclude = tuple(exclude)
+        self.layers: list[dict] = []
+
+    # ------------------------------------------------------------------ weights
+    def _quantize_weight(self, graph: ir.Graph, target: WeightTarget, namer: _Namer, front: list[ir.Node]) -> ir.Value:
+        w = target.weight
+        axis = target.reduction_axis
+        data = np.asarray(w.const_value.numpy(), dtype=np.float32)
+        row = {
+            "layer": target.layer,
+            "node": target.node.name,
+            "weight": w.name,
+            "shape": list(data.shape),
+            "axis": axis,
+            "format": self.fmt,
+            "bytes_before": int(w.const_value.nbytes),
+        }
+        if self.smx:
+            fq = mxf.SMX_FORMATS[self.fmt](data, axis=axis) if self.block_size == mxf.SMX_BLOCK_SIZE else (
+                mxf.fake_quant_smx(data, 7 if self.fmt == "mx9" else 4, axis, self.block_size)
+            )
+            tensor = ir.tensor(fq, name=w.name)
+            w.const_value = tensor
+            w.metadata_props["maia.format"] = self.fmt
+            w.metadata_props["maia.block_axis"] = str(axis)
+            w.metadata_props["maia.block_size"] = str(self.block_size)
+            row.update(sqnr_db=sqnr_db(data, fq), bytes_after=int(tensor.nbytes), form="fake-quant")
+            self.layers.append(row)
+            return w
+
+        elems, exps = mxf.mx_quantize(data, self.fmt, axis=axis, block_size=self.block_size)
+        deq = mxf.mx_dequantize(elems, exps, self.fmt, axis=axis, block_size=self.block_size)
+        row["sqnr_db"] = sqnr_db(data, deq)
+        del data, deq
+        if self.form == "ort":
+            if self.fmt == "mxfp4":
+                elems = elems.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)  # exact: E2M1 is a subset of E4M3FN
+            scale = mxf.mx_scale_float(exps, self.fmt)
+            attrs = {"axis": axis, "block_size": self.block_size}
+        else:
+            codes = exps.astype(np.int16)
+            if self.fmt == "mxint8":
+                codes = np.where(codes == mxf.E8M0_NAN, codes, np.maximum(codes - 6, 0))
+            scale = mxf.e8m0_to_ml_dtypes(codes.astype(np.uint8))
+            attrs = {"axis": axis, "block_size": self.block_size, "output_dtype": int(ir.DataType.FLOAT)}
+        q_value = ir.Value(name=namer(f"{w.name}_mx"), const_value=ir.tensor(elems))
+        q_value.const_value.name = q_value.name
+        s_value = ir.Value(name=namer(f"{w.name}_mx_scale"), const_value=ir.tensor(scale))
+        s_value.const_value.name = s_value.name
+        for v in (q_value, s_value):
+            v.shape = ir.Shape(v.const_value.shape)
+            v.type = ir.TensorType(v.const_value.dtype)
+            graph.register_initializer(v)
+        out = ir.Value(name=namer(f"{w.name}_dq"), shape=ir.Shape(list(elems.shape)), type=ir.TensorType(ir.DataType.FLOAT))
+        dq = ir.node("DequantizeLinear", [q_value, s_value], attrs, outputs=[out], name=namer(f"{w.name}_DequantizeLinear"))
+        front.append(dq)
+        row.update(
+            bytes_after=int(q_value.const_value.nbytes + s_value.const_value.nbytes),
+            form=self.form,
+        )
+        self.layers.append(row)
+        return out
+
+    # ------------------------------------------------------------------ activations
+    def _const(self, graph: ir.Graph, namer: _Namer, base: str, array: np.ndarray) -> ir.Value:
+        v = ir.Value(name=namer(base), const_value=ir.tensor(array))
+        v.const_value.name = v.name
+        v.shape = ir.Shape(v.const_value.shape)
+        v.type = ir.TensorType(v.const_value.dtype)
+        graph.register_initializer(v)
+        return v
+
+    def _activation_fake_quant(self, graph: ir.Graph, node: ir.Node, x: ir.Value, namer: _Namer, consts: dict) -> ir.Value:
+        """Dynamic MX quantise-dequantise of ``x`` in blocks of its last axis, inserted before ``node``."""
+        f = mxf.mx_format(self.fmt)
+        b = self.block_size
+        if not consts:
+            consts["flat"] = self._const(graph, namer, "mx_act_block_shape", np.array([-1, b], np.int64))
+            consts["axes"] = self._const(graph, namer, "mx_act_axes", np.array([1], np.int64))
+            consts["tiny"] = self._const(graph, namer, "mx_act_tiny", np.array(2.0**-126, np.float32))
+            consts["ln2"] = self._const(graph, namer, "mx_act_ln2", np.array(math.log(2.0), np.float32))
+            consts["two"] = self._const(graph, namer, "mx_act_two", np.array(2.0, np.float32))
+            consts["emax"] = self._const(graph, namer, "mx_act_emax", np.array(f.emax, np.float32))
+            consts["emin"] = self._const(graph, namer, "mx_act_emin", np.array(-mxf.E8M0_BIAS, np.float32))
+            consts["implicit"] = self._const(graph, namer, "mx_act_implicit", np.array(f.implicit_scale, np.float32))
+        c = consts
+        nodes: list[ir.Node] = []
+        base = x.name or "act"
+
+        def op(op_type, inputs, attrs=None, dtype=ir.DataType.FLOAT):
+            out = ir.Value(name=namer(f"{base}_mx_{op_type.lower()}"), type=ir.TensorType(dtype))
+            nodes.append(ir.node(op_type, inputs, attrs or {}, outputs=[out], name=namer(f"{base}_mx_{op_type}")))
+            return out
+
+        shape = op("Shape", [x], dtype=ir.DataType.INT64)
+        flat = op("Reshape", [x, c["flat"]])
+        amax = op("ReduceMax", [op("Abs", [flat]), c["axes"]], {"keepdims": 1})
+        amax = op("Max", [amax, c["tiny"]])  # all-zero block: any scale works, avoid log(0)
+        e0 = op("Floor", [op("Div", [op("Log", [amax]), c["ln2"]])])
+        # Log/ln2 can land one off next to a power of two: fix floor(log2) exactly with two compares.
+        p = op("Pow", [c["two"], e0])
+        up = op("Cast", [op("LessOrEqual", [op("Mul", [p, c["two"]]), amax], dtype=ir.DataType.BOOL)], {"to": ir.DataType.FLOAT})
+        down = op("Cast", [op("Greater", [p, amax], dtype=ir.DataType.BOOL)], {"to": ir.DataType.FLOAT})
+        e = op("Sub", [op("Add", [e0, up]), down])
+        scale = op("Pow", [c["two"], op("Max", [op("Sub", [e, c["emax"]]), c["emin"]])])
+        if f.implicit_scale != 1.0:
+            scale = op("Mul", [scale, c["implicit"]])
+        q = op(
+            "QuantizeLinear",
+            [flat, scale],
+            {"axis": 1, "block_size": b, "output_dtype": int(_ELEMENT_IR[self.fmt])},
+            dtype=_ELEMENT_IR[self.fmt],
+        )
+        dq = op("DequantizeLinear", [q, scale], {"axis": 1, "block_size": b})
+        out = op("Reshape", [dq, shape])
+        out.shape = x.shape
+        for n in nodes:
+            graph.insert_before(node, n)
+        return out
+
+    # ------------------------------------------------------------------ driver
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        graph = model.graph
+        namer = _Namer(graph)
+        targets = [
+            t
+            for t in weight_targets(graph)
+            if not _matches(self.exclude, t.layer, t.node.name or "", t.weight.name or "")
+        ]
+        if not targets:
+            return onnx_ir.passes.PassResult(model, modified=False)
+        if not self.smx:
+            require_opset(model, STANDARD_OPSET if self.form == "standard" else ORT_OPSET)
+        self.layers = []
+        front: list[ir.Node] = []
+        done: dict[int, ir.Value] = {}
+        for t in targets:
+            key = id(t.weight)
+            if key not in done:
+                done[key] = self._quantize_weight(graph, t, namer, front)
+            if done[key] is not t.weight:
+                t.node.replace_input_with(t.input_index, done[key])
+        # Dequantised weights depend on initializers only: put their DequantizeLinear nodes first.
+        if front:
+            first = graph.node(0)
+            for n in front:
+                graph.insert_before(first, n)
+        # Drop float originals nobody reads any more (their quantised copies replace them).
+        for t in targets:
+            w = t.weight
+            if w.name in graph.initializers and not w.uses() and not w.is_graph_output():
+                graph.initializers.pop(w.name)
+        if self.activations:
+            consts: dict = {}
+            cache: dict[int, ir.Value] = {}
+            for t in targets:
+                node = t.node
+                if node.op_type not in ("MatMul", "Gemm") or (node.op_type == "Gemm" and node.attributes.get_int("transA", 0)):
+                    continue
+                x = node.inputs[0]
+                if x is None or x.is_initializer() or x.shape is None or not isinstance(x.shape[-1], int):
+                    continue
+                if x.shape[-1] % self.block_size or x.dtype not in (None, ir.DataType.FLOAT):
+                    continue
+                if id(x) not in cache:
+                    first_use = min((u.node for u in x.uses()), key=lambda n: graph.index(n) if n.graph is graph else 0)
+                    cache[id(x)] = self._activation_fake_quant(graph, first_use, x, namer, consts)
+                node.replace_input_with(0, cache[id(x)])
+                for row in self.layers:
+                    if row["node"] == node.name:
+                        row["activations"] = True
+        return onnx_ir.passes.PassResult(model, modified=True)

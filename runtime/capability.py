@@ -1,0 +1,492 @@
+"""Maia GetCapability in Python: a declarative op x dtype x attribute table per device, and the partitioner.
+
+``get_capability(model, device)`` decides for every node whether Maia runs it (and if not, why), then groups
+the supported nodes into maximal connected device partitions that never form a cycle through CPU nodes, the way
+ONNX Runtime's GetCapability + partitioner do for an execution provider.
+
+Cycle freedom: every device node gets a *level* = the largest number of device->CPU hand-offs on any path from the
+graph inputs to it. A path from device node A through a CPU node to device node B forces level(B) > level(A), so
+device nodes of one level can share a partition without a cycle; partitions are the connected components of the
+device-device edges inside one level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import onnx_ir as ir
+
+from maia_onnx.errors import InvalidOptionError
+
+# ONNX element type -> canonical dtype name used by the device profiles (runtime/profiles.py DTYPE_BYTES).
+CANONICAL_DTYPE = {
+    ir.DataType.FLOAT: "fp32",
+    ir.DataType.FLOAT16: "fp16",
+    ir.DataType.BFLOAT16: "bf16",
+    ir.DataType.DOUBLE: "fp64",
+    ir.DataType.FLOAT8E4M3FN: "fp8",
+    ir.DataType.FLOAT8E5M2: "fp8",
+    ir.DataType.INT8: "int8",
+    ir.DataType.UINT8: "int8",
+    ir.DataType.INT64: "index",
+    ir.DataType.INT32: "index",
+    ir.DataType.BOOL: "index",
+}
+for _name, _canon in (("FLOAT4E2M1", "fp4"), ("FLOAT8E8M0", "e8m0"), ("INT4", "int4"), ("UINT4", "int4")):
+    if hasattr(ir.DataType, _name):
+        CANONICAL_DTYPE[getattr(ir.DataType, _name)] = _canon
+
+FLOAT = frozenset({"fp32", "fp16", "bf16"})
+INDEX = frozenset({"index"})
+QUANT = frozenset({"fp8", "int8", "fp4", "int4", "e8m0"})
+
+# Op kinds: the unit that runs them and how the roofline charges them.
+TENSOR, VECTOR, DATA, QDQ = "tensor", "vector", "data", "qdq"
+COMPUTE_KINDS = {TENSOR, VECTOR, QDQ}
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """One row of the capability table: an op, the unit that runs it, allowed dtypes and attribute limits."""
+
+    op_type: str
+    kind: str
+    dtypes: frozenset
+    domain: str = ""
+    check: Callable[[ir.Node], str | None] | None = None  # returns a reason when an attribute is out of range
+
+
+def _attr(node: ir.Node, name: str, default=None):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _conv_check(node: ir.Node) -> str | None:
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    rank = len(weight.shape) if weight is not None and weight.shape is not None else None
+    if rank is not None and rank - 2 > 2:
+        return f"{node.op_type} with {rank - 2} spatial dims (1-D and 2-D only)"
+    return None
+
+
+def _resize_check(node: ir.Node) -> str | None:
+    mode = _attr(node, "mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        return f"attribute mode={mode!r} unsupported (nearest, linear)"
+    return None
+
+
+def _pad_check(node: ir.Node) -> str | None:
+    mode = _attr(node, "mode", "constant")
+    if mode not in ("constant", "reflect", "edge"):
+        return f"attribute mode={mode!r} unsupported (constant, reflect, edge)"
+    return None
+
+
+def _rules() -> list[OpRule]:
+    rules = [OpRule(op, TENSOR, FLOAT | QUANT) for op in ("MatMul", "Gemm")]
+    rules += [OpRule(op, TENSOR, FLOAT, check=_conv_check) for op in ("Conv", "ConvTranspose")]
+    elementwise_float = (
+        "Sqrt Reciprocal Exp Log Tanh Sigmoid Relu LeakyRelu Elu Selu Gelu Erf HardSigmoid HardSwish Softplus "
+        "Softsign Mish Sin Cos Floor Ceil Round IsNaN IsInf PRelu Swish"
+    ).split()
+    rules += [OpRule(op, VECTOR, FLOAT) for op in elementwise_float]
+    # The control processor does small integer arithmetic (positions, masks, shapes), so these allow index types.
+    elementwise_any = "Add Sub Mul Div Pow Neg Abs Min Max Clip Sign Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Where Mod".split()
+    rules += [OpRule(op, VECTOR, FLOAT | INDEX) for op in elementwise_any]
+    norms = "LayerNormalization RMSNormalization BatchNormalization InstanceNormalization GroupNormalization LpNormalization".split()
+    rules += [OpRule(op, VECTOR, FLOAT) for op in norms]
+    rules += [OpRule(op, VECTOR, FLOAT, domain="com.microsoft")
+              for op in ("SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")]
+    rules += [OpRule(op, VECTOR, FLOAT) for op in ("Softmax", "LogSoftmax")]
+    reductions = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceSumSquare ReduceL2 ArgMax ArgMin".split()
+    rules += [OpRule(op, VECTOR, FLOAT | INDEX) for op in reductions]
+    rules += [OpRule("Attention", TENSOR, FLOAT | INDEX), OpRule("RotaryEmbedding", VECTOR, FLOAT | INDEX)]
+    rules += [OpRule(op, TENSOR, FLOAT | INDEX, domain="com.microsoft")
+              for op in ("MultiHeadAttention", "GroupQueryAttention")]
+    rules += [OpRule("RotaryEmbedding", VECTOR, FLOAT | INDEX, domain="com.microsoft")]
+    rules += [OpRule(op, VECTOR, FLOAT) for op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")]
+    rules += [OpRule("Resize", DATA, FLOAT | INDEX, check=_resize_check), OpRule("Pad", DATA, FLOAT | INDEX, check=_pad_check)]
+    data = (
+        "Reshape Transpose Concat Split Slice Gather GatherElements Squeeze Unsqueeze Flatten Expand Tile Identity "
+        "Shape Size Constant ConstantOfShape Range Cast CastLike Trilu DepthToSpace SpaceToDepth"
+    ).split()
+    rules += [OpRule(op, DATA, FLOAT | INDEX | QUANT) for op in data]
+    rules += [OpRule(op, QDQ, FLOAT | QUANT) for op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")]
+    return rules
+
+
+CAPABILITY_TABLE: dict[tuple[str, str], OpRule] = {(r.domain, r.op_type): r for r in _rules()}
+
+# Canonical dtypes that need the tensor unit in that precision (checked against the device profile).
+_TENSOR_PRECISION = {"fp8": "fp8", "int8": "int8", "fp4": "fp4", "int4": "int4"}
+
+
+@dataclass
+class NodePlacement:
+    index: int
+    name: str
+    op_type: str
+    device: str  # "maia" or "cpu"
+    reason: str = ""
+    value: str = ""  # the input/output the reason is about, when it is about one
+    partition: int | None = None
+    flops: float = 0.0
+    compute_dtype: str = "fp32"
+
+
+@dataclass
+class PartitionInfo:
+    index: int
+    name: str
+    node_indices: list[int]
+    flops: float = 0.0
+    bytes: float = 0.0
+    est_time_s: float = 0.0
+
+
+@dataclass
+class Placement:
+    """Where every node runs (and why not on the device), the device partitions and their roofline estimate."""
+
+    device: str
+    nodes: list[NodePlacement]
+    partitions: list[PartitionInfo] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        dev = [n for n in self.nodes if n.device == "maia"]
+        cpu = [n for n in self.nodes if n.device == "cpu"]
+        reasons: dict[str, int] = {}
+        for n in cpu:
+            reasons[n.reason] = reasons.get(n.reason, 0) + 1
+        return {
+            "device": self.device,
+            "nodes_device": len(dev),
+            "nodes_cpu": len(cpu),
+            "flops_device": sum(n.flops for n in dev),
+            "flops_cpu": sum(n.flops for n in cpu),
+            "partitions": len(self.partitions),
+            "est_device_time_s": sum(p.est_time_s for p in self.partitions),
+            "fallback_reasons": dict(sorted(reasons.items())),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": self.summary(),
+            "partitions": [vars(p) for p in self.partitions],
+            "nodes": [vars(n) for n in self.nodes],
+        }
+
+
+def _device_profile(device):
+    from maia_onnx.runtime.profiles import DeviceProfile, load_device
+
+    return device if isinstance(device, DeviceProfile) else load_device(device)
+
+
+def _supports_precision(profile, canon: str) -> bool:
+    return profile.compute_dtype(canon) in profile.peak_flops
+
+
+def _value_dtype(value: ir.Value | None) -> str | None:
+    if value is None or value.type is None:
+        return None
+    dtype = value.dtype
+    return CANONICAL_DTYPE.get(dtype, dtype.name.lower() if dtype is not None else None)
+
+
+def node_reason(node: ir.Node, profile, excluded_ops: Iterable[str] = ()) -> tuple[str, str] | None:
+    """Why ``node`` cannot run on the device, as (reason, offending value name or ""); None when it can."""
+    if node.op_type in set(excluded_ops):
+        return f"op {node.op_type} excluded by the user (--cpu-ops)", ""
+    if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+        return f"control-flow op {node.op_type} (subgraphs run on the host)", ""
+    rule = CAPABILITY_TABLE.get((node.domain or "", node.op_type))
+    if rule is None:
+        domain = f"{node.domain}::" if node.domain else ""
+        return f"unsupported op {domain}{node.op_type} (not in the {profile.name} capability table)", ""
+    for value in list(node.inputs) + list(node.outputs):
+        if value is None:
+            continue
+        canon = _value_dtype(value)
+        if canon is None:
+            continue
+        if canon not in rule.dtypes:
+            return f"dtype {canon} unsupported for {node.op_type} (allowed: {', '.join(sorted(rule.dtypes))})", value.name
+        precision = _TENSOR_PRECISION.get(canon)
+        if precision and not _supports_precision(profile, precision):
+            return f"dtype {canon} has no {profile.name} tensor format", value.name
+    for value in list(node.inputs) + list(node.outputs):
+        if value is not None and value.type is not None and value.shape is None:
+            return "dynamic rank: tensor rank unknown (export with static rank or run shape inference)", value.name
+    if rule.check is not None:
+        reason = rule.check(node)
+        if reason:
+            return reason, ""
+    return None
+
+
+def _numel(value: ir.Value | None, dims: Mapping[str, int]) -> float:
+    if value is None or value.shape is None:
+        return 0.0
+    total = 1.0
+    for d in value.shape:
+        total *= d if isinstance(d, int) else dims.get(str(d), dims.get("*", 1))
+    return total
+
+
+def _fallback_flops(node: ir.Node, dims: Mapping[str, int]) -> float:
+    out = node.outputs[0] if node.outputs else None
+    if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2 and node.inputs[0] is not None:
+        a = node.inputs[0]
+        if a.shape is None or len(a.shape) == 0:
+            return 0.0
+        k = a.shape[-1] if node.op_type == "MatMul" or not _attr(node, "transA", 0) else a.shape[0]
+        k = k if isinstance(k, int) else dims.get(str(k), 1)
+        return 2.0 * _numel(out, dims) * k
+    if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) >= 2 and node.inputs[1] is not None:
+        w = node.inputs[1]
+        if w.shape is None:
+            return 0.0
+        per_out = 1.0
+        for d in list(w.shape)[1:]:
+            per_out *= d if isinstance(d, int) else 1
+        if node.op_type == "ConvTranspose":  # weight [Cin, Cout/group, k...]: every input element feeds Cout/group*k outputs
+            return 2.0 * _numel(node.inputs[0], dims) * per_out
+        return 2.0 * _numel(out, dims) * per_out
+    rule = CAPABILITY_TABLE.get((node.domain or "", node.op_type))
+    if rule is not None and rule.kind == DATA:
+        return 0.0
+    return _numel(out, dims)
+
+
+def _node_flops(node: ir.Node, dims: Mapping[str, int]) -> float:
+    """The models engineer's count (maia_onnx.inspect) for concrete shapes; our estimate at ``dims`` otherwise."""
+    try:
+        from maia_onnx.inspect import node_flops_or_none
+    except ImportError:
+        return _fallback_flops(node, dims)
+    try:
+        value = node_flops_or_none(node)
+    except Exception:  # an op their counter does not know: our estimate
+        value = None
+    return float(value) if value is not None else _fallback_flops(node, dims)
+
+
+def _compute_dtype(node: ir.Node) -> str:
+    """Precision of a tensor op: the stored format of a weight fed through DequantizeLinear, else the value dtype."""
+    best = "fp32"
+    for value in node.inputs:
+        if value is None:
+            continue
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0] is not None:
+            canon = _value_dtype(producer.inputs[0])
+            block = _attr(producer, "block_size", 0)
+            if canon in ("fp8", "int8", "fp4", "int4"):
+                return f"mx{canon}" if block else canon
+        canon = _value_dtype(value)
+        if canon in ("bf16", "fp16"):
+            best = canon
+    return best
+
+
+def _unique_names(graph: ir.Graph) -> None:
+    """Give every node and value a unique name: partitions and EPContext wiring are by name."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+    counter = 0
+    names = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        for value in node.outputs:
+            if not value.name:
+                while f"_maia_v{counter}" in names:
+                    counter += 1
+                value.name = f"_maia_v{counter}"
+            names.add(value.name)
+
+
+def ensure_shapes(model: ir.Model) -> None:
+    """Run ONNX shape inference when a small model lacks value shapes (exported models already carry them)."""
+    missing = sum(1 for node in model.graph for v in node.outputs if v.type is None or v.shape is None)
+    if missing == 0:
+        return
+    from maia_onnx.io import initializer_bytes
+
+    if initializer_bytes(model) > 1_000_000_000:
+        return  # too big to round-trip through protobuf; unknown-rank nodes fall back to the CPU with that reason
+    import onnx
+
+    proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
+    inferred = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.output)}
+    for node in model.graph:
+        for value in node.outputs:
+            if (value.type is None or value.shape is None) and value.name in inferred:
+                vi = ir.serde.deserialize_value_info_proto(inferred[value.name], None)
+                if value.type is None:
+                    value.type = vi.type
+                if value.shape is None:
+                    value.shape = vi.shape
+
+
+def get_capability(
+    model: ir.Model,
+    device="maia100",
+    excluded_ops: Iterable[str] = (),
+    dims: Mapping[str, int] | None = None,
+) -> Placement:
+    """Place every node of ``model`` (device or CPU with a reason) and group device nodes into partitions."""
+    profile = _device_profile(device)
+    dims = dict(dims or {})
+    graph = model.graph
+    _unique_names(graph)
+    ensure_shapes(model)
+    nodes = list(graph)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    excluded = set(excluded_ops)
+    unknown = excluded - {op for _, op in CAPABILITY_TABLE} - {n.op_type for n in nodes}
+    if unknown:
+        raise InvalidOptionError(f"--cpu-ops names ops absent from the model and table: {', '.join(sorted(unknown))}; check the spelling")
+    verdicts = [node_reason(n, profile, excluded) for n in nodes]
+    on_device = [v is None for v in verdicts]
+    reasons = [v[0] if v else None for v in verdicts]
+    reason_values = [v[1] if v else "" for v in verdicts]
+
+    def preds(i: int) -> list[int]:
+        out = []
+        for v in nodes[i].inputs:
+            p = v.producer() if v is not None else None
+            if p is not None and id(p) in index:
+                out.append(index[id(p)])
+        return out
+
+    pred_lists = [preds(i) for i in range(len(nodes))]
+    # Demote partitions that compute nothing (only shapes/constants/reshapes): no device launch pays off for them.
+    while True:
+        groups = _group(nodes, pred_lists, on_device)
+        demoted = False
+        for members in groups:
+            kinds = {CAPABILITY_TABLE[(nodes[i].domain or "", nodes[i].op_type)].kind for i in members}
+            if not kinds & COMPUTE_KINDS:
+                for i in members:
+                    on_device[i] = False
+                    reasons[i] = "partition without compute (shape/data ops only) stays on the host"
+                demoted = True
+        if not demoted:
+            break
+
+    placements = []
+    for i, node in enumerate(nodes):
+        placements.append(
+            NodePlacement(
+                index=i, name=node.name, op_type=node.op_type, device="maia" if on_device[i] else "cpu",
+                reason=reasons[i] or "", value=reason_values[i], flops=_node_flops(node, dims), compute_dtype=_compute_dtype(node),
+            )
+        )
+    partitions = []
+    for p, members in enumerate(groups):
+        for i in members:
+            placements[i].partition = p
+        info = PartitionInfo(index=p, name=f"maia_partition_{p}", node_indices=members)
+        _estimate(info, nodes, placements, profile, dims)
+        partitions.append(info)
+    return Placement(device=profile.name, nodes=placements, partitions=partitions)
+
+
+def _group(nodes: list[ir.Node], pred_lists: list[list[int]], on_device: list[bool]) -> list[list[int]]:
+    """Device partitions: connected components of device-device edges among nodes of equal level."""
+    level = [0] * len(nodes)
+    # nodes are in topological order (onnx_ir keeps graph order, which ONNX requires to be topological)
+    for i in range(len(nodes)):
+        lv = 0
+        for p in pred_lists[i]:
+            lv = max(lv, level[p] + (1 if on_device[p] and not on_device[i] else 0))
+        level[i] = lv
+    parent = list(range(len(nodes)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for i in range(len(nodes)):
+        if not on_device[i]:
+            continue
+        for p in pred_lists[i]:
+            if on_device[p] and level[p] == level[i]:
+                parent[find(p)] = find(i)
+    comps: dict[int, list[int]] = {}
+    for i in range(len(nodes)):
+        if on_device[i]:
+            comps.setdefault(find(i), []).append(i)
+    return sorted(comps.values(), key=lambda m: m[0])
+
+
+def _bytes_of(value: ir.Value | None, dims: Mapping[str, int]) -> float:
+    if value is None or value.type is None:
+        return 0.0
+    from maia_onnx.runtime.profiles import DTYPE_BYTES
+
+    canon = _value_dtype(value)
+    size = {"index": value.dtype.itemsize if value.dtype is not None else 8}.get(canon, DTYPE_BYTES.get(canon, 4))
+    return _numel(value, dims) * size
+
+
+def _estimate(info: PartitionInfo, nodes, placements, profile, dims) -> None:
+    """Roofline time of one partition: max(tensor+vector compute time, bytes moved / HBM bandwidth)."""
+    members = set(info.node_indices)
+    member_nodes = {id(nodes[i]) for i in members}
+    compute_s = 0.0
+    flops = 0.0
+    moved = 0.0
+    seen: set[int] = set()
+    for i in info.node_indices:
+        node = nodes[i]
+        rule = CAPABILITY_TABLE[(node.domain or "", node.op_type)]
+        f = placements[i].flops
+        flops += f
+        if rule.kind == TENSOR:
+            compute_s += f / profile.peak(placements[i].compute_dtype)
+        elif f:
+            compute_s += f / profile.vector_flops
+        for v in node.inputs:
+            if v is None or id(v) in seen:
+                continue
+            producer = v.producer()
+            if producer is None or id(producer) not in member_nodes:  # weights and partition inputs are read once
+                seen.add(id(v))
+                moved += _bytes_of(v, dims)
+        for v in node.outputs:
+            if id(v) in seen:
+                continue
+            external = v.is_graph_output() or any(id(c) not in member_nodes for c, _ in v.uses())
+            if external:
+                seen.add(id(v))
+                moved += _bytes_of(v, dims)
+    info.flops = flops
+    info.bytes = moved
+    info.est_time_s = max(compute_s, moved / profile.memory_bandwidth) if (flops or moved) else 0.0
+
+
+def placement_rows(placement: Placement) -> list[dict]:
+    """Per-op-type rows for a terminal table: how many nodes run where, FLOPs, and why not on the device."""
+    rows: dict[tuple[str, str, str], dict] = {}
+    for n in placement.nodes:
+        key = (n.op_type, n.device, n.reason)
+        row = rows.setdefault(key, {"op": n.op_type, "where": n.device, "nodes": 0, "flops": 0.0, "reason": n.reason})
+        row["nodes"] += 1
+        row["flops"] += n.flops
+    return sorted(rows.values(), key=lambda r: (r["where"], r["op"], r["reason"]))
+
+
+def partition_rows(placement: Placement) -> list[dict]:
+    return [
+        {"partition": p.name, "nodes": len(p.node_indices), "flops": p.flops, "bytes": p.bytes,
+         "est_time_us": p.est_time_s * 1e6}
+        for p in placement.partitions
+    ]

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Benchmark the Triton FP8/MX kernels on a CUDA GPU against the device's own copy bandwidth and torch BF16 matmul.
+
+Every figure is a ratio against a reference measured in the same process: (de)quantization kernels as
+achieved bandwidth (bytes read + written) over ``torch`` device-to-device copy bandwidth, the fused matmul
+as TFLOP/s over ``torch.matmul`` in BF16 of the same shape.  Without a GPU (or Triton) it says so and exits 0.
+
+    python scripts/bench_kernels.py [--rows 8192 --cols 16384] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _no_gpu(reason: str) -> int:
+    print(f"bench_kernels: {reason}; nothing to measure (run on a CUDA machine)")
+    return 0
+
+
+def _bench_ms(fn, warmup: int = 5, reps: int = 20) -> float:
+    """Median milliseconds of ``fn`` timed with CUDA events (after warm-up)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--cols", type=int, default=16384)
+    parser.add_argument("--mm", default="8192x8192x8192,16x8192x8192", help="matmul shapes MxKxN, comma separated")
+    parser.add_argument("--json", dest="json_path", help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return _no_gpu("TRITON_INTERPRET=1 is set (interpreter timings mean nothing)")
+    try:
+        import torch
+    except ImportError:
+        return _no_gpu("torch is not installed")
+    if not torch.cuda.is_available():
+        return _no_gpu("no CUDA device")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return _no_gpu("triton is not installed (pip install maia-onnx[kernels])")
+
+    from maia_onnx.runtime import kernels as K
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    R, C = args.rows, args.cols
+    n = R * C
+    x32 = torch.randn(R, C, device=dev) * 3
+    x16 = x32.to(torch.bfloat16)
+
+    # Reference: device-to-device copy of the same float32 tensor (bytes read + written).
+    dst = torch.empty_like(x32)
+    copy_ms = _bench_ms(lambda: dst.copy_(x32))
+    copy_gbs = 2 * n * 4 / copy_ms / 1e6
+    del dst
+
+    per_tensor = torch.tensor(0.01, device=dev)
+    per_channel = torch.rand(C, device=dev) * 0.01 + 1e-3
+    blocked = torch.rand(R, C // 32, device=dev) * 0.01 + 1e-3
+    q8 = K.quantize_fp8(x32, per_channel, "e4m3fn", axis=1)
+    mx_inputs = {fmt: K.mx_quantize(x32, fmt, -1, 32) for fmt in ("mxfp8-e4m3", "mxint8", "mxfp4")}
+    nb = n // 32
+
+    cases = [
+        # name, fn, bytes moved
+        ("quantize_fp8 f32->e4m3 per-tensor", lambda: K.quantize_fp8(x32, per_tensor, "e4m3fn"), 4 * n + n),
+        ("quantize_fp8 f32->e4m3 per-channel", lambda: K.quantize_fp8(x32, per_channel, "e4m3fn", 1), 4 * n + n),
+        ("quantize_fp8 f32->e4m3 blocked(32)", lambda: K.quantize_fp8(x32, blocked, "e4m3fn", 1, 32), 4 * n + n + 4 * nb),
+        ("quantize_fp8 bf16->e5m2 per-tensor", lambda: K.quantize_fp8(x16, per_tensor, "e5m2"), 2 * n + n),
+        ("dequantize_fp8 e4m3->f32 per-channel", lambda: K.dequantize_fp8(q8, per_channel, 1, None, torch.float32, "e4m3fn"), n + 4 * n),
+        ("dequantize_fp8 e4m3->bf16 per-channel", lambda: K.dequantize_fp8(q8, per_channel, 1, None, torch.bfloat16, "e4m3fn"), n + 2 * n),
+        ("dequantize_fp8 e4m3->f32 blocked(32)", lambda: K.dequantize_fp8(q8, blocked, 1, 32, torch.float32, "e4m3fn"), n + 4 * n + 4 * nb),
+    ]
+    for fmt, (elems, exps) in mx_inputs.items():
+        cases.append((f"mx_quantize f32->{fmt}", lambda fmt=fmt: K.mx_quantize(x32, fmt, -1, 32), 4 * n + n + nb))
+        cases.append((f"mx_quantize bf16->{fmt}", lambda fmt=fmt: K.mx_quantize(x16, fmt, -1, 32), 2 * n + n + nb))
+        cases.append((f"mx_dequantize {fmt}->f32", lambda fmt=fmt, e=elems, s=exps: K.mx_dequantize(e, s, fmt, -1, 32, torch.float32), n + nb + 4 * n))
+        cases.append((f"mx_dequantize {fmt}->bf16", lambda fmt=fmt, e=elems, s=exps: K.mx_dequantize(e, s, fmt, -1, 32, torch.bfloat16), n + nb + 2 * n))
+
+    rows = []
+    for name, fn, nbytes in cases:
+        ms = _bench_ms(fn)
+        gbs = nbytes / ms / 1e6
+        rows.append({"kernel": name, "ms": round(ms, 4), "GB/s": round(gbs, 1), "x_copy": round(gbs / copy_gbs, 3)})
+
+    mm_rows = []
+    for shape in args.mm.split(","):
+        M, Kd, N = (int(v) for v in shape.lower().split("x"))
+        a = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(Kd, N, device=dev) * 0.05
+        w16 = w.to(torch.bfloat16)
+        ch_scale = w.abs().amax(0) / 448
+        wq = K.quantize_fp8(w, ch_scale, "e4m3fn", axis=1)
+        me, mxs = K.mx_quantize(w, "mxfp8-e4m3", 0, 32)
+        flops = 2 * M * Kd * N
+        ref_ms = _bench_ms(lambda: torch.matmul(a, w16))
+        ref_tf = flops / ref_ms / 1e9
+        for name, fn, wbytes in (
+            ("fp8_matmul e4m3 per-channel, bf16 act", lambda: K.fp8_matmul(a, wq, ch_scale, 1, None, "e4m3fn"), Kd * N),
+            ("mx_matmul mxfp8-e4m3 (K-blocked), bf16 act", lambda: K.mx_matmul(a, me, mxs, "mxfp8-e4m3", 0, 32), Kd * N * 33 // 32),
+        ):
+            ms = _bench_ms(fn)
+            tf = flops / ms / 1e9
+            # the decode-sized case is bound by streaming the weight: report its bandwidth too
+            gbs = (wbytes + 2 * M * Kd + 4 * M * N) / ms / 1e6
+            mm_rows.append({"kernel": name, "shape": shape, "ms": round(ms, 4), "TFLOP/s": round(tf, 1),
+                            "torch_bf16_TFLOP/s": round(ref_tf, 1), "x_torch_bf16": round(tf / ref_tf, 3),
+                            "GB/s": round(gbs, 1), "x_copy": round(gbs / copy_gbs, 3)})
+        # correctness spot check on the GPU against dequantize + torch matmul (fp32)
+        ref = a.float() @ K.dequantize_fp8(wq, ch_scale, 1, None, torch.float32, "e4m3fn")
+        got = K.fp8_matmul(a, wq, ch_scale, 1, None, "e4m3fn")
+        rel = ((got - ref).abs().max() / ref.abs().max()).item()
+        mm_rows[-2]["max_rel_err"] = rel
+
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}")
+    print(f"copy bandwidth (torch D2D, read+write): {copy_gbs:.1f} GB/s; tensor {R}x{C}")
+    from maia_onnx.report import print_table
+
+    print_table(rows, ["kernel", "ms", "GB/s", "x_copy"], title="(de)quantization vs copy bandwidth")
+    print_table(mm_rows, ["kernel", "shape", "ms", "TFLOP/s", "torch_bf16_TFLOP/s", "x_torch_bf16", "GB/s", "x_copy"],
+                title="dequant-fused matmul vs torch BF16 matmul")
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,
+                       "copy_GBps": copy_gbs, "shape": [R, C], "elementwise": rows, "matmul": mm_rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

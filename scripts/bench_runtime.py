@@ -1,0 +1,98 @@
+"""Benchmark: maia_onnx.runtime.InferenceSession (compiled, emulated Maia) vs plain ONNX Runtime CPU, interleaved.
+
+Builds an FP8-quantized llama-tiny (export -> QuantizeFp8Pass), compiles it for maia100, and times both
+sessions on the same inputs in one process, alternating runs so drift hits both alike. Reports the latency
+ratio shim / plain (target <= 1.2x) for the default (embedded) and side-file compiles and the custom-op bridge.
+
+    python scripts/bench_runtime.py [--runs 300] [--seq 16] [--batch 1] [--past 0] [--model path.onnx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_quantized_llama(workdir: Path) -> Path:
+    import onnx_ir as ir
+
+    from maia_onnx.export import export_builtin
+    from maia_onnx.passes.quantize_fp8 import QuantizeFp8Pass
+
+    fp32 = workdir / "llama-tiny.onnx"
+    export_builtin("llama-tiny", fp32)
+    model = ir.load(fp32)
+    QuantizeFp8Pass()(model)
+    out = workdir / "llama-tiny-fp8.onnx"
+    ir.save(model, out)
+    return out
+
+
+def interleaved(runners: dict, runs: int) -> dict[str, float]:
+    """Median seconds per run of each runner, runs alternating between them."""
+    times = {name: [] for name in runners}
+    for fn in runners.values():  # warm-up
+        for _ in range(10):
+            fn()
+    for _ in range(runs):
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--past", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=None, help="a quantized model to use instead of building one")
+    args = parser.parse_args()
+
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from maia_onnx.ortutil import make_inputs, session_options
+    from maia_onnx.runtime import InferenceSession, session_options as bridge_options, to_ort_custom_op_model
+    from maia_onnx.runtime.compile import compile_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_path = args.model or build_quantized_llama(tmp)
+        embedded = compile_model(model_path, tmp / "ctx.onnx", device="maia100").path
+        side = compile_model(model_path, tmp / "ctx_side.onnx", device="maia100", embed=False).path
+        feeds = make_inputs(ir.load(model_path), seed=0, dims={"batch": args.batch, "seq": args.seq, "past": args.past})
+        plain = ort.InferenceSession(str(model_path), session_options(), providers=["CPUExecutionProvider"])
+        plain_opt = ort.InferenceSession(str(model_path), session_options(disable_optimizations=False), providers=["CPUExecutionProvider"])
+        shim = InferenceSession(embedded, providers=["MaiaExecutionProvider", "CPUExecutionProvider"])
+        shim_side = InferenceSession(side, providers=["MaiaExecutionProvider", "CPUExecutionProvider"])
+        bridge = ort.InferenceSession(to_ort_custom_op_model(embedded).SerializeToString(), bridge_options(session_options()),
+                                      providers=["CPUExecutionProvider"])
+        names = [o.name for o in plain.get_outputs()]
+        ref = plain.run(names, feeds)
+        for sess in (shim, shim_side, bridge):
+            got = sess.run(names, feeds)
+            assert all(np.array_equal(a, b) for a, b in zip(ref, got)), "outputs differ from plain ORT"
+        medians = interleaved({
+            "plain ORT (ORT_DISABLE_ALL)": lambda: plain.run(names, feeds),
+            "plain ORT (ORT_ENABLE_ALL)": lambda: plain_opt.run(names, feeds),
+            "shim, embedded programs": lambda: shim.run(names, feeds),
+            "shim, side file": lambda: shim_side.run(names, feeds),
+            "plain ORT + custom-op bridge": lambda: bridge.run(names, feeds),
+        }, args.runs)
+    base = medians["plain ORT (ORT_DISABLE_ALL)"]
+    print(f"quantized llama-tiny, batch={args.batch} seq={args.seq} past={args.past}, {args.runs} interleaved runs, median")
+    print(f"{'session':32s} {'ms/run':>8s} {'ratio':>6s}")
+    for name, sec in medians.items():
+        print(f"{name:32s} {sec * 1e3:8.3f} {sec / base:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Export of built-in and factory models: ORT-vs-PyTorch parity, KV-cache decode, clean graphs, CLI and errors."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+from maia_onnx.cli import main
+from maia_onnx.errors import UserError, ValidationError
+from maia_onnx.export import DEFAULT_OPSET, check_parity, export_builtin, export_model, read_config
+from maia_onnx.models import registry
+from maia_onnx.ortutil import compare, make_session
+
+REL_TOL = 1e-4
+
+
+def _run(path, feeds):
+    sess = make_session(path)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _assert_close(ref, got, tol=REL_TOL):
+    err = compare(ref, got)
+    assert err["max_rel"] <= tol, err
+
+
+@pytest.mark.parametrize("fixture", ["llama_tiny_onnx", "unet_tiny_onnx", "yolo_tiny_onnx"])
+def test_builtin_exports_load_with_opset_and_config(fixture, request):
+    path = request.getfixturevalue(fixture)
+    model = ir.load(path)
+    assert model.opset_imports[""] == DEFAULT_OPSET == 21
+    config = read_config(model)
+    assert config["family"] in fixture
+    spec = registry.build(config["model"])
+    assert [v.name for v in model.graph.inputs] == spec.input_names
+    assert [v.name for v in model.graph.outputs] == spec.output_names
+
+
+def test_llama_parity_on_new_shapes(llama_tiny_onnx):
+    """Dynamic batch/seq/past: shapes other than the export example still match PyTorch within 1e-4."""
+    spec = registry.build("llama-tiny")
+    cfg = llama_config(spec)
+    for batch, seq, past in [(1, 1, 0), (3, 4, 6), (1, 9, 1)]:
+        gen = torch.Generator().manual_seed(batch * 100 + seq * 10 + past)
+        inputs = {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)}
+        for i in range(cfg.num_layers):
+            for kind in ("key", "value"):
+                inputs[f"past_key_values.{i}.{kind}"] = torch.randn(batch, cfg.num_kv_heads, past, cfg.head_dim, generator=gen)
+        report = check_parity(llama_tiny_onnx, spec.module, inputs, output_names=spec.output_names)
+        assert report["logits"]["max_rel"] <= REL_TOL
+        assert set(report) == set(spec.output_names)
+
+
+def llama_config(spec):
+    return spec.module.config
+
+
+def test_llama_prefill_then_two_decode_steps_through_ort_kv_cache(llama_tiny_onnx):
+    spec = registry.build("llama-tiny")
+    cfg = llama_config(spec)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 8)).astype(np.int64)
+    sess = make_session(llama_tiny_onnx)
+    out_names = [o.name for o in sess.get_outputs()]
+    past = {f"past_key_values.{i}.{k}": np.zeros((2, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+            for i in range(cfg.num_layers) for k in ("key", "value")}
+    logits_steps = []
+    for start, stop in [(0, 6), (6, 7), (7, 8)]:  # prefill 6 tokens, then two single-token steps
+        outs = dict(zip(out_names, sess.run(out_names, {"input_ids": ids[:, start:stop], **past})))
+        logits_steps.append(outs["logits"])
+        past = {f"past_key_values.{i}.{k}": outs[f"present.{i}.{k}"] for i in range(cfg.num_layers) for k in ("key", "value")}
+    assert past["past_key_values.0.key"].shape == (2, cfg.num_kv_heads, 8, cfg.head_dim)
+    with torch.no_grad():
+        empty = [torch.zeros(2, cfg.num_kv_heads, 0, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+        full = spec.module(torch.from_numpy(ids), *empty)
+    _assert_close(full[0].numpy(), np.concatenate(logits_steps, axis=1))
+    _assert_close(full[1].numpy(), past["past_key_values.0.key"])
+    _assert_close(full[-1].numpy(), past[f"past_key_values.{cfg.num_layers - 1}.value"])
+
+
+def test_llama_graph_is_clean_for_downstream_passes(llama_tiny_onnx):
+    model = ir.load(llama_tiny_onnx)
+    cfg = read_config(model)
+    inits = model.graph.initializers
+    spec = registry.build("llama-tiny")
+    params = dict(spec.module.named_parameters())
+    matmul_weights = [n.inputs[1].name for n in model.graph if n.op_type == "MatMul" and n.inputs[1].name in inits]
+    # 7 projections per layer + lm_head, each a plain [in, out] initializer named like the torch parameter
+    assert len(matmul_weights) == 7 * cfg["num_layers"] + 1
+    for name in matmul_weights:
+        assert name in params, name
+        np.testing.assert_array_equal(inits[name].const_value.numpy(), params[name].detach().numpy().T)
+    assert "model.layers.0.self_attn.q_proj.weight" in matmul_weights
+    for node in model.graph:
+        if node.op_type == "Transpose":
+            assert node.inputs[0].name not in inits  # no Transpose of a weight left behind
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("Softmax") == cfg["num_layers"]  # attention is explicit MatMul/Softmax
+    assert not any(op in ("Attention", "MultiHeadAttention", "GroupQueryAttention") for op in ops)
+    # head counts are literal constants in the Reshape shapes built for Q/K/V
+    assert cfg["num_heads"] == 4 and cfg["num_kv_heads"] == 2 and cfg["head_dim"] == 16
+    shapes = {v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in model.graph.inputs}
+    assert shapes["past_key_values.1.value"] == ["batch", 2, "past", 16]
+    out_shapes = {v.name: [d if isinstance(d, int) else str(d) for d in v.shape] for v in model.graph.outputs}
+    assert out_shapes["present.0.key"] == ["batch", 2, "past + seq", 16]
+    assert out_shapes["logits"] == ["batch", "seq", 256]
+
+
+def test_gemm_weights_are_in_out_layout(unet_tiny_onnx):
+    model = ir.load(unet_tiny_onnx)
+    spec = registry.build("unet-tiny")
+    params = dict(spec.module.named_parameters())
+    gemms = [n for n in model.graph if n.op_type == "Gemm"]
+    assert gemms
+    for node in gemms:
+        assert node.attributes.get("transB") is None or node.attributes["transB"].as_int() == 0
+        name = node.inputs[1].name
+        np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), params[name].detach().numpy().T)
+
+
+@pytest.mark.parametrize("name,fixture", [("unet-tiny", "unet_tiny_onnx"), ("yolo-tiny", "yolo_tiny_onnx")])
+def test_vision_models_match_pytorch_at_other_batch_sizes(name, fixture, request):
+    path = request.getfixturevalue(fixture)
+    spec = registry.build(name)
+    for batch in (1, 3):
+        inputs = registry.build(name, seed=5, dims={"batch": batch}).example_inputs
+        report = check_parity(path, spec.module, inputs, output_names=spec.output_names)
+        assert all(r["max_rel"] <= REL_TOL for r in report.values())
+
+
+def test_static_export_fixes_dims(tmp_path):
+    result = export_builtin("yolo-tiny", tmp_path / "yolo_static.onnx", dynamic=False, dims={"batch": 1})
+    model = ir.load(result.path)
+    assert [d for d in model.graph.inputs[0].shape] == [1, 3, 64, 64]
+    assert result.max_rel <= REL_TOL
+
+
+def test_check_parity_fails_on_a_different_module(yolo_tiny_onnx):
+    other = registry.build("yolo-tiny", seed=9)
+    with pytest.raises(ValidationError, match="relative error"):
+        check_parity(yolo_tiny_onnx, other.module, other.example_inputs, output_names=other.output_names)
+
+
+def test_opset_too_old_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="--opset 11"):
+        export_builtin("yolo-tiny", tmp_path / "x.onnx", opset=11)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+# ---- module:factory ---------------------------------------------------------------------------
+
+FACTORY_SOURCE = textwrap.dedent(
+    '''
+    import torch
+
+    class TwoLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1 = torch.nn.Linear(6, 12)
+            self.fc2 = torch.nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    def make():
+        return TwoLayer(), (torch.randn(4, 6),)
+
+    def make_dict():
+        return TwoLayer(), {"features": torch.randn(4, 6)}
+
+    def wrong():
+        return 42
+
+    def not_module():
+        return "model", (torch.randn(2, 6),)
+
+    def boom():
+        raise RuntimeError("weights missing")
+
+    NOT_CALLABLE = 3
+    '''
+)
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "my_factories.py").write_text(FACTORY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_factories"
+
+
+def test_factory_tuple_and_dict_inputs(factory_module, tmp_path):
+    r1 = export_model(f"{factory_module}:make", tmp_path / "f1.onnx")
+    assert r1.max_rel <= REL_TOL and list(r1.inputs) == ["input_0"] and list(r1.outputs) == ["output"]
+    assert r1.inputs["input_0"] == ["batch", 6]
+    r2 = export_model(f"{factory_module}:make_dict", tmp_path / "f2.onnx")
+    assert list(r2.inputs) == ["features"]
+    model = ir.load(r2.path)
+    assert "fc1.weight" in model.graph.initializers
+    out = _run(r2.path, {"features": np.ones((7, 6), np.float32)})["output"]
+    assert out.shape == (7, 3)
+
+
+@pytest.mark.parametrize(
+    "attr,message",
+    [
+        ("wrong", "returned int"),
+        ("not_module", "returned str as the module"),
+        ("boom", "raised RuntimeError: weights missing"),
+        ("NOT_CALLABLE", "is not callable"),
+        ("missing", "has no attribute 'missing'"),
+    ],
+)
+def test_bad_factories_are_user_errors(factory_module, tmp_path, attr, message):
+    with pytest.raises(UserError, match=message):
+        export_model(f"{factory_module}:{attr}", tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_export_json_report(tmp_path, capsys):
+    out = tmp_path / "llama.onnx"
+    rc = main(["export", "llama-tiny", "-o", str(out), "--json", "--dim", "seq=4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    assert report["opset"] == 21 and report["model"] == "llama-tiny"
+    assert set(report["parity"]) == {"logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"}
+    assert report["max_rel"] <= REL_TOL
+    assert "[export] exporting llama-tiny" in captured.err  # progress goes to stderr
+    assert out.exists()
+
+
+def test_cli_export_table(tmp_path, capsys):
+    rc = main(["export", "yolo-tiny", "-o", str(tmp_path / "y.onnx"), "--static"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "max_rel" in captured.out and "boxes" in captured.out and "static shapes" in captured.out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["export", "resnet-50"], "unknown built-in model 'resnet-50'"),
+        (["export", "no_such_pkg.mod:factory"], "cannot import module 'no_such_pkg.mod'"),
+        (["export", "maia_onnx.export:no_such_factory"], "has no attribute 'no_such_factory'"),
+        (["export", "hf:/no/such/dir"], "does not exist"),
+        (["export", "llama-tiny", "--dim", "seq=abc"], "bad --dim 'seq=abc'"),
+    ],
+)
+def test_cli_bad_arguments_give_one_line(tmp_path, capsys, args, message):
+    rc = main(args + ["-o", str(tmp_path / "o.onnx")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    error_lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()

@@ -1,0 +1,256 @@
+"""QuantizeFp8Pass: QDQ structure, 1-byte FP8 weights, and ORT numerics equal to a NumPy fake-quant emulation."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from maia_onnx.formats.fp8 import amax_along, dequantize_fp8, fp8_amax_scale, get_fp8_format, quantize_fp8
+from maia_onnx.io import load_model, save_model, sha256_file
+from maia_onnx.ortutil import run_model
+from maia_onnx.passes.quantize_fp8 import QuantizeFp8Pass, activation_values, find_targets
+
+# ORT's float32 kernels vs NumPy on the same fake-quantized operands: only summation order differs
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _model(text: str, weights: dict[str, np.ndarray]) -> ir.Model:
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in weights.items())
+    return ir.serde.deserialize_model(proto)
+
+
+def qdq(x: np.ndarray, scale: float, fmt="e4m3fn") -> np.ndarray:
+    return dequantize_fp8(quantize_fp8(x, np.float32(scale), fmt), np.float32(scale))
+
+
+def wq(w: np.ndarray, axis, fmt="e4m3fn", block=None) -> np.ndarray:
+    scale = fp8_amax_scale(amax_along(w, axis, block), fmt)
+    return dequantize_fp8(quantize_fp8(w, scale, fmt, axis=axis, block_size=block), scale, axis=axis, block_size=block)
+
+
+MLP = """
+<ir_version: 10, opset_import: ["" : 21]>
+mlp (float[N, 16] x) => (float[N, 8] y) {
+   h = MatMul(x, W1)
+   r = Relu(h)
+   y = Gemm <transB = 1> (r, W2, b)
+}
+"""
+
+
+@pytest.fixture
+def mlp():
+    rng = np.random.default_rng(0)
+    weights = {
+        "W1": (rng.standard_normal((16, 32)) * rng.uniform(0.1, 3, (1, 32))).astype(np.float32),
+        "W2": rng.standard_normal((8, 32)).astype(np.float32),
+        "b": rng.standard_normal(8).astype(np.float32),
+    }
+    x = rng.standard_normal((5, 16)).astype(np.float32)
+    return _model(MLP, weights), weights, x
+
+
+@pytest.mark.parametrize("fmt", ["e4m3fn", "e5m2"])
+def test_mlp_per_channel_matches_numpy_emulation(mlp, fmt):
+    model, w, x = mlp
+    sx, sr = 3.0 / 448, 9.0 / 448
+    p = QuantizeFp8Pass(fmt, activation_scales={"x": sx, "r": sr})
+    assert p(model).modified
+    spec = get_fp8_format(fmt)
+    # weights: real 1-byte FP8 initializers; FP32 originals gone
+    fp8_inits = {k: v for k, v in model.graph.initializers.items() if v.const_value.dtype == spec.ir_dtype and v.shape.rank()}
+    assert sorted(fp8_inits) == ["W1_quantized", "W2_quantized"]
+    assert all(v.const_value.nbytes == v.const_value.size for v in fp8_inits.values())
+    assert "W1" not in model.graph.initializers and "W2" not in model.graph.initializers
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 4 and "Relu" in ops
+    dq_w1 = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "W1_quantized")
+    assert dq_w1.attributes["axis"].value == 1  # MatMul [K, N]: output channels on axis 1
+    dq_w2 = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].name == "W2_quantized")
+    assert dq_w2.attributes["axis"].value == 0  # Gemm transB [N, K]: output channels on axis 0
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear")
+    assert q.inputs[2].const_value.dtype == spec.ir_dtype  # FP8 zero point decides the output type
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+    got = run_model(model, {"x": x})["y"]
+    h = qdq(x, sx, fmt) @ wq(w["W1"], 1, fmt)
+    expect = qdq(np.maximum(h, 0), sr, fmt) @ wq(w["W2"], 0, fmt).T + w["b"]
+    np.testing.assert_allclose(got, expect, rtol=RTOL, atol=ATOL)
+    assert [r.weight for r in p.records] == ["W1", "W2"]
+    assert all(r.weight_sqnr_db > (28 if fmt == "e4m3fn" else 22) for r in p.records)
+
+
+def test_relu_before_qdq_is_kept_and_negative_inputs_matter(mlp):
+    # ORT's quantize_static drops ReLU before FP8 QDQ; without zero-point clipping that changes results
+    model, w, x = mlp
+    QuantizeFp8Pass(activation_scales={"r": 9.0 / 448})(model)
+    got = run_model(model, {"x": x})["y"]
+    relu_in = x @ wq(w["W1"], 1)
+    assert (relu_in < 0).any()
+    expect = qdq(np.maximum(relu_in, 0), 9.0 / 448) @ wq(w["W2"], 0).T + w["b"]
+    wrong = qdq(relu_in, 9.0 / 448) @ wq(w["W2"], 0).T + w["b"]
+    np.testing.assert_allclose(got, expect, rtol=RTOL, atol=ATOL)
+    assert np.abs(got - wrong).max() > 0.1
+
+
+@pytest.mark.parametrize("granularity,block", [("tensor", None), ("block", 8)])
+def test_tensor_and_block_granularity(mlp, granularity, block):
+    model, w, x = mlp
+    QuantizeFp8Pass(granularity=granularity, block_size=block, weights_only=True)(model)
+    dqs = {n.inputs[0].name: n for n in model.graph if n.op_type == "DequantizeLinear"}
+    if granularity == "tensor":
+        assert "axis" not in dqs["W1_quantized"].attributes and dqs["W1_quantized"].inputs[1].shape.rank() == 0
+        expect = (x @ wq(w["W1"], None)).clip(0) @ wq(w["W2"], None).T + w["b"]
+    else:
+        a = dqs["W1_quantized"].attributes
+        assert a["block_size"].value == 8 and a["axis"].value == 0  # blocks along K of [K, N]
+        assert tuple(dqs["W1_quantized"].inputs[1].shape) == (2, 32)
+        assert dqs["W2_quantized"].attributes["axis"].value == 1  # K is axis 1 of Gemm transB [N, K]
+        expect = (x @ wq(w["W1"], 0, block=8)).clip(0) @ wq(w["W2"], 1, block=8).T + w["b"]
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)
+    np.testing.assert_allclose(run_model(model, {"x": x})["y"], expect, rtol=RTOL, atol=ATOL)
+
+
+def test_attention_matmuls_quantize_both_activations():
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    attn (float[2, 4, 8] q, float[2, 8, 4] kt, float[2, 4, 8] v) => (float[2, 4, 8] o) {
+       s = MatMul(q, kt)
+       p = Softmax <axis = -1> (s)
+       o = MatMul(p, v)
+    }
+    """
+    model = _model(text, {})
+    targets = find_targets(model)
+    assert [t.activation_inputs for t in targets] == [[0, 1], [0, 1]]
+    assert activation_values(targets) == ["q", "kt", "p", "v"]
+    scales = {"q": 3 / 448, "kt": 3 / 448, "p": 1 / 448, "v": 3 / 448}
+    QuantizeFp8Pass(activation_scales=scales)(model)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph) == 4
+    rng = np.random.default_rng(1)
+    feeds = {"q": rng.standard_normal((2, 4, 8)).astype(np.float32), "kt": rng.standard_normal((2, 8, 4)).astype(np.float32),
+             "v": rng.standard_normal((2, 4, 8)).astype(np.float32)}
+    s = qdq(feeds["q"], scales["q"]) @ qdq(feeds["kt"], scales["kt"])
+    e = np.exp(s - s.max(-1, keepdims=True))
+    p = e / e.sum(-1, keepdims=True)
+    expect = qdq(p.astype(np.float32), scales["p"]) @ qdq(feeds["v"], scales["v"])
+    np.testing.assert_allclose(run_model(model, feeds)["o"], expect, rtol=RTOL, atol=ATOL)
+    # --no-attention leaves them alone
+    assert find_targets(_model(text, {}), attention=False) == []
+
+
+CONV = """
+<ir_version: 10, opset_import: ["" : 21]>
+conv (float[1, 3, 8, 8] x) => (float[1, 4, 16, 16] y) {
+   c = Conv <pads = [1, 1, 1, 1]> (x, Wc, bc)
+   y = ConvTranspose <strides = [2, 2]> (c, Wt)
+}
+"""
+
+
+def test_conv_and_conv_transpose_per_channel_axes():
+    rng = np.random.default_rng(2)
+    w = {"Wc": rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "bc": rng.standard_normal(6).astype(np.float32),
+         "Wt": rng.standard_normal((6, 4, 2, 2)).astype(np.float32)}
+    model = _model(CONV, w)
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    scales = {"x": 4 / 448, "c": 12 / 448}
+    QuantizeFp8Pass(activation_scales=scales)(model)
+    dqs = {n.inputs[0].name: n for n in model.graph if n.op_type == "DequantizeLinear"}
+    assert dqs["Wc_quantized"].attributes["axis"].value == 0  # Conv [M, C, kh, kw]
+    assert dqs["Wt_quantized"].attributes["axis"].value == 1  # ConvTranspose [C, M, kh, kw]
+    assert "bc" in model.graph.initializers  # bias stays float
+    got = run_model(model, {"x": x})["y"]
+    # emulation: the FP32 graph fed with fake-quantized weights; activations fake-quantized in between
+    ref_conv = _model(CONV.replace("y = ConvTranspose <strides = [2, 2]> (c, Wt)", "y = Identity(c)").replace(
+        "float[1, 4, 16, 16] y", "float[1, 6, 8, 8] y"), {**w, "Wc": wq(w["Wc"], 0)})
+    c = run_model(ref_conv, {"x": qdq(x, scales["x"])})["y"]
+    ref_t = _model("""
+    <ir_version: 10, opset_import: ["" : 21]>
+    convt (float[1, 6, 8, 8] c) => (float[1, 4, 16, 16] y) { y = ConvTranspose <strides = [2, 2]> (c, Wt) }
+    """, {"Wt": wq(w["Wt"], 1)})
+    expect = run_model(ref_t, {"c": qdq(c, scales["c"])})["y"]
+    np.testing.assert_allclose(got, expect, rtol=RTOL, atol=ATOL)
+
+
+def test_exclude_by_name_and_op_type(mlp):
+    model, _, _ = mlp
+    names = [n.name for n in model.graph]
+    assert [t.node.op_type for t in find_targets(model, exclude=["Gemm"])] == ["MatMul"]
+    model.graph.node(0).name = "proj_in"
+    assert [t.node.op_type for t in find_targets(model, exclude=["proj_*"])] == ["Gemm"]
+    assert names  # graph untouched by find_targets
+    QuantizeFp8Pass(exclude=["Gemm"], weights_only=True)(model)
+    assert "W2" in model.graph.initializers and "W1" not in model.graph.initializers
+
+
+def test_tied_weight_quantized_once():
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    tied (float[2, 8] x) => (float[2, 8] y) {
+       h = MatMul(x, W)
+       y = MatMul(h, W)
+    }
+    """
+    w = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
+    model = _model(text, {"W": w})
+    QuantizeFp8Pass(weights_only=True)(model)
+    assert [k for k in model.graph.initializers if k.startswith("W")] == ["W_quantized", "W_scale"]
+    assert sum(n.op_type == "DequantizeLinear" for n in model.graph) == 1
+    x = np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_model(model, {"x": x})["y"], x @ wq(w, 1) @ wq(w, 1), rtol=RTOL, atol=ATOL)
+
+
+def test_external_weights_are_quantized_lazily_and_bit_exact(tmp_path, mlp):
+    model, w, x = mlp
+    src = tmp_path / "src.onnx"
+    big = {"W1": np.random.default_rng(5).standard_normal((16, 4096)).astype(np.float32)}
+    text = MLP.replace("float[N, 8] y", "float[N, 4096] y").replace("y = Gemm <transB = 1> (r, W2, b)", "y = Identity(r)")
+    save_model(_model(text, big), src, external_data=True)
+    before = sha256_file(str(src) + ".data")
+    lazy = load_model(src)
+    assert isinstance(lazy.graph.initializers["W1"].const_value, ir.ExternalTensor)
+    QuantizeFp8Pass(weights_only=True)(lazy)
+    assert isinstance(lazy.graph.initializers["W1_quantized"].const_value, ir.LazyTensor)
+    out = tmp_path / "out.onnx"
+    save_model(lazy, out, external_data=True)
+    assert sha256_file(str(src) + ".data") == before  # input untouched
+    reloaded = load_model(out)
+    q = reloaded.graph.initializers["W1_quantized"].const_value
+    scale = fp8_amax_scale(np.abs(big["W1"]).max(axis=0))
+    np.testing.assert_array_equal(q.numpy().view(np.uint8), quantize_fp8(big["W1"], scale, axis=1).view(np.uint8))
+    assert (tmp_path / "out.onnx.data").stat().st_size < big["W1"].nbytes / 3
+    np.testing.assert_allclose(run_model(out, {"x": x})["y"], np.maximum(x @ wq(big["W1"], 1), 0), rtol=RTOL, atol=ATOL)
+
+
+def test_old_opset_is_upgraded(mlp):
+    model, w, x = mlp
+    model.opset_imports[""] = 18
+    QuantizeFp8Pass(activation_scales={"x": 3 / 448})(model)
+    assert model.opset_imports[""] >= 21
+    expect = np.maximum(qdq(x, 3 / 448) @ wq(w["W1"], 1), 0) @ wq(w["W2"], 0).T + w["b"]
+    np.testing.assert_allclose(run_model(model, {"x": x})["y"], expect, rtol=RTOL, atol=ATOL)
+
+
+def test_bad_options():
+    from maia_onnx.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError):
+        QuantizeFp8Pass(granularity="row")
+    with pytest.raises(InvalidOptionError):
+        QuantizeFp8Pass(granularity="block")
+    with pytest.raises(ValueError):
+        QuantizeFp8Pass(fmt="e3m4")
+
+
+def test_imported_weight_scale_is_used(mlp):
+    model, w, x = mlp
+    scale = np.full(32, 0.05, np.float32)
+    QuantizeFp8Pass(weights_only=True, weight_scales={"W1": scale}, exclude=["Gemm"])(model)
+    q = model.graph.initializers["W1_quantized"].const_value.numpy()
+    np.testing.assert_array_equal(q.view(np.uint8), quantize_fp8(w["W1"], scale, axis=1).view(np.uint8))
+    assert q.dtype == ml_dtypes.float8_e4m3fn
