@@ -48,6 +48,7 @@ META = "meta.json"
 STATUS = "status.json"
 RESULT = "result.json"
 REPORT = "report.json"
+SIDE_REPORTS = ("quantize_report.json",)  # informational files beside an artifact, not part of its content
 
 
 class JobFileError(UserError):
@@ -252,6 +253,12 @@ def tree_hash(path: Path, exclude: Sequence[str] = (META,)) -> str:
     return _sha_bytes(b"tree", *entries)
 
 
+def object_hash(directory: Path) -> str:
+    """Content of a cache object: the artifact with its external data / side files, not meta or reports
+    (reports carry timings, so they differ between two otherwise identical builds)."""
+    return tree_hash(directory, exclude=(META, *SIDE_REPORTS))
+
+
 def source_hash(model: str) -> str:
     """Content hash of a job's starting point: the .onnx (+ external data), an HF directory, or model code."""
     from maia_onnx.io import model_content_hash
@@ -259,7 +266,10 @@ def source_hash(model: str) -> str:
     if _is_model_file(model):
         if not Path(model).is_file():
             raise UserError(f"model file not found: {model} (check the job's model path)")
-        return _sha_bytes(b"onnx", model_content_hash(model).encode())
+        try:
+            return _sha_bytes(b"onnx", model_content_hash(model).encode())
+        except Exception:  # unreadable ONNX: hash the bytes; the first step reports the real problem
+            return _sha_bytes(b"file", tree_hash(Path(model)).encode())
     if model.startswith("hf:"):
         directory = Path(model[3:])
         if not directory.is_dir():
@@ -321,7 +331,8 @@ class Cache:
             meta = json.loads(meta_path.read_text())
         except ValueError:
             meta = None
-        if meta is None or (verify and tree_hash(obj) != meta.get("content_hash")):
+        if meta is None or "artifact" not in meta or not (obj / meta["artifact"]).exists() or (
+                verify and object_hash(obj) != meta.get("content_hash")):
             self._discard(obj)
             return None
         return meta
@@ -343,7 +354,7 @@ class Cache:
             shutil.rmtree(work, ignore_errors=True)
 
     def commit(self, key: str, work: Path, meta: dict) -> dict:
-        meta = {**meta, "key": key, "content_hash": tree_hash(work)}
+        meta = {**meta, "key": key, "content_hash": object_hash(work)}
         with open(work / META, "w") as f:
             json.dump(meta, f, indent=2, sort_keys=True, default=str)
             f.flush()
@@ -363,6 +374,21 @@ class Cache:
             os.fsync(fd)
             os.close(fd)
         return meta
+
+    @contextlib.contextmanager
+    def key_lock(self, key: str):
+        """Exclusive per-key lock (flock: released by the kernel even on SIGKILL) so two jobs needing the
+        same step build it once: the second waits and then finds it cached."""
+        import fcntl
+
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{key}.lock", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def clean_stale(self) -> int:
         """Remove temp dirs left by processes that no longer run (a killed earlier batch)."""
@@ -481,7 +507,8 @@ def _run_verify(source: Path, options: dict, work: Path, ctx: dict) -> tuple[str
         if any(n.op_type == "EPContext" for n in model.graph):
             from maia_onnx.runtime.session import session_for
 
-            sess = session_for(source, device=options.get("device", "maia100"))
+            sess = session_for(source, providers=["MaiaExecutionProvider", "CPUExecutionProvider"],
+                               device=options.get("device", "maia100"))
             names = [o.name for o in sess.get_outputs()]
             actual = dict(zip(names, sess.run(names, feeds)))
         else:
@@ -518,6 +545,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(_plain(data), f, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -611,34 +639,12 @@ def run_job(job_data: dict, cache_root: str, output_root: str, threads: int | No
             row.update({"key": key, "status": "running"})
             status()
             t0 = time.time()
-            meta = cache.lookup(key, verify=verify_cache)
-            if meta is not None:
-                row.update({"status": "cached", "duration_s": time.time() - t0, "metrics": meta.get("metrics", {}),
-                            "build_s": meta.get("duration_s")})
-                say(f"step {index} {step.name}: cached ({key[:12]})")
-            else:
-                say(f"step {index} {step.name}: running with {step.options} ({key[:12]})")
-                try:
-                    with cache.building(key) as work:
-                        ctx = {"input_hash": input_hash, "reference": str(reference) if reference else None}
-                        arg = job.model if step.name == "export" else source
-                        with _capture(log):
-                            artifact, metrics = RUNNERS[step.name](arg, dict(step.options), work, ctx)
-                        meta = cache.commit(key, work, {
-                            "step": step.name, "options": step.options, "input_hash": input_hash,
-                            "tool": tool_version(), "artifact": artifact, "metrics": _plain(metrics),
-                            "duration_s": time.time() - t0, "job": job.name,
-                        })
-                except Exception as exc:  # noqa: BLE001 - one failing job must not stop the batch
-                    say(traceback.format_exc())
-                    row.update({"status": "failed", "duration_s": time.time() - t0})
-                    result["error"] = f"{step.name}: {type(exc).__name__}: {_first_line(exc)}"
-                    for later in result["steps"][index + 1:]:
-                        later["status"] = "skipped"
-                    status("failed")
-                    return result
-                row.update({"status": "done", "duration_s": time.time() - t0, "metrics": meta.get("metrics", {})})
-                say(f"step {index} {step.name}: done in {row['duration_s']:.2f}s")
+            with cache.key_lock(key):
+                meta, row_status = _cached_or_built(cache, key, step, index, job, input_hash, source, reference,
+                                                    verify_cache, log, say, row, result, t0)
+            if row_status == "failed":
+                status("failed")
+                return result
             artifact_path = _artifact(meta, cache)
             row["artifact"] = str(artifact_path)
             row["link"] = _link(job_dir, index, step.name, artifact_path)
@@ -650,6 +656,39 @@ def run_job(job_data: dict, cache_root: str, output_root: str, threads: int | No
         status("ok")
         say(f"job {job.name}: ok in {result['duration_s']:.2f}s")
     return result
+
+
+def _cached_or_built(cache, key, step, index, job, input_hash, source, reference, verify_cache, log, say, row,
+                     result, t0):
+    """Under the key's lock: reuse a verified object or build and commit it. Returns (meta, row status)."""
+    meta = cache.lookup(key, verify=verify_cache)
+    if meta is not None:
+        row.update({"status": "cached", "duration_s": time.time() - t0, "metrics": meta.get("metrics", {}),
+                    "build_s": meta.get("duration_s")})
+        say(f"step {index} {step.name}: cached ({key[:12]})")
+    else:
+        say(f"step {index} {step.name}: running with {step.options} ({key[:12]})")
+        try:
+            with cache.building(key) as work:
+                ctx = {"input_hash": input_hash, "reference": str(reference) if reference else None}
+                arg = job.model if step.name == "export" else source
+                with _capture(log):
+                    artifact, metrics = RUNNERS[step.name](arg, dict(step.options), work, ctx)
+                meta = cache.commit(key, work, {
+                    "step": step.name, "options": step.options, "input_hash": input_hash,
+                    "tool": tool_version(), "artifact": artifact, "metrics": _plain(metrics),
+                    "duration_s": time.time() - t0, "job": job.name,
+                })
+        except Exception as exc:  # noqa: BLE001 - one failing job must not stop the batch
+            say(traceback.format_exc())
+            row.update({"status": "failed", "duration_s": time.time() - t0})
+            result["error"] = f"{step.name}: {type(exc).__name__}: {_first_line(exc)}"
+            for later in result["steps"][index + 1:]:
+                later["status"] = "skipped"
+            return None, "failed"
+        row.update({"status": "done", "duration_s": time.time() - t0, "metrics": meta.get("metrics", {})})
+        say(f"step {index} {step.name}: done in {row['duration_s']:.2f}s")
+    return meta, row["status"]
 
 
 def _first_line(exc: BaseException) -> str:

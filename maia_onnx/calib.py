@@ -295,37 +295,41 @@ class HistogramStat:
         return best
 
     def entropy_amax(self, fmt: Fp8Format) -> float:
+        """Clip value minimising KL(P || Q): P the observed |x| histogram, Q its FP8 quantise-dequantise.
+
+        Q moves every bin's mass to the FP8 level its centre rounds to (bins above the clip saturate to the
+        top level) and spreads each level's mass evenly over the non-empty bins below the clip that round
+        to it (TensorRT's expansion).  Clipped bins keep no mass in Q, so clipping outliers costs KL in
+        proportion to their mass; a coarser top of the grid costs KL through the spreading.
+        """
         if self.count == 0 or self.amax == 0:
             return self.amax
-        total = float(self.hist.sum())
-        centers = self.centers().astype(np.float32)
-        best, best_kl = self.amax, math.inf
         last_bin = min(self.bins, int(math.ceil(self.amax / self.bin_width)))
-        # fewer than MIN_KL_BINS histogram bins under the clip would make FP8 rounding invisible to KL
-        # (each bin its own FP8 level, KL = 0), so candidates start there, as TensorRT does for int8
+        p = self.hist[:last_bin].astype(np.float64)
+        p /= p.sum()
+        centers = self.centers()[:last_bin].astype(np.float32)
+        nonempty = p > 0
+        eps = 1e-8  # floor for empty Q bins: finite KL, still a steep price for clipped mass
+        # fewer than MIN_KL_BINS bins under the clip would make FP8 rounding invisible at this resolution
         min_bins = min(MIN_KL_BINS, last_bin)
+        best, best_kl = self.amax, math.inf
         for clip in self._candidates():
             i = min(last_bin, max(min_bins, int(math.ceil(clip / self.bin_width))))
-            p = self.hist[:i].astype(np.float64)
-            p[-1] += self.hist[i:].sum()  # clipped values pile up at the clip value
-            scale = np.float32(i * self.bin_width / fmt.max)
-            codes = cast_fp8_saturate(centers[:i] / scale, fmt).view(np.uint8)
-            # Q: each FP8 level's mass spread evenly over the non-empty bins that round to it
-            q = np.zeros(i)
-            nonempty = p > 0
+            clip_value = i * self.bin_width
+            scale = np.float32(clip_value / fmt.max)
+            codes = cast_fp8_saturate(centers / scale, fmt).view(np.uint8)
+            members = nonempty.copy()
+            members[i:] = False
             level_mass = np.bincount(codes, weights=p, minlength=256)
-            level_bins = np.bincount(codes, weights=nonempty.astype(np.float64), minlength=256)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                q[nonempty] = (level_mass / np.maximum(level_bins, 1))[codes[nonempty]]
-            p /= total
-            qs = q.sum()
-            if qs == 0:
-                continue
-            q /= qs
-            mask = p > 0
-            kl = float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
-            if kl < best_kl:
-                best, best_kl = float(i * self.bin_width), kl
+            level_bins = np.bincount(codes, weights=members.astype(np.float64), minlength=256)
+            q = np.zeros_like(p)
+            q[members] = (level_mass / np.maximum(level_bins, 1))[codes[members]]
+            orphan = (level_mass > 0) & (level_bins == 0)  # a level whose bins were all clipped
+            if orphan.any():
+                q[i - 1] += level_mass[orphan].sum()
+            kl = float(np.sum(p[nonempty] * np.log(p[nonempty] / np.maximum(q[nonempty], eps))))
+            if kl < best_kl - 1e-12:
+                best, best_kl = float(clip_value), kl
         return min(best, self.amax)
 
     def clip_amax(self, method: str, fmt: Fp8Format, percentile: float = DEFAULT_PERCENTILE) -> float:

@@ -183,12 +183,31 @@ def concretize(model: ir.Model, dims: Mapping[str, int] | None = None) -> dict[s
     return used
 
 
+def _shape_only_proto(model: ir.Model):
+    """The model as a proto whose big/external initializers are typed graph inputs: inference needs their
+    shapes, never their data (reading a multi-GB external file just to infer shapes would be wasteful)."""
+    import onnx
+
+    big = {name for name, v in model.graph.initializers.items()
+           if v.const_value is not None and (isinstance(v.const_value, ir.ExternalTensor) or v.const_value.size > 4096)}
+    proto = ir.to_proto(model)
+    kept = [t for t in proto.graph.initializer if t.name not in big]
+    dropped = [t for t in proto.graph.initializer if t.name in big]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    existing_inputs = {i.name for i in proto.graph.input}
+    for t in dropped:
+        if t.name not in existing_inputs:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return proto
+
+
 def _ort_symbolic_shapes(model: ir.Model) -> bool:
     """ORT's symbolic shape inference follows Shape->Concat->Reshape chains ONNX's own inference gives up on."""
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        proto = ir.to_proto(model)  # external weights stay references: nothing large is read
+        proto = _shape_only_proto(model)
         inferred = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
     except Exception:  # unknown custom ops etc.: fall back to ONNX inference
         return False

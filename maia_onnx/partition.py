@@ -174,7 +174,10 @@ def _tensor_bytes_view(tensor: ir.TensorProtocol) -> memoryview | bytes:
 def _release(tensor: Any) -> None:
     release = getattr(tensor, "release", None)
     if callable(release):
-        release()
+        try:
+            release()
+        except BufferError:  # a view of the mapping is still alive elsewhere; it is dropped with it
+            pass
 
 
 def write_model_streaming(model: ir.Model, path: Path, progress: Callable[[int], None] | None = None) -> int:

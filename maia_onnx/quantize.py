@@ -98,6 +98,7 @@ def quantize_model(
     exclude: Sequence[str] = (),
     weights_only: bool = False,
     attention: bool = True,
+    embeddings: bool = False,
     num_samples: int | None = None,
     batch_size: int = 1,
     eval_samples: int = 4,
@@ -183,7 +184,8 @@ def quantize_model(
         fmt_max = fp8.max
         if granularity == "block" and not block_size:
             raise InvalidOptionError("--granularity block needs --block-size N (e.g. 32 or 128)")
-        targets = find_targets(model, exclude=exclude, attention=attention)
+        op_types = ("MatMul", "Gemm", "Conv", "ConvTranspose") + (("Gather",) if embeddings else ())
+        targets = find_targets(model, op_types, exclude=exclude, attention=attention)
         if not targets:
             raise UserError(
                 f"nothing to quantize in {source_path or 'the model'}: no MatMul/Gemm/Conv/ConvTranspose left after --exclude"
@@ -234,6 +236,7 @@ def quantize_model(
             exclude=exclude,
             attention=attention,
             weights_only=weights_only,
+            embeddings=embeddings,
         )
         passes = [quant_pass]
     elif fmt in MX_FORMATS:

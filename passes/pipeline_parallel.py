@@ -802,11 +802,24 @@ def partition_model(
         manifest["tensors"] = tensors
         manifest["inputs"].update(inputs)
         manifest["outputs"].update(outputs)
+    in_shards = {name for m in rank_models.values() for name in m.graph.initializers}
+    in_shards |= {name[: -len("__tp")] for name in in_shards if name.endswith("__tp")}
+    # A small constant a rank model rewrote under its source name (e.g. a shape vector) is not that weight:
+    # keep the source's value inline in source_graph.onnx.
+    sharded = {n for n, spec in manifest["tensors"].items() if spec.get("axis") is not None}
+    source_inits = skeleton_model.graph.initializers
+    for (t, s), m in rank_models.items():
+        for name, value in m.graph.initializers.items():
+            src = source_inits.get(name)
+            if name in sharded or src is None or src.const_value is None or value.const_value is None:
+                continue
+            if src.const_value.nbytes <= 1024 and src.const_value.tobytes() != value.const_value.tobytes():
+                in_shards.discard(name)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         written = part.write_partition(tmp / "partition", rank_models, manifest, progress)
         for f in sorted((tmp / "partition").iterdir()):
             f.rename(tmp / f.name)
         (tmp / "partition").rmdir()
-        write_source_graph(skeleton_model, tmp / SOURCE_GRAPH)
+        write_source_graph(skeleton_model, tmp / SOURCE_GRAPH, in_shards)
     return part.Manifest(written.data, out_dir), plan

@@ -117,6 +117,11 @@ def find_targets(
                 continue
             trans_b = node.attributes.get_int("transB", 0)
             targets.append(QuantTarget(node, [0], 1, 0 if trans_b else 1, 1 if trans_b else 0))
+        elif node.op_type == "Gather":
+            # embedding tables: weight-only, one scale per row (token), as rows are read independently
+            table = inputs[0]
+            if _is_float_constant(table) and len(table.const_value.shape) == 2 and node.attributes.get_int("axis", 0) == 0:
+                targets.append(QuantTarget(node, [], 0, 0, 1))
         elif node.op_type in ("Conv", "ConvTranspose"):
             if not _is_float_constant(inputs[1]):
                 continue
@@ -196,6 +201,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         exclude: fnmatch patterns on node name or op type to leave alone.
         attention: also quantize matmuls with two activation inputs (Q.K^T, P.V).
         weights_only: never quantize activations.
+        embeddings: also store embedding tables (Gather on a constant 2-D table) in FP8, per-row scales.
     """
 
     def __init__(
@@ -209,6 +215,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         exclude: Sequence[str] = (),
         attention: bool = True,
         weights_only: bool = False,
+        embeddings: bool = False,
     ):
         super().__init__()
         self.fmt = get_fp8_format(fmt)
@@ -220,7 +227,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         self.block_size = block_size if granularity == "block" else None
         self.activation_scales = dict(activation_scales or {})
         self.weight_scales = dict(weight_scales or {})
-        self.op_types = tuple(op_types)
+        self.op_types = tuple(op_types) + (("Gather",) if embeddings and "Gather" not in op_types else ())
         self.exclude = tuple(exclude)
         self.attention = attention
         self.weights_only = weights_only
@@ -251,6 +258,11 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
                     modified |= self._quantize_activation(graph, node, i, record)
             if record.weight or record.activation_scales:
                 self.records.append(record)
+        # FP32 weights whose every use now reads the FP8 copy (tied weights included) are dropped
+        for name in self._weight_dq:
+            value = graph.initializers.get(name)
+            if value is not None and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                graph.initializers.pop(name)
         graph.meta.pop("maia_value_names", None)
         graph.meta.pop("maia_node_names", None)
         return onnx_ir.passes.PassResult(model, modified)

@@ -22,14 +22,18 @@ PLACEHOLDER_LOCATION = "__maia_sharded__"  # marks a weight stored in the shards
 INLINE_LIMIT_BYTES = 1024  # the same limit the partition writer keeps inline
 
 
-def write_source_graph(model: ir.Model, path: str | os.PathLike) -> Path:
-    """Save ``model``'s graph with its large weights replaced by placeholders (the weights live in the shards)."""
+def write_source_graph(model: ir.Model, path: str | os.PathLike, in_shards: set[str] | frozenset = frozenset()) -> Path:
+    """Save ``model``'s graph with placeholders for the weights that live in the shards.
+
+    ``in_shards``: initializer names some shard file holds (as is or sliced); those and every large
+    tensor become placeholders, so swapping a checkpoint into the shards cannot leave stale copies here.
+    """
     skeleton = model.clone()
     for name, value in skeleton.graph.initializers.items():
         t = value.const_value
         if t is None:
             continue
-        if t.nbytes > INLINE_LIMIT_BYTES:
+        if t.nbytes > INLINE_LIMIT_BYTES or name in in_shards:
             value.const_value = ir.ExternalTensor(
                 PLACEHOLDER_LOCATION, 0, t.nbytes, t.dtype, shape=t.shape, name=name, base_dir=""
             )
@@ -135,10 +139,7 @@ def rebuild_source(partition_dir: str | os.PathLike) -> ir.Model:
     reader = _ShardReader(manifest)
     for name, value in skeleton.graph.initializers.items():
         t = value.const_value
-        placeholder = isinstance(t, ir.ExternalTensor) and t.location == PLACEHOLDER_LOCATION
-        # Small weights are inline in the source graph too, but the shards are the truth (a checkpoint may
-        # have swapped them); only tensors the manifest records are taken from shards.
-        if placeholder or (name in manifest.tensors and name in reader.where):
+        if isinstance(t, ir.ExternalTensor) and t.location == PLACEHOLDER_LOCATION:
             value.const_value = ir.LazyTensor(_full_tensor(reader, name, t), dtype=t.dtype, shape=t.shape, name=name)
     return skeleton
 

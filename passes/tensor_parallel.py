@@ -178,10 +178,14 @@ def _lazy_slice(tensor: ir.TensorProtocol, axis: int, start: int, stop: int, nam
         arr = tensor.numpy()
         index = [slice(None)] * arr.ndim
         index[axis] = slice(start, stop)
-        part = np.ascontiguousarray(arr[tuple(index)])
+        part = np.array(arr[tuple(index)], copy=True, order="C")  # own memory: the source map can go
+        del arr
         release = getattr(tensor, "release", None)
         if callable(release):
-            release()  # drop the source mapping so its pages do not accumulate in RSS
+            try:
+                release()  # drop the source mapping so its pages do not accumulate in RSS
+            except BufferError:  # someone else still holds a view of it
+                pass
         return ir.Tensor(part, dtype=dtype, name=name)
 
     return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
@@ -969,6 +973,8 @@ def _remove_dead(model: ir.Model) -> None:
                     for n in attr.as_graph():
                         live.update(x.name for x in n.inputs if x is not None)
         else:
+            for i in range(len(node.inputs)):
+                node.replace_input_with(i, None)  # drop its uses so orphaned initializers can go too
             graph.remove(node, safe=False)
     for name in list(graph.initializers):
         value = graph.initializers[name]

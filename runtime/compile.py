@@ -10,12 +10,13 @@ The Maia program (``MAIAPRG1``) is deterministic bytes:
 ``magic(8) | header_len(u64 LE) | header JSON (sorted keys) | pad to 64 | ONNX subgraph | weights (64-aligned)``.
 The header lists the partition I/O, every weight (name, ONNX dtype, device format, shape, offset, length: FP8
 bytes as stored, MX elements and E8M0 scales as stored), and the plan (schedule and a liveness-based memory arena
-plan, roofline estimate). A side file (``embed_mode=0``) is a ``MAIACTX1`` container: header JSON
-``{partition_name: [offset, length]}`` followed by the programs.
+plan, roofline estimate). A side file (``embed_mode=0``) is a ``MAIACTX1`` container: the programs, then a
+footer JSON index ``{partition_name: [offset, length]}`` (so the file is written in one streaming pass).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping
 
+import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.errors import UserError
+from maia_onnx.errors import ModelLoadError, UserError
 from maia_onnx.runtime.capability import Placement, get_capability
 
 PROVIDER = "MaiaExecutionProvider"
@@ -35,6 +37,7 @@ EP_SDK_VERSION = "maia-onnx-emulator-1"
 PROGRAM_MAGIC = b"MAIAPRG1"
 CONTAINER_MAGIC = b"MAIACTX1"
 ALIGN = 64
+EMBED_LIMIT_BYTES = 1_500_000_000  # embedded programs live in one protobuf (2 GiB cap) with the rest of the graph
 
 # ONNX dtype -> the device storage format name written in the program header.
 DEVICE_FORMAT = {
@@ -125,6 +128,55 @@ def _subgraph_proto(model: ir.Model, nodes: list[ir.Node], inputs: list[ir.Value
     return proto.SerializeToString(deterministic=True)
 
 
+def _is_blocked_dequantize(node: ir.Node) -> bool:
+    attr = node.attributes.get("block_size")
+    return node.op_type == "DequantizeLinear" and attr is not None and attr.value > 0
+
+
+def _power_of_two_exponents(tensor) -> np.ndarray | None:
+    """Biased E8M0 exponents of an FP32 tensor holding only normal powers of two (MX scales), else None."""
+    if tensor.dtype != ir.DataType.FLOAT:
+        return None
+    bits = np.ascontiguousarray(tensor.numpy(), dtype=np.float32).view(np.uint32)
+    exponent = (bits >> 23) & 0xFF
+    if np.any(bits & 0x807FFFFF) or np.any(exponent == 0) or np.any(exponent == 0xFF):
+        return None  # sign/mantissa bits set, zero/subnormal, or inf/nan: not an E8M0 value
+    return exponent.astype(np.uint8)
+
+
+def weight_format(value: ir.Value) -> str:
+    """How a weight is stored in the program: its ONNX type's device format, MX roles, or the pass's tag."""
+    tensor = value.const_value
+    tagged = value.metadata_props.get("maia.format") or tensor.metadata_props.get("maia.format")
+    base = DEVICE_FORMAT.get(tensor.dtype.name, tensor.dtype.name.lower())
+    if tagged:
+        return f"{tagged}-fake-quant-{base}"  # mx9/mx6 weights are stored dequantized, tagged by QuantizeMxPass
+    for consumer, index in value.uses():
+        if _is_blocked_dequantize(consumer):
+            if index == 0:
+                return f"mx-elements-{base}"
+            if index == 1 and _power_of_two_exponents(tensor) is not None:
+                return "e8m0"  # MX shared scales: one biased-exponent byte each on the device
+    return base
+
+
+def _write_weight(f: BinaryIO, value: ir.Value, fmt: str) -> int:
+    """Write one weight in its device format; memory-mapped external weights are streamed, then unmapped."""
+    tensor = value.const_value
+    if fmt == "e8m0":
+        data = _power_of_two_exponents(tensor).tobytes()
+    elif isinstance(tensor, ir.ExternalTensor) and tensor.dtype.itemsize >= 1 and tensor.dtype.bitwidth >= 8:
+        data = memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
+    else:
+        data = tensor.tobytes()
+    f.write(data)
+    length = len(data) if isinstance(data, bytes) else data.nbytes
+    del data
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()  # drop the mapping so a multi-GB model never stays resident as a whole
+    return length
+
+
 def write_program(
     f: BinaryIO,
     model: ir.Model,
@@ -145,11 +197,12 @@ def write_program(
         tensor = value.const_value
         spec = _value_spec(value)
         spec["shape"] = list(tensor.shape)
-        spec["format"] = DEVICE_FORMAT.get(tensor.dtype.name, tensor.dtype.name.lower())
+        spec["format"] = weight_format(value)
+        length = tensor.size if spec["format"] == "e8m0" else int(tensor.nbytes)
         spec["offset"] = offset
-        spec["length"] = int(tensor.nbytes)
+        spec["length"] = int(length)
         weight_specs.append(spec)
-        offset += int(tensor.nbytes) + _pad(int(tensor.nbytes))
+        offset += int(length) + _pad(int(length))
     header = {
         "format_version": 1,
         "partition_name": name,
@@ -169,10 +222,9 @@ def write_program(
     prefix += b"\0" * _pad(len(prefix))
     f.write(prefix)
     f.write(graph_bytes + b"\0" * _pad(len(graph_bytes)))
-    for value in weights:
-        data = value.const_value.tobytes()
-        f.write(data)
-        f.write(b"\0" * _pad(len(data)))
+    for value, spec in zip(weights, weight_specs):
+        length = _write_weight(f, value, spec["format"])
+        f.write(b"\0" * _pad(length))
     return len(prefix) + offset
 
 
@@ -258,41 +310,38 @@ def compile_model(
         side_path = output.with_name(f"{output.stem}_maia.bin")
 
     programs: dict[str, bytes] = {}
-    io_of = {}
+    io_of = {info.name: _partition_io(graph, members) for info, members in partitions}
+    if embed and output is not None and sum(v.const_value.nbytes for _, _, ws in io_of.values() for v in ws) > EMBED_LIMIT_BYTES:
+        raise UserError(
+            f"device weights exceed {EMBED_LIMIT_BYTES >> 20} MiB, too big to embed in the ONNX file "
+            "(protobuf limit 2 GiB): compile with --no-embed to write the programs to a side file")
     iterator = partitions
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(partitions, desc="compile", unit="partition", file=None)
-    # Serialise every program before the graph is rewritten (the subgraphs reference the original values).
-    side_index: dict[str, list[int]] = {}
-    body_chunks_path = None
-    if side_path is not None:
-        import tempfile
-
-        fd, body_chunks_path = tempfile.mkstemp(prefix=f".{side_path.name}.", suffix=".body", dir=side_path.parent)
-        body = os.fdopen(fd, "wb")
-    try:
-        offset = 0
+        iterator = tqdm(partitions, desc="compile", unit="partition")
+    # Every program is serialised before the graph is rewritten (the subgraphs reference the original values).
+    # A side file is streamed straight into its atomic temp file, one weight in memory at a time.
+    with contextlib.ExitStack() as stack:
+        side = stack.enter_context(atomic_write(side_path)) if side_path is not None else None
+        side_index: dict[str, list[int]] = {}
+        if side is not None:
+            side.write(CONTAINER_MAGIC + b"\0" * (ALIGN - len(CONTAINER_MAGIC)))
+        offset = ALIGN
         for info, members in iterator:
-            inputs, outputs, weights = _partition_io(graph, members)
-            io_of[info.name] = (inputs, outputs, weights)
+            inputs, outputs, weights = io_of[info.name]
             estimate = {"flops": info.flops, "bytes": info.bytes, "est_time_s": info.est_time_s}
-            if side_path is None:
+            if side is None:
                 buf = io.BytesIO()
                 write_program(buf, model, members, inputs, outputs, weights, info.name, placement.device, estimate, dims)
                 programs[info.name] = buf.getvalue()
             else:
-                length = write_program(body, model, members, inputs, outputs, weights, info.name, placement.device, estimate, dims)
+                length = write_program(side, model, members, inputs, outputs, weights, info.name, placement.device, estimate, dims)
                 side_index[info.name] = [offset, length]
                 offset += length
-        if side_path is not None:
-            body.close()
-    except BaseException:
-        if body_chunks_path:
-            body.close()
-            os.unlink(body_chunks_path)
-        raise
+        if side is not None:
+            footer = json.dumps(side_index, sort_keys=True, separators=(",", ":")).encode()
+            side.write(footer + struct.pack("<Q", len(footer)) + CONTAINER_MAGIC)
 
     side_filename = side_path.name if side_path is not None else None
     replaced: dict[int, ir.Value] = {}  # id(original output) -> EPContext output, for later partitions' inputs
@@ -330,30 +379,23 @@ def compile_model(
         return result
     output = Path(output)
     try:
-        if side_path is not None:
-            with atomic_write(side_path) as f:
-                header = json.dumps(side_index, sort_keys=True, separators=(",", ":")).encode()
-                prefix = CONTAINER_MAGIC + struct.pack("<Q", len(header)) + header
-                prefix += b"\0" * _pad(len(prefix))
-                # offsets in the index are relative to the end of the prefix
-                f.write(prefix)
-                with open(body_chunks_path, "rb") as src:
-                    while chunk := src.read(1 << 24):
-                        f.write(chunk)
         save_model(model, output, external_data=external_data)
-    finally:
-        if body_chunks_path and os.path.exists(body_chunks_path):
-            os.unlink(body_chunks_path)
+    except BaseException:
+        if side_path is not None:
+            side_path.unlink(missing_ok=True)  # no partial outputs: the side file goes with the failed model
+        raise
     result.path = output
     result.side_file = side_path
     return result
 
 
-def read_container_index(data) -> tuple[dict[str, list[int]], int]:
-    """(partition -> [offset, length], start of the programs) of a MAIACTX1 side file's bytes/mmap."""
-    if bytes(data[:8]) != CONTAINER_MAGIC:
-        raise UserError("Maia context side file is not a MAIACTX1 container: recompile the model with maia-onnx compile")
-    (length,) = struct.unpack("<Q", bytes(data[8:16]))
-    index = json.loads(bytes(data[16 : 16 + length]))
-    start = 16 + length
-    return index, start + _pad(start)
+def read_container_index(data) -> dict[str, list[int]]:
+    """partition -> [offset, length] of a MAIACTX1 side file (bytes or mmap): the JSON index sits in the footer.
+
+    Layout: ``MAIACTX1`` padded to 64 | programs (each 64-aligned) | index JSON | u64 index length | ``MAIACTX1``.
+    """
+    size = len(data)
+    if size < 2 * ALIGN or bytes(data[:8]) != CONTAINER_MAGIC or bytes(data[size - 8 :]) != CONTAINER_MAGIC:
+        raise ModelLoadError("Maia context side file is not a complete MAIACTX1 container (truncated?): recompile the model")
+    (length,) = struct.unpack("<Q", bytes(data[size - 16 : size - 8]))
+    return json.loads(bytes(data[size - 16 - length : size - 16]))

@@ -36,9 +36,11 @@ class MaiaProgram:
     header: dict
     buffer: memoryview
     base: int
+    # (directory, file name, offset of this program in the file) when the program lives in a side file
+    file_location: tuple[str, str, int] | None = None
 
     @classmethod
-    def from_buffer(cls, data) -> "MaiaProgram":
+    def from_buffer(cls, data, file_location: tuple[str, str, int] | None = None) -> "MaiaProgram":
         view = memoryview(data)
         if bytes(view[:8]) != PROGRAM_MAGIC:
             raise ModelLoadError("EPContext blob is not a Maia program (MAIAPRG1): recompile with maia-onnx compile")
@@ -48,7 +50,7 @@ class MaiaProgram:
             raise ModelLoadError(f"Maia program format {header.get('format_version')} unsupported: upgrade maia-onnx")
         base = 16 + length
         base += (-base) % _ALIGN
-        return cls(header, view, base)
+        return cls(header, view, base, file_location)
 
     @property
     def name(self) -> str:
@@ -64,6 +66,10 @@ class MaiaProgram:
         dtype = _np_dtype(spec["dtype"])
         raw = self.buffer[start : start + spec["length"]]
         count = int(np.prod(spec["shape"], dtype=np.int64))
+        if spec["format"] == "e8m0":
+            from maia_onnx.formats.mx import e8m0_to_float  # MX shared scales: one biased exponent per block
+
+            return e8m0_to_float(np.frombuffer(raw, dtype=np.uint8, count=count)).reshape(spec["shape"])
         if spec["dtype"] in PACKED_4BIT:
             return np.frombuffer(raw, dtype=np.uint8)  # two elements per byte (ONNX packing), handed to ORT as is
         return np.frombuffer(raw, dtype=dtype, count=count).reshape(spec["shape"])
@@ -89,13 +95,15 @@ def _fold_weight_dequantize(proto, specs: dict, arrays: dict[str, np.ndarray]) -
             attrs = {a.name: a for a in node.attribute}
             block = attrs["block_size"].i if "block_size" in attrs else 0
             out_dtype = attrs["output_dtype"].i if "output_dtype" in attrs else 0
-            if (x in specs and specs[x]["dtype"] in _FP8 and scale in specs and not block and out_dtype in (0, 1)
+            if (x in specs and specs[x]["dtype"] in _FP8 and scale in specs and out_dtype in (0, 1)
                     and specs[scale]["dtype"] == "FLOAT"
                     and (zero is None or (zero in specs and not np.any(arrays[zero].view(np.uint8))))):
                 axis = attrs["axis"].i if "axis" in attrs else 1
                 scale_arr = arrays[scale]
-                q = arrays[x]
-                arrays[node.output[0]] = dequantize_fp8(q, scale_arr, axis=axis if scale_arr.ndim == 1 and scale_arr.size > 1 else None)
+                per_tensor = scale_arr.size == 1 and not block
+                arrays[node.output[0]] = dequantize_fp8(
+                    arrays[x], scale_arr.reshape(()) if per_tensor else scale_arr,
+                    axis=None if per_tensor else axis, block_size=block or None)
                 continue
         keep.append(node)
     del proto.graph.node[:]
@@ -118,15 +126,23 @@ class EmulatedPartition:
         proto = onnx.load_from_string(program.graph_bytes())
         specs = {s["name"]: s for s in program.header["weights"]}
         arrays = program.weights()
+        before = set(arrays)
         if fold_weights:
             _fold_weight_dequantize(proto, specs, arrays)
+        folded = set(arrays) - before
         self.op_types = [node.op_type for node in proto.graph.node]  # what the emulator runs per call
         used = {name for node in proto.graph.node for name in node.input} | set(self.output_names)
         names, values = [], []
         self._keepalive = []
+        # Folded weights are fed as inputs on every run (no copy: ORT reads the arrays in place), never made
+        # initializers: in the plain model they are DequantizeLinear outputs, i.e. not constant, so kernels take
+        # their non-constant path (no MatMul weight prepacking) and the results stay bit-identical.
+        self._weight_feeds = {name: np.ascontiguousarray(arrays[name]) for name in sorted(folded) if name in used}
+        for name, arr in self._weight_feeds.items():
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(arr.shape)))
         for name in sorted(arrays):
-            if name not in used:
-                continue  # a weight consumed only by a folded DequantizeLinear
+            if name not in used or name in folded:
+                continue  # a weight consumed only by a folded DequantizeLinear, or a folded (fed) one
             arr = arrays[name]
             spec = specs.get(name)
             if (spec is not None and spec["dtype"] in PACKED_4BIT) or arr.nbytes < INLINE_BYTES:
@@ -139,24 +155,38 @@ class EmulatedPartition:
             tensor = onnx.TensorProto(name=name, data_type=_onnx_type(arr, spec))
             tensor.dims.extend(arr.shape)
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, val in (("location", "__maia_program__"), ("offset", "0"), ("length", str(arr.nbytes))):
+            stored = spec is not None and spec["format"] != "e8m0" and name not in folded
+            if stored and program.file_location is not None:
+                # Side file: ORT reads the weight from the file itself and owns it, so after prepacking MatMul
+                # weights it frees the plain copy, exactly as for a plain model with external data.
+                directory, file_name, program_offset = program.file_location
+                location = (file_name, str(program_offset + program.base + spec["offset"]), str(arr.nbytes))
+            else:
+                location = ("__maia_program__", "0", str(arr.nbytes))
+                names.append(name)
+                values.append(_ortvalue(arr, tensor.data_type))
+                self._keepalive.append(arr)
+            for key, val in zip(("location", "offset", "length"), location):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, val
             proto.graph.initializer.append(tensor)
-            names.append(name)
-            values.append(_ortvalue(arr, tensor.data_type))
-            self._keepalive.append(arr)
         so = sess_options or session_options()
+        if program.file_location is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", program.file_location[0])
         if names:
             so.add_external_initializers(names, values)
         self._ortvalues = values
         self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def run(self, feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {n: feeds[n] for n in self.input_names}, run_options)
+        inputs = {n: feeds[n] for n in self.input_names}
+        inputs.update(self._weight_feeds)
+        return self.session.run(self.output_names, inputs, run_options)
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))
+        feeds = dict(zip(self.input_names, inputs))
+        feeds.update(self._weight_feeds)
+        return self.session.run(self.output_names, feeds)
 
 
 def _onnx_type(arr: np.ndarray, spec: Mapping | None) -> int:

@@ -169,7 +169,7 @@ class _ProgramSource:
 
     def __init__(self, model_dir: Path | None):
         self.model_dir = model_dir
-        self._files: dict[str, tuple[Any, dict, int]] = {}
+        self._files: dict[Path, tuple[Any, dict]] = {}
 
     def program(self, node: ir.Node):
         from maia_onnx.runtime.compile import read_container_index
@@ -191,13 +191,12 @@ class _ProgramSource:
                 raise ModelLoadError(f"Maia context side file {rel} of partition {name!r} not found in {self.model_dir}: copy it beside the model")
             with open(path, "rb") as f:
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            index, start = read_container_index(mapped)
-            self._files[path] = (mapped, index, start)
-        mapped, index, start = self._files[path]
+            self._files[path] = (mapped, read_container_index(mapped))
+        mapped, index = self._files[path]
         if name not in index:
             raise ModelLoadError(f"partition {name!r} missing from side file {path}: recompile the model")
         offset, length = index[name]
-        return MaiaProgram.from_buffer(memoryview(mapped)[start + offset : start + offset + length])
+        return MaiaProgram.from_buffer(memoryview(mapped)[offset : offset + length], (str(path.parent), path.name, offset))
 
 
 class InferenceSession:

@@ -40,6 +40,68 @@ def _bench_ms(fn, warmup: int = 5, reps: int = 20) -> float:
     times.sort()
     return times[len(times) // 2]
 
+def gpu_check() -> int:
+    """Bit-exact comparison of every kernel with the NumPy reference on edge-case tensors, on this device."""
+    import ml_dtypes
+    import numpy as np
+
+    from maia_onnx.formats import fp8 as rf
+    from maia_onnx.formats import mx as rm
+    from maia_onnx.runtime import kernels as K
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((37, 70)) * np.exp2(rng.integers(-40, 40, (37, 70)))).astype(np.float32)
+    x.reshape(-1)[:12] = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -3e-42, 3.4e38, 464.0, 2.0**-10, 5.0]
+    x[2, :] = 0
+    x[3, :] = 1e-44
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    failures = 0
+
+    def cmp(name, got, want):
+        nonlocal failures
+        g = np.ascontiguousarray(got)
+        w = np.ascontiguousarray(want)
+        u = {1: np.uint8, 2: np.uint16, 4: np.uint32}[w.dtype.itemsize]
+        gb, wb = g.view(u).reshape(-1), w.view(u).reshape(-1)
+        bad = np.flatnonzero(gb != wb)
+        if bad.size or g.dtype != w.dtype:
+            failures += 1
+            print(f"MISMATCH {name}: {bad.size} of {wb.size}; idx {bad[:4]} got {[hex(v) for v in gb[bad[:4]]]} "
+                  f"want {[hex(v) for v in wb[bad[:4]]]} dtype {g.dtype}/{w.dtype}")
+        else:
+            print(f"ok {name}")
+
+    codes = np.arange(256 * 10, dtype=np.int64).astype(np.uint8).reshape(37 * 0 + 32, 80)
+    for fmt in ("e4m3fn", "e5m2"):
+        f = rf.get_fp8_format(fmt)
+        for axis, bs in ((None, None), (1, None), (1, 32)):
+            if axis is None:
+                s = np.float32(0.37)
+            elif bs is None:
+                s = (rng.random(70) + 0.01).astype(np.float32)
+            else:
+                s = (rng.random((37, 3)) + 0.01).astype(np.float32)
+            for dt in (np.float32, bf16):
+                xin = x.astype(dt)
+                cmp(f"quantize_fp8 {fmt} {axis} {bs} {dt}", K.quantize_fp8(xin, s, fmt, axis, bs),
+                    rf.quantize_fp8(xin.astype(np.float32), s, fmt, axis, bs))
+        q = codes.view(f.np_dtype)
+        s = (rng.random(80) + 0.01).astype(np.float32)
+        for dt in (np.float32, bf16):
+            cmp(f"dequantize_fp8 {fmt} {dt}", K.dequantize_fp8(q, s, 1, None, dt), rf.dequantize_fp8(q, s, 1, None, dt))
+    for fmt in rm.MX_FORMATS:
+        for axis in (-1, 0):
+            for dt in (np.float32, bf16):
+                xin = x.astype(dt)
+                ge, gs = K.mx_quantize(xin, fmt, axis)
+                we, ws = rm.mx_quantize(xin.astype(np.float32), fmt, axis)
+                cmp(f"mx_quantize exps {fmt} {axis} {dt}", gs, ws)
+                cmp(f"mx_quantize elems {fmt} {axis} {dt}", ge, we)
+                cmp(f"mx_dequantize {fmt} {axis} {dt}", K.mx_dequantize(we, ws, fmt, axis, 32, dt),
+                    rm.mx_dequantize(we, ws, fmt, axis, 32, dt))
+    print(f"gpu check: {failures} mismatching cases")
+    return failures
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cols", type=int, default=16384)
     parser.add_argument("--mm", default="8192x8192x8192,16x8192x8192", help="matmul shapes MxKxN, comma separated")
     parser.add_argument("--json", dest="json_path", help="write the figures as JSON here")
+    parser.add_argument("--check", action="store_true", help="first compare every kernel bit for bit with the reference")
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -64,6 +127,8 @@ def main(argv=None) -> int:
 
     from maia_onnx.runtime import kernels as K
 
+    if args.check:
+        gpu_check()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     R, C = args.rows, args.cols
@@ -102,7 +167,11 @@ def main(argv=None) -> int:
 
     rows = []
     for name, fn, nbytes in cases:
-        ms = _bench_ms(fn)
+        try:
+            ms = _bench_ms(fn)
+        except Exception as exc:  # keep measuring the others; the failure is reported in the table
+            rows.append({"kernel": name, "ms": f"error: {type(exc).__name__}"})
+            continue
         gbs = nbytes / ms / 1e6
         rows.append({"kernel": name, "ms": round(ms, 4), "GB/s": round(gbs, 1), "x_copy": round(gbs / copy_gbs, 3)})
 

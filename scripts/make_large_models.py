@@ -32,6 +32,7 @@ def make_llama_large(out_dir: Path = DEFAULT_DIR, force: bool = False, check: bo
         result = export_builtin(
             "llama-tiny", tmp / "model.onnx", size="large", external_data=True, check=check, progress=stderr_progress,
         )
+    out_dir.chmod(0o755)  # the temp dir was created 0700; benchmarks of other users read it
     seconds = time.perf_counter() - start
     data_bytes = (out_dir / "model.onnx.data").stat().st_size
     print(

@@ -42,6 +42,7 @@ def parse_dims(values) -> dict[str, int]:
               help="Leave nodes matching this fnmatch pattern (node name, op type or layer name, e.g. '*lm_head*') unquantized.")
 @click.option("--weights-only", is_flag=True, help="Quantize weights only; activations stay in float (no calibration).")
 @click.option("--no-attention", is_flag=True, help="Do not quantize the attention matmuls (Q.K^T, P.V).")
+@click.option("--embeddings", is_flag=True, help="FP8: also store embedding tables (Gather) in FP8 with per-row scales.")
 @click.option("--samples", "num_samples", type=int, default=None, help="Calibration samples to use (default: all; random: 8).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per calibration batch.")
 @click.option("--eval-samples", type=int, default=4, show_default=True, help="Held-out samples for the accuracy report.")
@@ -56,7 +57,7 @@ def parse_dims(values) -> dict[str, int]:
 @external_data_option
 @report_option
 @json_option
-def command(model, output, fmt, calib, method, percentile, granularity, block_size, exclude, weights_only, no_attention,
+def command(model, output, fmt, calib, method, percentile, granularity, block_size, exclude, weights_only, no_attention, embeddings,
             num_samples, batch_size, eval_samples, dims, kv_cache, scales_path, emit_scales, target_cosine, no_eval, seed,
             max_layers, external_data, report_path, as_json):
     import logging
@@ -82,6 +83,7 @@ def command(model, output, fmt, calib, method, percentile, granularity, block_si
         exclude=exclude,
         weights_only=weights_only,
         attention=not no_attention,
+        embeddings=embeddings,
         num_samples=num_samples,
         batch_size=batch_size,
         eval_samples=eval_samples,

@@ -21,27 +21,93 @@ ELEM_FP4 = 3
 
 
 @triton.jit
-def decode_element(b, ELEM: tl.constexpr):
-    """Element byte (int32 0..255, or the int8 value for INT8) -> exact float32 value (no scale)."""
+def with_sign(mag, b, SIGN_BIT: tl.constexpr):
+    """Magnitude (float32 >= 0) with the sign bit of code ``b`` set by bit operations (so -0 stays -0)."""
+    sign = ((b >> SIGN_BIT) & 1) << 31
+    return (mag.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def decode_element(b, ELEM: tl.constexpr, NATIVE: tl.constexpr):
+    """Element code (int32 0..255, or the int8 value for INT8) -> exact float32 value (no scale).
+
+    NaN codes decode to 0x7FC00000 with the code's sign, as the reference's ml_dtypes casts do.
+    ``NATIVE`` uses the GPU's FP8 conversion instructions (exact); otherwise integer bit tricks.
+    """
     if ELEM == 0:
-        # E4M3FN bits placed in an FP16's exponent/mantissa field give value * 2^-8 (normal and
-        # subnormal alike, since the exponent biases differ by 8); FP16 -> FP32 is exact.
-        mag = ((b & 0x7F) << 7).to(tl.uint16)
-        v = mag.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
-        v = tl.where((b & 0x7F) == 0x7F, float("nan"), v)
-        v = tl.where(b >= 128, -v, v)
+        if NATIVE:
+            v = b.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            # E4M3FN bits placed in an FP16's exponent/mantissa field give value * 2^-8 (normal and
+            # subnormal alike, since the exponent biases differ by 8); FP16 -> FP32 is exact.
+            mag = ((b & 0x7F) << 7).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+            v = with_sign(mag, b, 7)
+        nan_bits = ((b & 0x80) << 24) | 0x7FC00000
+        v = tl.where((b & 0x7F) == 0x7F, nan_bits.to(tl.float32, bitcast=True), v)
     elif ELEM == 1:
-        # E5M2 is the top byte of an FP16 (Inf and NaN included).
-        v = (b << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        if NATIVE:
+            v = b.to(tl.uint8).to(tl.float8e5, bitcast=True).to(tl.float32)
+        else:
+            # E5M2 is the top byte of an FP16 (Inf included).
+            mag = ((b & 0x7F) << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            v = with_sign(mag, b, 7)
+        nan_bits = ((b & 0x80) << 24) | 0x7FC00000
+        v = tl.where((b & 0x7F) > 0x7C, nan_bits.to(tl.float32, bitcast=True), v)
     elif ELEM == 2:
         v = b.to(tl.float32)
     else:
         e = (b >> 1) & 3
         m = b & 1
         normal = ((e + 126) << 23 | (m << 22)).to(tl.float32, bitcast=True)
-        v = tl.where(e == 0, m.to(tl.float32) * 0.5, normal)
-        v = tl.where((b & 8) != 0, -v, v)
+        v = with_sign(tl.where(e == 0, m.to(tl.float32) * 0.5, normal), b, 3)
     return v
+
+
+@triton.jit
+def encode_fp4(v):
+    """float32 -> FP4 E2M1 code: RNE on the grid 0, .5, 1, 1.5, 2, 3, 4, 6 (ties to the even code), saturating;
+    NaN -> 0x8 (+NaN) / 0x0 (-NaN), which is what the reference's ml_dtypes cast writes."""
+    a = tl.abs(v)
+    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
+            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32) + (a > 5.0).to(tl.int32))
+    negative = v.to(tl.int32, bitcast=True) < 0
+    code = tl.where(negative, code | 8, code)
+    return tl.where(v != v, tl.where(negative, 0, 8), code)
+
+
+@triton.jit
+def encode_fp8(y, E5M2: tl.constexpr, NAN_POS: tl.constexpr, NAN_NEG: tl.constexpr, NATIVE: tl.constexpr):
+    """float32 -> FP8 code (int32): saturating RNE, NaN -> NAN_POS/NAN_NEG by its sign bit.
+
+    ``NATIVE``: the GPU's ``cvt.rn.satfinite`` (RNE, finite values and Inf saturate to +-max).
+    """
+    if NATIVE:
+        if E5M2:
+            code = y.to(tl.float8e5, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
+        else:
+            code = y.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True).to(tl.int32)
+        negative = y.to(tl.int32, bitcast=True) < 0
+        code = tl.where(y != y, tl.where(negative, NAN_NEG, NAN_POS), code)
+    else:
+        if E5M2:
+            code = encode_float(y, 2, 15, 57344.0, 7, NAN_POS, NAN_NEG)
+        else:
+            code = encode_float(y, 3, 7, 448.0, 7, NAN_POS, NAN_NEG)
+    return code
+
+
+@triton.jit
+def store_f32_or_bf16(ptr, off, v, mask, OUT_BF16: tl.constexpr, NATIVE: tl.constexpr):
+    """Store float32, or bfloat16 (RNE, NaN -> 0x7FC0 with sign, as ml_dtypes) through an int16 view."""
+    if OUT_BF16:
+        if NATIVE:
+            bits = v.to(tl.bfloat16).to(tl.int16, bitcast=True)
+            sign_nan = (((v.to(tl.int32, bitcast=True) >> 16) & 0x8000) | 0x7FC0).to(tl.int16)
+            tl.store(ptr + off, tl.where(v != v, sign_nan, bits), mask=mask)
+        else:
+            tl.store(ptr + off, f32_to_bf16_bits(v), mask=mask)
+    else:
+        tl.store(ptr + off, v, mask=mask)
 
 
 @triton.jit
@@ -127,6 +193,7 @@ def numpy_nan(v, first, second):
     """
     fb = first.to(tl.int32, bitcast=True)
     sb = second.to(tl.int32, bitcast=True)
-    from_second = tl.where(second != second, (sb & -2147483648) | 0x7FC00000, -4194304)
-    bits = tl.where(first != first, (fb & -2147483648) | 0x7FC00000, from_second)
+    # (bits >> 31) << 31 keeps just the sign bit, in int32 (a literal 0x80000000 would be int64)
+    from_second = tl.where(second != second, ((sb >> 31) << 31) | 0x7FC00000, -4194304)
+    bits = tl.where(first != first, ((fb >> 31) << 31) | 0x7FC00000, from_second)
     return tl.where(v != v, bits.to(tl.float32, bitcast=True), v)

@@ -15,12 +15,13 @@ import triton
 import triton.language as tl
 
 from maia_onnx.formats.fp8 import _check_scale, get_fp8_format
-from maia_onnx.runtime.kernels._bits import decode_element, encode_float, f32_to_bf16_bits, numpy_nan
+from maia_onnx.runtime.kernels._bits import decode_element, encode_fp8, numpy_nan, store_f32_or_bf16
 from maia_onnx.runtime.kernels._launch import (
     BF16,
     axis_layout,
     bf16_bits,
     check_size,
+    interpreting,
     kernel_device,
     to_numpy,
     to_torch,
@@ -28,14 +29,20 @@ from maia_onnx.runtime.kernels._launch import (
 )
 
 BLOCK = 4096
-SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCKED = 0, 1, 2
+SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCKED, SCALE_BLOCKED_LAST = 0, 1, 2, 3
 
 
 @triton.jit
 def scale_index(off, LENGTH, INNER, NBLOCKS, BS, MODE: tl.constexpr):
-    """Flat index into the scale tensor for flat element offsets (tensor viewed as [outer, LENGTH, INNER])."""
+    """Flat index into the scale tensor for flat element offsets (tensor viewed as [outer, LENGTH, INNER]).
+
+    MODE 0 per-tensor, 1 per-channel, 2 blocked, 3 blocked along the last axis with LENGTH % BS == 0
+    (then the block number is simply off // BS: one shift when BS is a power of two).
+    """
     if MODE == 0:
         idx = off * 0
+    elif MODE == 3:
+        idx = off // BS
     elif MODE == 1:
         idx = (off // INNER) % LENGTH
     else:
@@ -59,33 +66,27 @@ def load_as_f32(ptr, off, mask, IN_BF16: tl.constexpr):
 @triton.jit
 def _quantize_fp8_kernel(x_ptr, s_ptr, q_ptr, n, LENGTH, INNER, NBLOCKS, BS,
                          SCALE_MODE: tl.constexpr, IN_BF16: tl.constexpr, E5M2: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         NATIVE: tl.constexpr, BLOCK: tl.constexpr):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = off < n
     x = load_as_f32(x_ptr, off, mask, IN_BF16)
     s = tl.load(s_ptr + scale_index(off, LENGTH, INNER, NBLOCKS, BS, SCALE_MODE), mask=mask, other=1.0)
     y = numpy_nan(tl.math.div_rn(x, s), x, s)
-    if E5M2:
-        code = encode_float(y, 2, 15, 57344.0, 7, 0x7F, 0xFF)
-    else:
-        code = encode_float(y, 3, 7, 448.0, 7, 0x7F, 0xFF)
+    code = encode_fp8(y, E5M2, 0x7F, 0xFF, NATIVE)
     tl.store(q_ptr + off, code.to(tl.uint8), mask=mask)
 
 
 @triton.jit
 def _dequantize_fp8_kernel(q_ptr, s_ptr, out_ptr, n, LENGTH, INNER, NBLOCKS, BS,
                            SCALE_MODE: tl.constexpr, E5M2: tl.constexpr, OUT_BF16: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           NATIVE: tl.constexpr, BLOCK: tl.constexpr):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = off < n
     b = tl.load(q_ptr + off, mask=mask, other=0).to(tl.int32)
     s = tl.load(s_ptr + scale_index(off, LENGTH, INNER, NBLOCKS, BS, SCALE_MODE), mask=mask, other=1.0)
-    d = decode_element(b, 1 if E5M2 else 0)
+    d = decode_element(b, 1 if E5M2 else 0, NATIVE)
     v = numpy_nan(d * s, d, s)
-    if OUT_BF16:
-        tl.store(out_ptr + off, f32_to_bf16_bits(v), mask=mask)
-    else:
-        tl.store(out_ptr + off, v, mask=mask)
+    store_f32_or_bf16(out_ptr, off, v, mask, OUT_BF16, NATIVE)
 
 
 def _scale_plan(scale_shape, shape, axis, block_size):
@@ -96,7 +97,8 @@ def _scale_plan(scale_shape, shape, axis, block_size):
     axis = 0 if axis is None else axis
     if block_size:
         lay = axis_layout(shape, axis, int(block_size))
-        return SCALE_BLOCKED, (lay.length, lay.inner, lay.nblocks, lay.block)
+        mode = SCALE_BLOCKED_LAST if lay.inner == 1 and lay.length % lay.block == 0 else SCALE_BLOCKED
+        return mode, (lay.length, lay.inner, lay.nblocks, lay.block)
     lay = axis_layout(shape, axis, 1)
     return SCALE_CHANNEL, (lay.length, lay.inner, lay.length, 1)
 
@@ -133,7 +135,7 @@ def quantize_fp8(x, scale, fmt="e4m3fn", axis=None, block_size=None):
     if n:
         _quantize_fp8_kernel[(triton.cdiv(n, BLOCK),)](
             bf16_bits(xt), st, q, n, length, inner, nblocks, bs,
-            SCALE_MODE=mode, IN_BF16=in_bf16, E5M2=f.name == "e5m2", BLOCK=BLOCK,
+            SCALE_MODE=mode, IN_BF16=in_bf16, E5M2=f.name == "e5m2", NATIVE=not interpreting(), BLOCK=BLOCK,
         )
     return to_numpy(q, f.np_dtype) if numpy_in else q
 
@@ -160,6 +162,7 @@ def dequantize_fp8(q, scale, axis=None, block_size=None, dtype=np.float32, fmt=N
     if n:
         _dequantize_fp8_kernel[(triton.cdiv(n, BLOCK),)](
             qt.view(torch.uint8), st, bf16_bits(out), n, length, inner, nblocks, bs,
-            SCALE_MODE=mode, E5M2=f.name == "e5m2", OUT_BF16=out_dtype == torch.bfloat16, BLOCK=BLOCK,
+            SCALE_MODE=mode, E5M2=f.name == "e5m2", OUT_BF16=out_dtype == torch.bfloat16,
+            NATIVE=not interpreting(), BLOCK=BLOCK,
         )
     return to_numpy(out, dtype if not isinstance(dtype, torch.dtype) else np.float32) if numpy_in else out

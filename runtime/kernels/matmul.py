@@ -1,12 +1,13 @@
 """Dequant-fused matmul: ``a @ dequant(W)`` with FP8 or MX weights, FP32/BF16 activations, FP32 accumulation.
 
 The weight ``W`` is ``[K, N]`` (ONNX MatMul's right operand) and is never materialised in a wider type:
-each tile is decoded from its 1-byte codes in registers.  Scales may be per-tensor, per-channel or blocked
-along either axis.  When the scale is constant over a K tile (per-tensor, per-output-channel, or blocked
-along K with the block a multiple of the K tile: the MX layout and blocked FP8 weights) the raw decoded
-codes go into the dot product and the scale multiplies the FP32 partial sum; with BF16 activations on a
-GPU that dot runs on BF16 tensor cores, exactly, because FP8/FP4/INT8 codes are exact in BF16.  Other
-layouts scale each weight in FP32 before an IEEE FP32 dot.
+each tile is decoded from its 1-byte codes in registers (the GPU's FP8 conversion instructions on CUDA).
+Scales may be per-tensor, per-channel or blocked along either axis.  FP8 weights whose scale is constant
+over a K tile (per-tensor, per-output-channel, blocked along K with the block a multiple of the K tile)
+put the raw decoded codes into the dot product and scale the FP32 partial sums; MX weights multiply each
+decoded code by its power-of-two block scale, which is exact.  With BF16 activations on a GPU both dots
+run on BF16 tensor cores, exactly, because FP8/FP4/INT8 codes (times powers of two) are exact in BF16.
+Other layouts scale each weight in FP32 before an IEEE FP32 dot.
 
 References (``reference_fp8_matmul``, ``reference_mx_matmul``) are the formats' NumPy dequantization
 followed by a float64 matmul.
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from maia_onnx.formats.fp8 import _check_scale, get_fp8_format
 from maia_onnx.formats.mx import mx_format
-from maia_onnx.runtime.kernels._bits import decode_element, e8m0_factors, f32_to_bf16_bits
+from maia_onnx.runtime.kernels._bits import decode_element, e8m0_factors, store_f32_or_bf16
 from maia_onnx.runtime.kernels._launch import (
     BF16,
     bf16_bits,
@@ -53,7 +54,7 @@ def _dequant_matmul_kernel(a_ptr, w_ptr, s_ptr, c_ptr, M, N, K,
                            BSK, BSN, s_stride_k, s_stride_n,
                            ELEM: tl.constexpr, SCALE_E8M0: tl.constexpr, LOG2_IMPLICIT: tl.constexpr,
                            POST_SCALE: tl.constexpr, SCALE_PER_K: tl.constexpr,
-                           A_BF16: tl.constexpr, DOT_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
+                           A_BF16: tl.constexpr, DOT_BF16: tl.constexpr, OUT_BF16: tl.constexpr, NATIVE: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr):
     # Grouped program order so consecutive programs share weight tiles in L2.
@@ -84,7 +85,7 @@ def _dequant_matmul_kernel(a_ptr, w_ptr, s_ptr, c_ptr, M, N, K,
             a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         w_mask = k_ok[:, None] & n_ok[None, :]
         codes = tl.load(w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn, mask=w_mask, other=0).to(tl.int32)
-        w = decode_element(codes, ELEM)
+        w = decode_element(codes, ELEM, NATIVE)
         if POST_SCALE:
             if DOT_BF16:
                 part = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), out_dtype=tl.float32)
@@ -99,16 +100,16 @@ def _dequant_matmul_kernel(a_ptr, w_ptr, s_ptr, c_ptr, M, N, K,
         else:
             s1, s2 = _weight_scale(s_ptr, kk[:, None], rn[None, :], w_mask, BSK, BSN, s_stride_k, s_stride_n,
                                    SCALE_E8M0, LOG2_IMPLICIT)
-            acc += tl.dot(a, (w * s1) * s2, input_precision="ieee", out_dtype=tl.float32)
+            if DOT_BF16:  # power-of-two (E8M0) scales: the scaled code is still exact in BF16
+                acc += tl.dot(a.to(tl.bfloat16), ((w * s1) * s2).to(tl.bfloat16), out_dtype=tl.float32)
+            else:
+                acc += tl.dot(a, (w * s1) * s2, input_precision="ieee", out_dtype=tl.float32)
     if POST_SCALE and not SCALE_PER_K:
         s1, s2 = _weight_scale(s_ptr, rn * 0, rn, n_ok, BSK, BSN, s_stride_k, s_stride_n, SCALE_E8M0, LOG2_IMPLICIT)
         acc = (acc * s1[None, :]) * s2[None, :]
     c_off = rm[:, None] * stride_cm + rn[None, :] * stride_cn
     c_mask = m_ok[:, None] & n_ok[None, :]
-    if OUT_BF16:
-        tl.store(c_ptr + c_off, f32_to_bf16_bits(acc), mask=c_mask)  # RNE, same bits in the interpreter
-    else:
-        tl.store(c_ptr + c_off, acc, mask=c_mask)
+    store_f32_or_bf16(c_ptr, c_off, acc, c_mask, OUT_BF16, NATIVE)
 
 
 def _tiles(M: int, dot_bf16: bool):
@@ -137,13 +138,22 @@ def _launch(a, codes, scale, elem, scale_e8m0, log2_implicit, bsk, bsn, s_stride
     a2 = at.reshape(-1, K)
     M = a2.shape[0]
     a_bf16 = at.dtype == torch.bfloat16
-    # Scale constant over a K tile: post-scale the partial sums (and use BF16 tensor cores if possible).
-    block_m, block_n, block_k, warps, stages = _tiles(M, a_bf16 and not interpreting())
-    if s_stride_k != 0 and bsk % block_k:
-        # a smaller K tile that divides the scale block keeps the post-scaled (tensor-core) path
-        block_k = next((t for t in (64, 32, 16) if t <= block_k and bsk % t == 0), block_k)
-    post_scale = s_stride_k == 0 or bsk % block_k == 0
-    dot_bf16 = post_scale and a_bf16 and not interpreting()
+    native = not interpreting()
+    if scale_e8m0:
+        # power-of-two scales multiply each decoded weight exactly: no post-scaling, any K tile
+        post_scale = False
+        dot_bf16 = a_bf16 and native
+        block_m, block_n, block_k, warps, stages = _tiles(M, dot_bf16)
+    else:
+        # scale constant over a K tile: post-scale the partial sums (BF16 tensor cores when possible)
+        block_m, block_n, block_k, warps, stages = _tiles(M, a_bf16 and native)
+        if s_stride_k != 0 and bsk % block_k:
+            block_k = next((t for t in (64, 32, 16) if t <= block_k and bsk % t == 0), block_k)
+        post_scale = s_stride_k == 0 or bsk % block_k == 0
+        dot_bf16 = post_scale and a_bf16 and native
+        if not dot_bf16:
+            block_m, block_n, block_k, warps, stages = _tiles(M, False)
+            post_scale = s_stride_k == 0 or bsk % block_k == 0
     c = torch.empty((M, N), dtype=torch_out_dtype(out_dtype), device=device)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     if M and N:
@@ -153,7 +163,7 @@ def _launch(a, codes, scale, elem, scale_e8m0, log2_implicit, bsk, bsn, s_stride
             bsk, bsn, s_stride_k, s_stride_n,
             ELEM=elem, SCALE_E8M0=scale_e8m0, LOG2_IMPLICIT=log2_implicit,
             POST_SCALE=post_scale, SCALE_PER_K=s_stride_k != 0,
-            A_BF16=a_bf16, DOT_BF16=dot_bf16, OUT_BF16=c.dtype == torch.bfloat16,
+            A_BF16=a_bf16, DOT_BF16=dot_bf16, OUT_BF16=c.dtype == torch.bfloat16, NATIVE=native,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
             num_warps=warps, num_stages=stages,
         )

@@ -19,17 +19,19 @@ from maia_onnx.formats.mx import mx_format
 from maia_onnx.runtime.kernels._bits import (
     decode_element,
     e8m0_factors,
-    encode_float,
-    f32_to_bf16_bits,
+    encode_fp4,
+    encode_fp8,
     numpy_nan,
     pow2,
     round_int8,
+    store_f32_or_bf16,
 )
 from maia_onnx.runtime.kernels._launch import (
     BF16,
     axis_layout,
     bf16_bits,
     check_size,
+    interpreting,
     kernel_device,
     to_numpy,
     to_torch,
@@ -44,17 +46,17 @@ BLOCKS_PER_PROGRAM = 64
 
 
 @triton.jit
-def encode_mx_element(v, ELEM: tl.constexpr):
+def encode_mx_element(v, ELEM: tl.constexpr, NATIVE: tl.constexpr):
     """Scaled value -> stored element code (int32), with the reference's NaN codes (FP8 through
     ``cast_fp8_saturate``: 0x7F/0xFF; FP4 through an ml_dtypes cast: 0x8 for +NaN, 0x0 for -NaN)."""
     if ELEM == 0:
-        code = encode_float(v, 3, 7, 448.0, 7, 0x7F, 0xFF)
+        code = encode_fp8(v, False, 0x7F, 0xFF, NATIVE)
     elif ELEM == 1:
-        code = encode_float(v, 2, 15, 57344.0, 7, 0x7F, 0xFF)
+        code = encode_fp8(v, True, 0x7F, 0xFF, NATIVE)
     elif ELEM == 2:
         code = round_int8(v)
     else:
-        code = encode_float(v, 1, 1, 6.0, 3, 0x8, 0x0)
+        code = encode_fp4(v)
     return code
 
 
@@ -62,7 +64,7 @@ def encode_mx_element(v, ELEM: tl.constexpr):
 def _mx_quantize_kernel(x_ptr, e_ptr, exp_ptr, n_blocks, LENGTH, INNER, NBLOCKS,
                         BS: tl.constexpr, BS_POW2: tl.constexpr, CONTIGUOUS: tl.constexpr,
                         ELEM: tl.constexpr, EMAX: tl.constexpr, LOG2_IMPLICIT: tl.constexpr,
-                        IN_BF16: tl.constexpr, G: tl.constexpr):
+                        IN_BF16: tl.constexpr, NATIVE: tl.constexpr, G: tl.constexpr):
     # One row per block of BS elements along the axis; blocks are numbered in (outer, block, inner) order,
     # which is exactly the flat order of the scale tensor.
     g = tl.program_id(0) * G + tl.arange(0, G)
@@ -88,7 +90,7 @@ def _mx_quantize_kernel(x_ptr, e_ptr, exp_ptr, n_blocks, LENGTH, INNER, NBLOCKS,
     s1 = pow2(-p1)[:, None]
     s2 = pow2(p1 - p)[:, None]
     v = numpy_nan((x * s1) * s2, x, s1)
-    code = encode_mx_element(v, ELEM)
+    code = encode_mx_element(v, ELEM, NATIVE)
     if ELEM == 2:
         tl.store(e_ptr + addr, code.to(tl.int8), mask=mask)
     else:
@@ -99,18 +101,15 @@ def _mx_quantize_kernel(x_ptr, e_ptr, exp_ptr, n_blocks, LENGTH, INNER, NBLOCKS,
 @triton.jit
 def _mx_dequantize_kernel(e_ptr, exp_ptr, out_ptr, n, LENGTH, INNER, NBLOCKS, BS,
                           ELEM: tl.constexpr, LOG2_IMPLICIT: tl.constexpr, OUT_BF16: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          MODE: tl.constexpr, NATIVE: tl.constexpr, BLOCK: tl.constexpr):
     off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = off < n
     b = tl.load(e_ptr + off, mask=mask, other=0).to(tl.int32)
-    e = tl.load(exp_ptr + scale_index(off, LENGTH, INNER, NBLOCKS, BS, 2), mask=mask, other=127).to(tl.int32)
-    d = decode_element(b, ELEM)
+    e = tl.load(exp_ptr + scale_index(off, LENGTH, INNER, NBLOCKS, BS, MODE), mask=mask, other=127).to(tl.int32)
+    d = decode_element(b, ELEM, NATIVE)
     s1, s2 = e8m0_factors(e, LOG2_IMPLICIT)
     v = numpy_nan((d * s1) * s2, d, s2)
-    if OUT_BF16:
-        tl.store(out_ptr + off, f32_to_bf16_bits(v), mask=mask)
-    else:
-        tl.store(out_ptr + off, v, mask=mask)
+    store_f32_or_bf16(out_ptr, off, v, mask, OUT_BF16, NATIVE)
 
 
 def _element_spec(fmt):
@@ -147,7 +146,7 @@ def mx_quantize(x, fmt, axis=-1, block_size=32):
         _mx_quantize_kernel[(triton.cdiv(n_blocks, g),)](
             bf16_bits(xt), elements, exps, n_blocks, lay.length, lay.inner, lay.nblocks,
             BS=lay.block, BS_POW2=bs_pow2, CONTIGUOUS=lay.inner == 1 and lay.length % lay.block == 0,
-            ELEM=elem, EMAX=f.emax, LOG2_IMPLICIT=log2_implicit, IN_BF16=in_bf16, G=g,
+            ELEM=elem, EMAX=f.emax, LOG2_IMPLICIT=log2_implicit, IN_BF16=in_bf16, NATIVE=not interpreting(), G=g,
         )
     if numpy_in:
         return to_numpy(elements, f.element_dtype), to_numpy(exps, np.uint8)
@@ -176,6 +175,8 @@ def mx_dequantize(elements, exps, fmt, axis=-1, block_size=32, dtype=np.float32)
         _mx_dequantize_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](
             et.view(torch.int8) if elem == 2 else et.view(torch.uint8), xt, bf16_bits(out), n,
             lay.length, lay.inner, lay.nblocks, lay.block,
-            ELEM=elem, LOG2_IMPLICIT=log2_implicit, OUT_BF16=out_dtype == torch.bfloat16, BLOCK=DEQUANT_BLOCK,
+            ELEM=elem, LOG2_IMPLICIT=log2_implicit, OUT_BF16=out_dtype == torch.bfloat16,
+            MODE=3 if lay.inner == 1 and lay.length % lay.block == 0 else 2, NATIVE=not interpreting(),
+            BLOCK=DEQUANT_BLOCK,
         )
     return to_numpy(out, dtype if not isinstance(dtype, torch.dtype) else np.float32) if numpy_in else out

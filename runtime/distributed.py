@@ -1,0 +1,412 @@
+"""Run a partition directory with one process per rank on torch.distributed (gloo on CPU, NCCL on GPUs).
+
+Each process (launched by torchrun) loads only its own ``rank{t}_stage{s}.onnx`` (global rank = s * tp + t),
+cuts it at its collectives with the in-process executor's segmentation (``runtime/executor.py``), runs the
+segments in ONNX Runtime and performs the manifest's ``com.microsoft`` AllReduce / AllGather over the stage's
+tensor-parallel process group.  Values crossing pipeline stages go point to point from tp rank t of one stage
+to tp rank t of a later stage; microbatches flow through the stages as soon as they arrive (forward-only
+1F1B: every stage works on microbatch i while the next stage works on i - 1).  ``decode_steps`` continues a
+decoder greedily: each stage keeps its own KV cache (its ``present.*`` become its next ``past_key_values.*``
+without leaving the process) and rank 0 broadcasts the next token.  Rank 0 assembles the unsharded outputs.
+
+Every collective and receive is bounded by ``timeout`` (the process group's timeout); a rank that dies makes
+the others fail in their next collective, and ``launch`` turns that into one error naming the rank and cause.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from maia_onnx.errors import MaiaOnnxError, UserError
+
+# numpy dtypes that travel as themselves; anything else (bf16, fp8) travels as raw bytes
+_WIRE_DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_, np.int16]
+_MAX_DIMS = 8
+FAULT_ENV = "MAIA_ONNX_FAULT"  # test hook: "rank=R,at=STEP" makes rank R kill itself before step STEP
+
+
+class DistributedRunError(MaiaOnnxError):
+    """A multi-process run failed (a rank died, timed out or raised)."""
+
+    exit_code = 3
+
+
+@dataclass
+class RankTiming:
+    """Wall-clock accounting of one rank (seconds, bytes)."""
+
+    rank: int
+    tp_rank: int
+    stage: int
+    compute_s: float = 0.0
+    collective_s: float = 0.0
+    collective_bytes: int = 0
+    collectives: int = 0
+    send_s: float = 0.0
+    p2p_bytes: int = 0
+    wait_s: float = 0.0  # blocked receiving from an earlier stage: the pipeline bubble
+    total_s: float = 0.0
+    per_collective: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "per_collective"}
+
+
+# ------------------------------------------------------------------------------------------ wire
+def _header(arr: np.ndarray):
+    import torch
+
+    if arr.ndim > _MAX_DIMS:
+        raise UserError(f"tensor of rank {arr.ndim} crosses a pipeline stage; at most {_MAX_DIMS} dims are supported")
+    code = next((i for i, d in enumerate(_WIRE_DTYPES) if arr.dtype == np.dtype(d)), -1)
+    head = [arr.ndim, code, arr.dtype.itemsize] + list(arr.shape) + [0] * (_MAX_DIMS - arr.ndim)
+    return torch.tensor(head, dtype=torch.int64)
+
+
+def _send_array(arr: np.ndarray, dst: int) -> int:
+    import torch
+    import torch.distributed as dist
+
+    arr = np.ascontiguousarray(arr)
+    dist.send(_header(arr), dst)
+    payload = arr if any(arr.dtype == np.dtype(d) for d in _WIRE_DTYPES) else arr.view(np.uint8)
+    if arr.size:
+        dist.send(torch.from_numpy(payload.reshape(-1)), dst)
+    return arr.nbytes
+
+
+def _recv_array(src: int, dtype_hint: np.dtype | None = None) -> np.ndarray:
+    import torch
+    import torch.distributed as dist
+
+    head = torch.empty(3 + _MAX_DIMS, dtype=torch.int64)
+    dist.recv(head, src)
+    ndim, code, itemsize = (int(v) for v in head[:3])
+    shape = tuple(int(v) for v in head[3 : 3 + ndim])
+    n = int(np.prod(shape, dtype=np.int64))
+    if code >= 0:
+        dtype = np.dtype(_WIRE_DTYPES[code])
+        out = np.empty(n, dtype=dtype)
+    else:
+        dtype = dtype_hint
+        out = np.empty(n * itemsize, dtype=np.uint8)
+    if n:
+        dist.recv(torch.from_numpy(out), src)
+    if code < 0:
+        if dtype is None:
+            raise DistributedRunError(f"received a tensor of an unknown {itemsize}-byte dtype from rank {src}")
+        out = out.view(dtype)
+    return out.reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------ runner
+class RankRunner:
+    """What one process does: its own rank/stage model, its collectives, its pipeline sends and receives."""
+
+    def __init__(self, directory: str | os.PathLike, timeout: float = 300.0):
+        import torch.distributed as dist
+
+        from maia_onnx.partition import read_manifest
+        from maia_onnx.runtime.executor import build_program
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        m = self.manifest
+        if not dist.is_initialized():
+            backend = os.environ.get("MAIA_ONNX_DIST_BACKEND", "gloo")
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        if self.world != m.tp * m.pp:
+            raise UserError(
+                f"{self.world} processes for a partition of tp={m.tp} x pp={m.pp}: launch exactly {m.tp * m.pp} "
+                f"(--nproc-per-node x --nnodes)"
+            )
+        self.tp, self.pp = m.tp, m.pp
+        self.tp_rank, self.stage = self.rank % self.tp, self.rank // self.tp
+        # every process must create every group, in the same order
+        self.tp_groups = [dist.new_group([s * self.tp + t for t in range(self.tp)]) for s in range(self.pp)]
+        self.group = self.tp_groups[self.stage]
+        entry = m.rank_entry(self.tp_rank, self.stage)
+        self.program = build_program(self.directory / entry["file"], self.tp_rank, self.stage)
+        self.timing = RankTiming(self.rank, self.tp_rank, self.stage)
+        # which stage produces each cross-stage value, and which later stages read it
+        self.producer: dict[str, int] = {}
+        for st in m.stages:
+            for name in st["outputs"]:
+                self.producer.setdefault(name, st["stage"])
+        self.readers: dict[str, list[int]] = {}
+        for st in m.stages:
+            for name in st["inputs"]:
+                if name in self.producer and self.producer[name] < st["stage"]:
+                    self.readers.setdefault(name, []).append(st["stage"])
+        self.source_inputs = set(m.source_input_names())
+
+    # -- helpers
+    def _global(self, tp_rank: int, stage: int) -> int:
+        return stage * self.tp + tp_rank
+
+    def _shard(self, name: str, value: np.ndarray) -> np.ndarray:
+        spec = self.manifest.inputs.get(name, {"sharding": "replicated"})
+        if spec.get("sharding") == "split":
+            axis = spec["axis"]
+            if value.shape[axis] % self.tp:
+                raise UserError(f"input {name!r} has size {value.shape[axis]} on axis {axis}, not divisible by tp={self.tp}")
+            return np.split(value, self.tp, axis=axis)[self.tp_rank]
+        return value
+
+    def _collective(self, coll, value: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        if coll.op == "AllReduce":
+            acc_dtype = value.dtype if value.dtype in (np.float32, np.float64) or value.dtype.kind in "iu" else np.float32
+            tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=acc_dtype).copy())
+            dist.all_reduce(tensor, group=self.group)
+            out = tensor.numpy().astype(value.dtype, copy=False)
+        else:
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            parts = [torch.empty_like(tensor) for _ in range(self.tp)]
+            dist.all_gather(parts, tensor, group=self.group)
+            out = np.concatenate([p.numpy() for p in parts], axis=coll.axis)
+        dt = time.perf_counter() - t0
+        self.timing.collective_s += dt
+        self.timing.collective_bytes += int(value.nbytes)
+        self.timing.collectives += 1
+        self.timing.per_collective.append({"op": coll.op, "name": coll.name, "bytes": int(value.nbytes), "s": dt})
+        return out
+
+    def _run_stage(self, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This rank's stage model on one microbatch: segments in ORT, collectives over the tp group."""
+        from maia_onnx.ortutil import session_options
+        from maia_onnx.runtime.executor import _segment_session
+
+        prog = self.program
+        for p in range(prog.phases):
+            seg = prog.segments.get(p)
+            if seg is not None and seg.nodes:
+                t0 = time.perf_counter()
+                if seg.session is None:
+                    seg.session = _segment_session(prog, seg, env, session_options)
+                env.update(zip(seg.outputs, seg.session.run(seg.outputs, {k: env[k] for k in seg.inputs})))
+                self.timing.compute_s += time.perf_counter() - t0
+            for coll in prog.collectives.get(p, []):
+                env[coll.output] = self._collective(coll, env[coll.input])
+        return {name: env[name] for name in prog.graph_outputs}
+
+    def forward(self, feeds: Mapping[str, np.ndarray] | None, microbatches: int = 1,
+                cache: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """One pipelined forward. ``feeds``: full source inputs (read where needed). Returns this rank's stage
+        outputs concatenated over microbatches."""
+        import torch.distributed as dist
+
+        m = self.manifest
+        axis = m.data.get("microbatch", {}).get("axis", 0)
+        chunks = self._split(feeds or {}, microbatches, axis)
+        results: list[dict[str, np.ndarray]] = []
+        for mb in range(microbatches):
+            env: dict[str, np.ndarray] = {}
+            for name in self.program.graph_inputs:
+                if cache is not None and name in cache:
+                    env[name] = cache[name][mb] if isinstance(cache[name], list) else cache[name]
+                elif name in self.producer and self.producer[name] < self.stage:
+                    t0 = time.perf_counter()
+                    env[name] = _recv_array(self._global(self.tp_rank, self.producer[name]))
+                    self.timing.wait_s += time.perf_counter() - t0
+                elif name in self.source_inputs:
+                    if name not in chunks[mb]:
+                        raise UserError(f"missing input {name!r} for stage {self.stage}: pass it in the inputs (.npz)")
+                    env[name] = self._shard(name, chunks[mb][name])
+                else:
+                    raise DistributedRunError(f"rank {self.rank}: no source for input {name!r} of stage {self.stage}")
+            out = self._run_stage(env)
+            t0 = time.perf_counter()
+            for name, value in out.items():
+                for reader in sorted(set(self.readers.get(name, []))):
+                    self.timing.p2p_bytes += _send_array(value, self._global(self.tp_rank, reader))
+            self.timing.send_s += time.perf_counter() - t0
+            results.append(out)
+        del dist
+        if microbatches == 1:
+            return results[0]
+        return {k: np.concatenate([r[k] for r in results], axis=axis) for k in results[0]}
+
+    @staticmethod
+    def _split(feeds: Mapping[str, np.ndarray], microbatches: int, axis: int) -> list[dict[str, np.ndarray]]:
+        if microbatches <= 1:
+            return [dict(feeds)]
+        return [{k: np.array_split(np.asarray(v), microbatches, axis=axis)[i] for k, v in feeds.items()}
+                for i in range(microbatches)]
+
+    def gather_outputs(self, local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Assemble the unsharded source outputs on rank 0 (None elsewhere)."""
+        import torch.distributed as dist
+
+        m = self.manifest
+        outputs: dict[str, np.ndarray] = {}
+        for name in m.source_output_names():
+            spec = m.outputs.get(name, {"sharding": "replicated"})
+            stage = spec.get("stage", self.pp - 1)
+            senders = list(range(self.tp)) if spec.get("sharding") == "split" else [0]
+            parts = []
+            for t in senders:
+                src = self._global(t, stage)
+                if self.rank == src and self.rank != 0:
+                    self.timing.p2p_bytes += _send_array(local[name], 0)
+                elif self.rank == 0:
+                    parts.append(local[name] if src == 0 else _recv_array(src))
+            if self.rank == 0:
+                outputs[name] = np.concatenate(parts, axis=spec["axis"]) if len(parts) > 1 else parts[0]
+        dist.barrier()
+        return outputs if self.rank == 0 else None
+
+    def broadcast_token(self, token: np.ndarray | None) -> np.ndarray:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.from_numpy(np.ascontiguousarray(token)) if self.rank == 0 else None
+        shape = torch.tensor(list(token.shape) if self.rank == 0 else [0, 0], dtype=torch.int64)
+        dist.broadcast(shape, 0)
+        if t is None:
+            t = torch.empty(tuple(int(v) for v in shape), dtype=torch.int64)
+        dist.broadcast(t, 0)
+        return t.numpy()
+
+    def gather_timings(self) -> list[dict[str, Any]] | None:
+        import torch.distributed as dist
+
+        rows = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(self.timing.__dict__, rows, dst=0)
+        return rows
+
+
+def _maybe_fault(rank: int, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    opts = dict(kv.split("=", 1) for kv in spec.split(","))
+    if int(opts.get("rank", -1)) == rank and int(opts.get("at", 0)) == step:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_worker(directory: str | os.PathLike, inputs: Mapping[str, np.ndarray] | None, microbatches: int = 1,
+               decode_steps: int = 0, timeout: float = 300.0) -> tuple[dict[str, np.ndarray] | None, list | None]:
+    """Body of one process: prefill (+ greedy decode steps). Rank 0 returns (outputs, timings); others (None, None).
+
+    Outputs: the last step's source outputs under their names, every step's under ``step{k}.{name}``, and the
+    generated tokens as ``tokens`` when decoding.
+    """
+    import torch.distributed as dist
+
+    runner = RankRunner(directory, timeout=timeout)
+    t_start = time.perf_counter()
+    collected: dict[str, np.ndarray] = {}
+    tokens = []
+    feeds = dict(inputs or {})
+    cache: dict[str, np.ndarray] | None = None
+    try:
+        for step in range(decode_steps + 1):
+            _maybe_fault(runner.rank, step)
+            local = runner.forward(feeds, microbatches if step == 0 else 1, cache)
+            outs = runner.gather_outputs(local)
+            # each stage keeps its own KV cache: present.X -> past_key_values.X without leaving the process
+            cache = {"past_key_values." + k[len("present."):]: v for k, v in local.items() if k.startswith("present.")}
+            if runner.rank == 0:
+                for k, v in outs.items():
+                    collected[f"step{step}.{k}"] = v
+                    collected[k] = v
+            if step < decode_steps:
+                token = None
+                if runner.rank == 0:
+                    if "logits" not in outs:
+                        raise UserError("--decode-steps needs a decoder with a 'logits' output and past_key_values inputs")
+                    token = np.argmax(outs["logits"][:, -1, :], axis=-1).astype(np.int64)[:, None]
+                    tokens.append(token)
+                token = runner.broadcast_token(token)
+                feeds = {"input_ids": token}
+        runner.timing.total_s = time.perf_counter() - t_start
+        timings = runner.gather_timings()
+        if runner.rank == 0 and tokens:
+            collected["tokens"] = np.concatenate(tokens, axis=1)
+        return (collected, timings) if runner.rank == 0 else (None, None)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------ launcher
+def launch(directory: str | os.PathLike, inputs_path: str | os.PathLike, save_outputs: str | os.PathLike | None = None,
+           nproc_per_node: int | None = None, nnodes: str = "1", rdzv_endpoint: str | None = None,
+           microbatches: int = 1, decode_steps: int = 0, timeout: float = 300.0, report_path: str | os.PathLike | None = None,
+           extra_env: Mapping[str, str] | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Start ``torchrun -m maia_onnx.runtime.worker DIR ...`` and wait; raise DistributedRunError naming the
+    failing rank and its cause if any rank fails or the whole run exceeds ``timeout`` (plus start-up slack).
+
+    Returns the JSON report written by rank 0 (per-rank timings, output names).
+    """
+    import json
+    import tempfile
+
+    from maia_onnx.partition import read_manifest
+
+    manifest = read_manifest(directory)
+    world = manifest.tp * manifest.pp
+    nproc = nproc_per_node or world
+    with tempfile.TemporaryDirectory(prefix="maia-dist-") as tmp:
+        report = Path(report_path) if report_path else Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+        if rdzv_endpoint:
+            cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        else:
+            cmd += ["--standalone"]
+        cmd += ["-m", "maia_onnx.runtime.worker", str(directory), "--inputs", str(inputs_path),
+                "--microbatches", str(microbatches), "--decode-steps", str(decode_steps), "--timeout", str(timeout),
+                "--report", str(report)]
+        if save_outputs:
+            cmd += ["--save-outputs", str(save_outputs)]
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.update(extra_env or {})
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout + 60)
+        except subprocess.TimeoutExpired as exc:
+            raise DistributedRunError(f"torchrun run of {directory} did not finish within {timeout + 60:.0f} s; "
+                                      f"raise --timeout or check the ranks") from exc
+        if proc.returncode != 0:
+            raise DistributedRunError(_failure_message(proc.stdout + proc.stderr, proc.returncode, directory))
+        if not quiet:
+            sys.stderr.write(proc.stderr)
+        return json.loads(report.read_text()) if report.exists() else {}
+
+
+def _failure_message(log: str, returncode: int, directory) -> str:
+    """One line naming the failing rank and the cause, from the workers' and torchrun's output."""
+    import re
+
+    worker = [line for line in log.splitlines() if line.startswith("maia-onnx worker rank")]
+    died = re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", log)
+    signal_died = [(r, c) for r, c in died if int(c) < 0]
+    if signal_died:
+        rank, code = signal_died[0]
+        cause = f"rank {rank} died (signal {-int(code)})"
+    elif worker:
+        cause = worker[0][len("maia-onnx worker "):]
+    elif died:
+        rank, code = died[0]
+        cause = f"rank {rank} exited with code {code}"
+    else:
+        tail = [line for line in log.splitlines() if line.strip()][-1:] or ["no output"]
+        cause = f"torchrun exited with code {returncode}: {tail[0]}"
+    return f"distributed run of {directory} failed: {cause}"

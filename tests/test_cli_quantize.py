@@ -1,0 +1,115 @@
+"""`maia-onnx quantize`: outputs, --report / --json, calibration files, and one-line user errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from maia_onnx.cli import main
+from maia_onnx.io import load_model, save_model, sha256_file
+from maia_onnx.ortutil import run_model
+
+TEXT = """
+<ir_version: 10, opset_import: ["" : 21]>
+g (float[batch, 16] x) => (float[batch, 10] logits) {
+   h = MatMul(x, W1)
+   r = Relu(h)
+   logits = Gemm <transB = 1> (r, W2, b)
+}
+"""
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    rng = np.random.default_rng(0)
+    proto = onnx.parser.parse_model(TEXT)
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "W1"),
+        onnx.numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32) * 0.2, "W2"),
+        onnx.numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b"),
+    ])
+    path = tmp_path / "mlp.onnx"
+    save_model(ir.serde.deserialize_model(proto), path)
+    return path
+
+
+def test_quantize_fp8_with_npz_calibration_and_report(tmp_path, model_path, capsys):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "calib.npz", x=rng.standard_normal((20, 16)).astype(np.float32))
+    before = sha256_file(model_path)
+    out, report = tmp_path / "q.onnx", tmp_path / "report.json"
+    rc = main(["quantize", str(model_path), "-o", str(out), "--calib", str(tmp_path / "calib.npz"), "--method", "percentile",
+               "--batch-size", "4", "--report", str(report)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert sha256_file(model_path) == before
+    assert "per-layer accuracy" in captured.out and "end-to-end accuracy" in captured.out and "wrote" in captured.out
+    data = json.loads(report.read_text())
+    assert data["format"] == "fp8-e4m3" and data["calibration"]["method"] == "percentile"
+    assert data["calibration"]["samples"] == 16  # 4 of 20 samples held out for the report
+    assert data["accuracy"]["outputs"]["logits"]["cosine"] > 0.995
+    assert {row["op"] for row in data["accuracy"]["layers"]} == {"MatMul", "Gemm"}
+    model = load_model(out)
+    assert sum(v.const_value.dtype == ir.DataType.FLOAT8E4M3FN and v.const_value.size > 1
+               for v in model.graph.initializers.values()) == 2
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    ref, got = run_model(model_path, {"x": x})["logits"], run_model(out, {"x": x})["logits"]
+    assert np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.995
+
+
+@pytest.mark.parametrize("fmt", ["fp8-e5m2", "bf16"])
+def test_json_output_for_other_formats(tmp_path, model_path, capsys, fmt):
+    out = tmp_path / "q.onnx"
+    rc = main(["quantize", str(model_path), "-o", str(out), "--format", fmt, "--json", "--samples", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    data = json.loads(captured.out)
+    assert data["format"] == fmt and data["sizes"]["output_bytes"] == out.stat().st_size
+    assert data["accuracy"]["summary"]["min_output_cosine"] > (0.99 if fmt == "fp8-e5m2" else 0.9999)
+
+
+def test_weights_only_block_granularity_needs_no_calibration(tmp_path, model_path, capsys):
+    out = tmp_path / "q.onnx"
+    rc = main(["quantize", str(model_path), "-o", str(out), "--weights-only", "--granularity", "block", "--block-size", "16",
+               "--no-eval", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    data = json.loads(captured.out)
+    assert "calibration" not in data and data["activation_scales"] == {}
+    dq = [n for n in load_model(out).graph if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 and all(n.attributes["block_size"].value == 16 for n in dq)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "fp9"], "Invalid value for '--format'"),
+    (["--calib", "missing.npz"], "not found"),
+    (["--granularity", "block"], "--block-size"),
+    (["--method", "percentile", "--percentile", "150"], "--percentile"),
+])
+def test_user_errors_are_one_line(tmp_path, model_path, capsys, args, message):
+    out = tmp_path / "q.onnx"
+    rc = main(["quantize", str(model_path), "-o", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_refuses_to_overwrite_input_and_missing_model(tmp_path, model_path, capsys):
+    assert main(["quantize", str(model_path), "-o", str(model_path)]) == 2
+    assert "is the input path" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "q.onnx")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_unavailable_feature_says_so_before_any_work(tmp_path, model_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "maia_onnx.passes.kv_cache_fp8", None)  # simulate a build without it
+    rc = main(["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--kv-cache", "fp8-e4m3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not available" in err and "calibrating" not in err
