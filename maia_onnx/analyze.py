@@ -426,7 +426,8 @@ def graph_costs(proto: onnx.ModelProto, types: dict[str, tuple[int, tuple[int, .
             if compute_dtype and dtype in ("fp32", "fp16", "bf16", "fp64"):
                 dtype = compute_dtype
         cost = OpCost(name, node.op_type, kind, flops=flops, weight_bytes=weight_bytes,
-                      act_bytes=act_in + act_out, compute_dtype=dtype, param_bytes=param_bytes)
+                      act_bytes=act_in + act_out, compute_dtype=dtype, param_bytes=param_bytes,
+                      out_shape=tuple(shapes.get(node.output[0], ())) if node.output else ())
         if kind == "matmul":
             cost.sharded = True
             if weight_inits:
@@ -490,6 +491,15 @@ def model_structure(proto: onnx.ModelProto, types: dict) -> dict:
     return info
 
 
+def _mark_megatron_sharding(ops: list[OpCost], hidden: int) -> None:
+    """Transformer TP: everything between a column- and a row-parallel matmul is split across ranks
+    (head-shaped attention tensors, intermediate-size MLP activations, vocab-parallel logits); only
+    residual-stream ops ([..., hidden]: norms, residual adds) are replicated."""
+    for op in ops:
+        if op.kind in ("vector", "data") and op.out_shape:
+            op.sharded = not (len(op.out_shape) <= 3 and op.out_shape[-1] == hidden)
+
+
 def _io_dtype_bytes(proto, types, names: Iterable[str], default: float) -> float:
     for n in names:
         if n in types:
@@ -505,6 +515,8 @@ def build_workload(proto: onnx.ModelProto, phase: str, batch: int, seq: int, pas
     ops = graph_costs(proto, types, compute_dtype)
     info = model_structure(proto, types)
     past_names = [p.name for p in _past_inputs(proto)]
+    if info["layers"] and info["hidden"]:
+        _mark_megatron_sharding(ops, info["hidden"])
     float_outputs = [o.name for o in proto.graph.output
                      if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)]
     weights = sum(_nbytes(t.data_type, t.dims) for t in proto.graph.initializer)
@@ -849,7 +861,8 @@ def plot_breakdown(report: dict, out_path: str | Path) -> Path:
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
     device = report["device"]["name"]
-    fig.suptitle(f"{Path(report['model']).name} on {device}: time per forward vs TP (hatched: does not fit / invalid)",
+    shown = "/".join(Path(report["model"]).parts[-2:])
+    fig.suptitle(f"{shown} on {device}: time per forward vs TP (hatched: does not fit / invalid)",
                  fontsize=10)
     fig.tight_layout()
     out_path = Path(out_path)

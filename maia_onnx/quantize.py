@@ -213,7 +213,8 @@ def quantize_model(
                     stacklevel=2,
                 )
             base = make_source(calib, num_samples, batch_size, seed, dims)
-            calib_source, eval_source = split_holdout(base, eval_samples)
+            # hold samples out for the accuracy report only when there is one
+            calib_source, eval_source = split_holdout(base, eval_samples) if evaluate else (base, None)
             t0 = time.perf_counter()
             scales_found, _stats = calibrate(
                 reference, to_calibrate, calib_source, method, fp8, percentile, show_progress=show_progress

@@ -74,9 +74,9 @@ def layer_name(node: ir.Node, weight: ir.Value | None = None) -> str:
             return _strip_param(params[0])
         if weight.name and not re.match(r"_?val_\d+", weight.name) and ".weight" in weight.name:
             return _strip_param(weight.name)
-    scopes = [s for s in _literal_list(node.metadata_props.get("pkg.torch.onnx.name_scopes")) if s]
-    # name_scopes ends with the aten op ("linear"); the module path is the deepest dotted-or-module entry
-    modules = [s for s in scopes if s not in ("linear", "conv2d", "conv1d", "matmul", "addmm", "mm", "bmm")]
+    # name_scopes = module path entries, then the op's own fx name ("linear_3"): drop that last one
+    scopes = _literal_list(node.metadata_props.get("pkg.torch.onnx.name_scopes"))[:-1]
+    modules = [s for s in scopes if s]
     if modules:
         return modules[-1]
     if weight is not None and weight.name:

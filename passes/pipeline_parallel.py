@@ -715,6 +715,25 @@ def _replicated_tensors(stage_models: Sequence[ir.Model]) -> dict[str, dict[str,
     return tensors
 
 
+def _shape_probe_clone(model: ir.Model) -> ir.Model:
+    """A clone for whole-model shape inference that never materialises lazy weights.
+
+    Shape inference serialises the graph; lazily computed weights (e.g. rebuilt from shards by reshard)
+    would all be evaluated into one protobuf. Above the size where the TP shape probe skips its ORT run
+    (which needs real weights), large non-file tensors become external references to nothing.
+    """
+    from maia_onnx.io import initializer_bytes
+
+    clone = model.clone()
+    if initializer_bytes(model) < 512 * 1024 * 1024:
+        return clone
+    for name, value in clone.graph.initializers.items():
+        t = value.const_value
+        if t is not None and t.nbytes > 1024 and not isinstance(t, ir.ExternalTensor):
+            value.const_value = ir.ExternalTensor("__maia_shape_probe__", 0, t.nbytes, t.dtype, shape=t.shape, name=name)
+    return clone
+
+
 def partition_model(
     model: ir.Model,
     out_dir,
@@ -748,7 +767,7 @@ def partition_model(
         from maia_onnx.passes import tensor_parallel
 
         tp_fn = tensor_parallel.split_model
-        full_shapes = tensor_parallel.infer_full_shapes(model.clone())
+        full_shapes = tensor_parallel.infer_full_shapes(_shape_probe_clone(model))
     plan, stages = split_pipeline(model, pp, balance)
     manifest = part.new_manifest(tp, pp, source_io, source_path, source_hash)
     manifest["stages"] = [{"stage": st.index, "inputs": st.inputs, "outputs": st.outputs} for st in stages]

@@ -77,7 +77,14 @@ class _ShardReader:
                 f"weight {name!r} of tp rank {tp_rank} is in no shard file of {self.manifest.directory}: the partition is "
                 "incomplete or mismatched with its manifest; re-run partition"
             )
-        return self.model(*holders[0]).graph.initializers[name].const_value.numpy()
+        tensor = self.model(*holders[0]).graph.initializers[name].const_value
+        # A private copy, then drop the memory map: mapped pages would otherwise stay resident for every
+        # tensor read so far and the whole partition would end up in this process's RSS.
+        array = np.array(tensor.numpy(), copy=True)
+        release = getattr(tensor, "release", None)
+        if callable(release):
+            release()
+        return array
 
 
 def _ranges(spec_range) -> list[tuple[int, int]]:

@@ -88,16 +88,38 @@ def annotate_model(model: ir.Model, tp: int = 1, pp: int = 1, balance: str = "fl
     return ShardingAnnotationsPass(tp, pp, balance, **kwargs)(model).model
 
 
+def annotate_file(model_path, output, tp: int = 1, pp: int = 1, balance: str = "flops", external_data: bool | None = None) -> dict[str, Any]:
+    """``partition --annotate-only``: load, annotate, save to ``output`` atomically; returns a small report."""
+    from maia_onnx.io import check_output_path, load_model, save_model
+
+    check_output_path(output, model_path)
+    model = load_model(model_path)
+    p = ShardingAnnotationsPass(tp, pp, balance)
+    p(model)
+    save_model(model, output, external_data=external_data)
+    found = read_annotations(model)
+    return {
+        "output": str(output),
+        "configuration": p.name,
+        "num_devices": tp * pp,
+        "annotated_nodes": len(found["stage_of"]),
+        "sharded_nodes": len(found["shards"]),
+        "stage_loads": p.plan.loads if p.plan else [],
+        "imbalance_pct": round(p.plan.imbalance_pct, 3) if p.plan else 0.0,
+    }
+
+
 def read_annotations(model: ir.Model) -> dict[str, Any]:
-    """What the annotations say: ``{config, num_devices, stage_of: {node: stage}, shards: {node: [(value, axis, n, devices)]}}``."""
+    """What the annotations say: ``{configs, stage_of: {node: stage}, shards: {node: [(value, [(axis, [shards])], devices)]}}``."""
     configs = list(model.device_configurations)
     out: dict[str, Any] = {"configs": [c.name for c in configs], "stage_of": {}, "shards": {}}
-    for node in model.graph:
+    for i, node in enumerate(model.graph):
+        key = node.name or f"#{i}"  # unnamed nodes by their position
         for ndc in node.device_configurations:
             if ndc.pipeline_stage is not None:
-                out["stage_of"][node.name] = ndc.pipeline_stage
+                out["stage_of"][key] = ndc.pipeline_stage
             for spec in ndc.sharding_specs:
-                out["shards"].setdefault(node.name, []).append(
+                out["shards"].setdefault(key, []).append(
                     (spec.value.name if spec.value is not None else None,
                      [(d.axis, [s.num_shards for s in d.simple_shardings]) for d in spec.sharded_dims],
                      list(spec.device))
@@ -105,4 +127,4 @@ def read_annotations(model: ir.Model) -> dict[str, Any]:
     return out
 
 
-__all__ = ["ShardingAnnotationsPass", "annotate_model", "read_annotations", "tp_tensor_layout"]
+__all__ = ["ShardingAnnotationsPass", "annotate_file", "annotate_model", "read_annotations", "tp_tensor_layout"]

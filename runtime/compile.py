@@ -369,7 +369,8 @@ def compile_model(
         graph.insert_after(members[-1], ctx)
         graph.remove(members, safe=False)
     graph.sort()
-    model.opset_imports.setdefault("com.microsoft", 1)
+    if partitions:
+        model.opset_imports.setdefault("com.microsoft", 1)
     used = {id(v) for node in graph for v in node.inputs if v is not None} | {id(v) for v in graph.outputs}
     for name in [n for n, v in graph.initializers.items() if id(v) not in used and v not in graph.inputs]:
         del graph.initializers[name]

@@ -31,7 +31,7 @@ from maia_onnx.errors import MaiaOnnxError, UserError
 # numpy dtypes that travel as themselves; anything else (bf16, fp8) travels as raw bytes
 _WIRE_DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_, np.int16]
 _MAX_DIMS = 8
-FAULT_ENV = "MAIA_ONNX_FAULT"  # test hook: "rank=R,at=STEP" makes rank R kill itself before step STEP
+FAULT_ENV = "MAIA_ONNX_FAULT"  # test hook: "rank=R,at=STEP[,mode=hang]" kills (or hangs) rank R before step STEP
 
 
 class DistributedRunError(MaiaOnnxError):
@@ -296,6 +296,8 @@ def _maybe_fault(rank: int, step: int) -> None:
         return
     opts = dict(kv.split("=", 1) for kv in spec.split(","))
     if int(opts.get("rank", -1)) == rank and int(opts.get("at", 0)) == step:
+        if opts.get("mode", "kill") == "hang":
+            time.sleep(3600)  # a stuck rank: the others must time out in their next collective
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -392,21 +394,30 @@ def launch(directory: str | os.PathLike, inputs_path: str | os.PathLike, save_ou
 
 
 def _failure_message(log: str, returncode: int, directory) -> str:
-    """One line naming the failing rank and the cause, from the workers' and torchrun's output."""
+    """One line naming the failing rank and the cause, from torchrun's root-cause report and the workers' lines."""
     import re
 
-    worker = [line for line in log.splitlines() if line.startswith("maia-onnx worker rank")]
-    died = re.findall(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", log)
-    signal_died = [(r, c) for r, c in died if int(c) < 0]
-    if signal_died:
-        rank, code = signal_died[0]
-        cause = f"rank {rank} died (signal {-int(code)})"
-    elif worker:
-        cause = worker[0][len("maia-onnx worker "):]
-    elif died:
-        rank, code = died[0]
-        cause = f"rank {rank} exited with code {code}"
+    worker_lines = {}
+    for line in log.splitlines():
+        m = re.match(r"maia-onnx worker rank (\d+): (.*)", line)
+        if m:
+            worker_lines.setdefault(m.group(1), m.group(2))
+    root = log.split("Root Cause", 1)[1] if "Root Cause" in log else log
+    found = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", root)
+    if found and int(found.group(2)) < 0:
+        rank, code = found.group(1), int(found.group(2))
+        cause = f"rank {rank} died (signal {-code})"
+    elif found and found.group(1) in worker_lines:
+        rank = found.group(1)
+        cause = f"rank {rank}: {worker_lines[rank]}"
+    elif worker_lines:
+        rank, line = next(iter(worker_lines.items()))
+        cause = f"rank {rank}: {line}"
+    elif found:
+        cause = f"rank {found.group(1)} exited with code {found.group(2)}"
     else:
         tail = [line for line in log.splitlines() if line.strip()][-1:] or ["no output"]
         cause = f"torchrun exited with code {returncode}: {tail[0]}"
+    if "timed out" in cause.lower() or "timeout" in cause.lower():
+        cause += " (a peer rank stopped answering; --timeout bounds every collective)"
     return f"distributed run of {directory} failed: {cause}"

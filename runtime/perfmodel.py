@@ -95,6 +95,7 @@ class OpCost:
     sharded: bool = False
     param_bytes: float = 0.0  # initializers this op owns (memory), stored dtype; each counted once
     tp_allreduce_bytes: float = 0.0  # generic TP: this op ends a column/row pair and all-reduces its output
+    out_shape: tuple = ()  # first output's shape at the analysed dims (used to tell residual-stream ops)
     collective: str | None = None  # AllReduce / AllGather nodes of partition ranks
     collective_bytes: float = 0.0
     group_size: int = 1
@@ -293,10 +294,19 @@ def sweep(
     microbatches: int | None = None,
     memory_limit: float | None = None,
 ) -> list[ConfigEstimate]:
-    return [
-        estimate_config(work, device, link, tp, pp, microbatches, memory_limit)
-        for link in links for tp in tps for pp in pps
-    ]
+    out = []
+    for link in links:
+        for tp in tps:
+            for pp in pps:
+                if microbatches or pp == 1:
+                    out.append(estimate_config(work, device, link, tp, pp, microbatches, memory_limit))
+                    continue
+                # no microbatch count given: take the best of a few (more hides the bubble, but each
+                # microbatch re-reads the stage's weights, which dominates memory-bound decode)
+                options = sorted({m for m in (1, pp, 2 * pp, 4 * pp) if m <= work.batch} or {1})
+                out.append(min((estimate_config(work, device, link, tp, pp, m, memory_limit) for m in options),
+                               key=lambda e: e.total_s))
+    return out
 
 
 def best_config(estimates: Iterable[ConfigEstimate]) -> ConfigEstimate | None:

@@ -68,9 +68,9 @@ class DeviceProfile:
     path: str = ""
 
     def compute_dtype(self, dtype: str) -> str:
-        """The precision the device actually runs a ``dtype`` matmul in (follows compute_dtype_map)."""
+        """The precision the device actually runs a ``dtype`` matmul in (compute_dtype_map first, then as is)."""
         seen = set()
-        while dtype not in self.peak_flops and dtype in self.compute_dtype_map and dtype not in seen:
+        while dtype in self.compute_dtype_map and dtype not in seen:
             seen.add(dtype)
             dtype = self.compute_dtype_map[dtype]
         return dtype

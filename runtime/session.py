@@ -181,7 +181,8 @@ class _ProgramSource:
         if ctx is None:
             raise ModelLoadError(f"EPContext node {node.name!r} has no ep_cache_context: recompile the model")
         if int(attrs.get("embed_mode", 1)) == 1:
-            return MaiaProgram.from_buffer(ctx if isinstance(ctx, bytes) else ctx.encode("latin-1"))
+            # onnx_ir hands back bytes, or str when the blob happened to be valid UTF-8
+            return MaiaProgram.from_buffer(ctx if isinstance(ctx, bytes) else ctx.encode("utf-8"))
         rel = ctx.decode() if isinstance(ctx, bytes) else ctx
         if self.model_dir is None:
             raise UserError(f"EPContext {name!r} uses a side file ({rel}) but the model came from memory: load it from its path")
@@ -396,7 +397,9 @@ def placement_report(model_path, device: str = "maia100", cpu_ops: Sequence[str]
                                    "flops": est["flops"], "bytes": est["bytes"], "est_time_us": est["est_time_s"] * 1e6,
                                    "arena_bytes": prog.header["plan"]["memory"]["arena_bytes"]})
         cpu_nodes = [n for n in model.graph if not _is_maia_context(n)]
-        return {"compiled": True, "partitions": partitions, "cpu_nodes": len(cpu_nodes),
+        devices = sorted({n.attributes["hardware_architecture"].value for n in model.graph
+                          if _is_maia_context(n) and "hardware_architecture" in n.attributes})
+        return {"compiled": True, "device": ",".join(devices), "partitions": partitions, "cpu_nodes": len(cpu_nodes),
                 "device_nodes": sum(p["nodes"] for p in partitions),
                 "est_device_time_s": sum(p["est_time_us"] for p in partitions) * 1e-6}
     placement = get_capability(model, device, excluded_ops=cpu_ops, dims=dims)

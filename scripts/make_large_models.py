@@ -17,9 +17,16 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)  # ru_maxrss is KiB on Linux
 
 
+def _progress(msg: str) -> None:
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / 2**30
+    print(f"[export] {msg} (rss {rss:.1f} GiB, peak {_peak_rss_gib():.1f} GiB)", file=sys.stderr, flush=True)
+
+
 def make_llama_large(out_dir: Path = DEFAULT_DIR, force: bool = False, check: bool = True) -> Path:
     """Write out_dir/model.onnx (+ model.onnx.data) atomically; skip when it already exists."""
-    from maia_onnx.export import export_builtin, stderr_progress
+    from maia_onnx.export import export_builtin
     from maia_onnx.io import atomic_dir
 
     model_path = out_dir / "model.onnx"
@@ -30,7 +37,7 @@ def make_llama_large(out_dir: Path = DEFAULT_DIR, force: bool = False, check: bo
     # the whole directory appears at once: readers never see a half-written model
     with atomic_dir(out_dir) as tmp:
         result = export_builtin(
-            "llama-tiny", tmp / "model.onnx", size="large", external_data=True, check=check, progress=stderr_progress,
+            "llama-tiny", tmp / "model.onnx", size="large", external_data=True, check=check, progress=_progress,
         )
     out_dir.chmod(0o755)  # the temp dir was created 0700; benchmarks of other users read it
     seconds = time.perf_counter() - start

@@ -246,3 +246,21 @@ def test_cli_json_table_plot_and_errors(tmp_path, llama_tiny_onnx, capsys):
     assert rc == 2 and err.startswith("error: unknown interconnect profile 'warp-drive'") and err.count("\n") == 1
     rc = main(["analyze", str(tmp_path / "missing.onnx")])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_real_fp8_quantized_llama_halves_bf16_matmul_weight_bytes(tmp_path, llama_tiny_onnx):
+    quantize = pytest.importorskip("maia_onnx.quantize")
+    paths = {}
+    for fmt in ("bf16", "fp8-e4m3"):
+        paths[fmt] = tmp_path / f"{fmt}.onnx"
+        quantize.quantize_model(llama_tiny_onnx, paths[fmt], format=fmt, show_progress=False)
+    mm_bytes = {}
+    for fmt, path in paths.items():
+        work = build_workload(load_proto(path), "prefill", 1, 8, 0)
+        mm_bytes[fmt] = sum(op.param_bytes for op in work.ops if op.op_type == "MatMul")
+    fp8 = onnx.load(str(paths["fp8-e4m3"]), load_external_data=False)
+    inits = {t.name for t in fp8.graph.initializer}
+    dq_inputs = {n.input[1] for n in fp8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+    scale_bytes = sum(4 * int(np.prod(t.dims)) for t in fp8.graph.initializer
+                      if t.name in dq_inputs and t.data_type == TensorProto.FLOAT)
+    assert mm_bytes["fp8-e4m3"] - scale_bytes == mm_bytes["bf16"] / 2

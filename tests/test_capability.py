@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -82,7 +83,7 @@ def test_fp8_precision_needs_a_device_format():
       wd = DequantizeLinear(wq, ws)
       y = MatMul(x, wd)
     }""", {"ws": np.array(0.5, np.float32)})
-    q = ir.Tensor(np.ones((8, 8), np.float32).astype(__import__("ml_dtypes").float8_e4m3fn), name="wq")
+    q = ir.Tensor(np.ones((8, 8), np.float32).astype(ml_dtypes.float8_e4m3fn), name="wq")
     model.graph.initializers["wq"] = ir.Value(name="wq", const_value=q, type=ir.TensorType(ir.DataType.FLOAT8E4M3FN), shape=ir.Shape([8, 8]))
     model.graph.node(0).replace_input_with(0, model.graph.initializers["wq"])
     placement = get_capability(model, "maia100")

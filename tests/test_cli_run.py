@@ -75,3 +75,17 @@ def test_user_errors_are_one_line(topk_model, tmp_path, capsys):
     assert not (tmp_path / "c.onnx").exists()
     assert main(["run", str(tmp_path)]) == 2
     assert "without manifest.json" in capsys.readouterr().err
+
+
+def test_run_dispatches_partition_directories(llama_tiny_onnx, tmp_path, capsys):
+    from maia_onnx.partition import partition_file
+
+    partition_file(llama_tiny_onnx, tmp_path / "tp2", tp=2)
+    assert main(["run", str(tmp_path / "tp2"), "--random", "--dims", "batch=1,seq=4,past=2",
+                 "--compare-to", str(llama_tiny_onnx), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "partition"
+    assert report["outputs"]["logits"]["shape"] == [1, 4, 256]
+    assert report["outputs"]["present.0.key"]["shape"] == [1, 2, 6, 16]
+    # tensor-parallel sums reorder float additions: close, not bitwise
+    assert all(c["cosine"] > 0.999999 and c["max_rel"] < 1e-5 for c in report["compare"].values())

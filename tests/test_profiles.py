@@ -81,3 +81,10 @@ def test_errors_are_one_line_user_errors(tmp_path):
         load_device(bad)
     with pytest.raises(UserError, match="is a 'interconnect' profile|expected a device"):
         load_device(load_interconnect("pcie5").path)
+
+
+def test_map_takes_precedence_over_a_listed_non_tensor_rate():
+    h = load_device("h100-sxm")
+    # fp32 is listed (66.9 TFLOP/s CUDA cores) but FP32 matmuls run on TF32 tensor cores
+    assert h.compute_dtype("fp32") == "tf32" and h.peak("fp32") == pytest.approx(494.7e12)
+    assert h.peak("fp8") == pytest.approx(1978.9e12)

@@ -41,7 +41,7 @@ def _dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--memory-limit", default=None, type=float, help="Memory per device in GB (default: device capacity).")
 @click.option("--tp", "tps", default="1,2,4,8", show_default=True, help="TP degrees to consider.")
 @click.option("--pp", "pps", default="1,2,4", show_default=True, help="PP degrees to consider.")
-@click.option("--microbatches", default=None, type=int, help="Pipeline microbatches (default: min(batch, 4*pp)).")
+@click.option("--microbatches", default=None, type=int, help="Pipeline microbatches (default: the fastest of 1, pp, 2pp, 4pp that the batch allows).")
 @click.option("--phase", type=click.Choice(["both", "prefill", "decode"]), default="both", show_default=True)
 @click.option("--dim", "dims", multiple=True, help="Bind a symbolic input dim: NAME=INT (repeatable).")
 @click.option("--compute-dtype", default=None, help="Precision float matmuls run in on the device (default: per device profile).")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Mapping
@@ -55,6 +54,19 @@ def run_model_file(model_path: str, feeds, providers, device: str, cpu_ops, repe
     return outputs, sess, (elapsed / (repeat - 1) if repeat > 1 else None)
 
 
+def _partition_input_model(directory: Path):
+    """A graph with only the source model's inputs (from the partition manifest), for --random feeds."""
+    import onnx_ir as ir
+
+    from maia_onnx.partition import read_manifest
+
+    inputs = []
+    for spec in read_manifest(directory).data["source"]["inputs"]:
+        shape = None if spec["shape"] is None else ir.Shape([d if d is not None else "unk" for d in spec["shape"]])
+        inputs.append(ir.Value(name=spec["name"], type=ir.TensorType(ir.DataType[spec["dtype"]]), shape=shape))
+    return ir.Model(ir.Graph(inputs, [], nodes=[]), ir_version=10)
+
+
 def run_directory(directory: str, feeds):
     from maia_onnx.runtime.executor import run_partition  # the TP engineer's in-process executor
 
@@ -100,7 +112,7 @@ def run_command(model, inputs_path=None, random=False, dims="", seed=0, provider
     if path.is_dir():
         if not (path / "manifest.json").is_file():
             raise UserError(f"{path} is a directory without manifest.json: pass a model file or a partition directory")
-        feeds = load_feeds(None, inputs_path, random, dims_map, seed)
+        feeds = load_feeds(_partition_input_model(path) if random else None, inputs_path, random, dims_map, seed)
         outputs = run_directory(str(path), feeds)
         result["kind"] = "partition"
     else:
@@ -146,8 +158,6 @@ def print_result(result: dict, as_json: bool) -> None:
             print_table(placement["partitions"], ["partition", "nodes", "flops", "bytes", "est_time_us", "arena_bytes"],
                         title=f"compiled model: {placement['device_nodes']} device nodes, {placement['cpu_nodes']} CPU nodes")
         else:
-            from maia_onnx.runtime.capability import Placement  # noqa: F401  (rows built from the dict form)
-
             s = placement["summary"]
             rows: dict = {}
             for n in placement["nodes"]:

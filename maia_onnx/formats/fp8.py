@@ -2,11 +2,13 @@
 
 Semantics follow ONNX ``QuantizeLinear``/``Cast(saturate=1)`` and ORT: ``q = saturate(RNE(x / scale))``;
 values beyond the format's max (and +-Inf) become +-max, NaN stays NaN (sign kept), subnormals are exact.
-A plain ``ml_dtypes`` ``astype`` turns out-of-range values into NaN and is slow, so the conversion here is
-a 64 Ki-entry lookup table on the top 16 bits of each float32 with the low 16 bits "jammed" into the
-table index's lowest bit (sticky bit).  For both formats the rounding position is at float32 mantissa bit
->= 19, so bit 16 is always a sticky bit and OR-ing "any of bits 0..15 set" into it gives the exact RNE
-result (ties included).  Chunks stay in cache and run on a small thread pool (numpy releases the GIL).
+A plain ``ml_dtypes`` ``astype`` turns out-of-range values into NaN and is slow, so the conversion here lets
+the FPU do the rounding: with ``|x|`` clamped to the format max and ``E = max(exponent(|x|), emin)``, the
+float32 sum ``2^(E + 23 - m) + |x|`` rounds ``|x|`` to nearest-even on the FP8 grid of binade ``E`` (m
+mantissa bits; subnormals included, since ``E`` stops at emin), and the difference of the two bit patterns
+counts FP8 steps, from which the FP8 code follows with one shift and one add.  About 16 SIMD ufunc passes
+per cache-sized chunk, on a small thread pool (numpy releases the GIL).  ``fp8_codes_reference`` is an
+independent exact (float64 nearest-value search) implementation used to test it bit for bit.
 """
 
 from __future__ import annotations
@@ -117,15 +119,6 @@ def fp8_codes_reference(x: np.ndarray, fmt: str | Fp8Format = "e4m3fn") -> np.nd
 
 
 @lru_cache(maxsize=None)
-def _table(fmt_name: str) -> np.ndarray:
-    """FP8 code for every float32 top-16-bit pattern (with bit 16 acting as the sticky bit)."""
-    fmt = get_fp8_format(fmt_name)
-    hi = np.arange(1 << 16, dtype=np.uint32)
-    as_f32 = (hi << np.uint32(16)).view(np.float32)
-    return fp8_codes_reference(as_f32, fmt)
-
-
-@lru_cache(maxsize=None)
 def _decode_table(fmt_name: str) -> np.ndarray:
     fmt = get_fp8_format(fmt_name)
     return np.arange(256, dtype=np.uint8).view(fmt.np_dtype).astype(np.float32)
@@ -134,22 +127,57 @@ def _decode_table(fmt_name: str) -> np.ndarray:
 _local = threading.local()
 
 
-def _scratch(n: int) -> np.ndarray:
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < n:
-        buf = _local.buf = np.empty(max(n, _CHUNK), dtype=np.intp)
-    return buf[:n]
+class _Scratch:
+    """Per-thread chunk buffers (and constant vectors: numpy's min/max against a scalar is not vectorized)."""
+
+    def __init__(self, fmt: Fp8Format, n: int = _CHUNK):
+        self.abs_bits = np.empty(n, np.uint32)
+        self.base = np.empty(n, np.uint32)
+        self.code = np.empty(n, np.uint32)
+        self.nan = np.empty(n, np.bool_)
+        self.max_value = np.full(n, fmt.max, np.float32)
+        self.min_normal = np.full(n, 2.0 ** fmt.min_normal_exponent, np.float32)
+        step_shift = 23 - fmt.mantissa_bits  # float32 exponent offset that makes one ulp one FP8 step
+        self.step_bits = step_shift << 23
+        self.step_shift = step_shift
+        # code = steps + (E - emin) << m, with E read back from the base's exponent bits
+        self.code_offset = (127 + step_shift + fmt.min_normal_exponent) << fmt.mantissa_bits
+        self.nan_code = fmt.nan_code
 
 
-def _codes_chunk(u32: np.ndarray, out: np.ndarray, table: np.ndarray) -> None:
-    """out[i] = table[(u >> 16) | (u & 0xFFFF != 0)] for one cache-sized chunk of float32 bits."""
-    idx = _scratch(u32.size)
-    # (u & 0xFFFF) + 0xFFFF has bit 16 set iff any low bit is set; OR it in, then keep the top 16 bits.
-    np.bitwise_and(u32, 0xFFFF, out=idx, casting="unsafe")
-    idx += 0xFFFF
-    np.bitwise_or(idx, u32, out=idx, casting="unsafe")
-    idx >>= 16
-    np.take(table, idx, out=out, mode="clip")
+def _scratch(fmt: Fp8Format) -> _Scratch:
+    cache = getattr(_local, "scratch", None)
+    if cache is None:
+        cache = _local.scratch = {}
+    if fmt.name not in cache:
+        cache[fmt.name] = _Scratch(fmt)
+    return cache[fmt.name]
+
+
+def _codes_chunk(values: np.ndarray, out: np.ndarray, fmt: Fp8Format) -> None:
+    """FP8 codes of one chunk (<= _CHUNK) of float32 ``values`` into uint8 ``out`` (see module docstring)."""
+    n = values.size
+    sc = _scratch(fmt)
+    u = values.view(np.uint32)
+    a, base, code, nan = sc.abs_bits[:n], sc.base[:n], sc.code[:n], sc.nan[:n]
+    a_f, base_f = a.view(np.float32), base.view(np.float32)
+    np.bitwise_and(u, 0x7FFFFFFF, out=a)
+    np.greater(a, 0x7F800000, out=nan)
+    np.minimum(a_f, sc.max_value[:n], out=a_f)  # saturate (+Inf too); NaN lanes are fixed below
+    np.bitwise_and(a, 0x7F800000, out=base)
+    np.maximum(base_f, sc.min_normal[:n], out=base_f)  # below emin the grid is the subnormal one
+    np.add(base, sc.step_bits, out=base)  # 2^(E + 23 - m): its ulp is the FP8 step of binade E
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.add(base_f, a_f, out=code.view(np.float32))  # the FPU rounds |x| to nearest-even here
+    np.subtract(code, base, out=code)  # FP8 steps above zero within binade E
+    np.right_shift(base, sc.step_shift, out=base)
+    np.add(code, base, out=code)
+    np.subtract(code, sc.code_offset, out=code)
+    np.copyto(code, sc.nan_code, where=nan)
+    np.right_shift(u, 24, out=a)
+    np.bitwise_and(a, 0x80, out=a)
+    np.bitwise_or(code, a, out=code)
+    np.copyto(out, code, casting="unsafe")
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -185,16 +213,15 @@ def float32_to_fp8_codes(x: np.ndarray, fmt: str | Fp8Format = "e4m3fn", out: np
     x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty(x.shape, dtype=np.uint8)
-    u = x.reshape(-1).view(np.uint32)
+    flat = x.reshape(-1)
     flat_out = out.reshape(-1)
-    table = _table(fmt.name)
 
     def work(start: int, stop: int) -> None:
         for i in range(start, stop, _CHUNK):
             j = min(i + _CHUNK, stop)
-            _codes_chunk(u[i:j], flat_out[i:j], table)
+            _codes_chunk(flat[i:j], flat_out[i:j], fmt)
 
-    _parallel_ranges(u.size, work)
+    _parallel_ranges(flat.size, work)
     return out
 
 
@@ -329,13 +356,11 @@ def quantize_fp8(
     _check_scale(scale, x.shape, axis, block_size)
     out = np.empty(x.shape, dtype=np.uint8)
     flat_out = out.reshape(-1)
-    table = _table(fmt.name)
 
     def emit(start: int, values: np.ndarray) -> None:
-        u = values.view(np.uint32)
-        for i in range(0, u.size, _CHUNK):
-            j = min(i + _CHUNK, u.size)
-            _codes_chunk(u[i:j], flat_out[start + i : start + j], table)
+        for i in range(0, values.size, _CHUNK):
+            j = min(i + _CHUNK, values.size)
+            _codes_chunk(values[i:j], flat_out[start + i : start + j], fmt)
 
     _scaled_pieces(x, scale, axis, block_size, emit)
     return out.view(fmt.np_dtype)
@@ -388,23 +413,30 @@ def amax_along(x: np.ndarray, axis: int | None = None, block_size: int | None = 
     if axis is not None:
         axis = _normalize_axis(axis, x.ndim)
     row = int(np.prod(x.shape[1:], dtype=np.int64)) or 1
-    step = rows_per_chunk or max(1, (1 << 22) // row)
+    step = rows_per_chunk or max(1, (1 << 20) // row)
     if block_size and axis == 0:
         step = max(block_size, step // block_size * block_size)
-    parts = []
-    for r0 in range(0, x.shape[0], step):
-        chunk = np.abs(np.asarray(x[r0 : r0 + step], dtype=np.float32))
-        chunk = np.nan_to_num(chunk, nan=0.0, posinf=np.float32(np.finfo(np.float32).max))
+    others = tuple(d for d in range(x.ndim) if d != axis) if axis is not None else None
+
+    def reduce(r0: int) -> np.ndarray:
+        # max and -min instead of abs().max(): no temporary, and fmax/fmin skip NaN
+        chunk = np.asarray(x[r0 : r0 + step], dtype=np.float32)
         if axis is None:
-            parts.append(chunk.max())
-        elif block_size:
+            flat = chunk.reshape(-1)
+            return np.float32(max(np.fmax.reduce(flat), -np.fmin.reduce(flat)))
+        if block_size:
             starts = np.arange(0, chunk.shape[axis], block_size)
-            parts.append(np.maximum.reduceat(chunk, starts, axis=axis))
-        else:
-            others = tuple(d for d in range(chunk.ndim) if d != axis)
-            parts.append(chunk.max(axis=others))
+            return np.fmax(np.fmax.reduceat(chunk, starts, axis=axis), -np.fmin.reduceat(chunk, starts, axis=axis))
+        return np.fmax(np.fmax.reduce(chunk, axis=others), -np.fmin.reduce(chunk, axis=others))
+
+    starts_rows = list(range(0, x.shape[0], step))
+    if x.size >= _PARALLEL_MIN and _threads() > 1 and len(starts_rows) > 1:
+        parts = list(_get_pool().map(reduce, starts_rows))
+    else:
+        parts = [reduce(r0) for r0 in starts_rows]
+    parts = [np.nan_to_num(np.asarray(p, np.float32), nan=0.0) for p in parts]
     if axis is None:
-        return np.float32(max(parts))
+        return np.float32(max(float(p) for p in parts))
     if axis == 0:
         return np.concatenate(parts, axis=0).astype(np.float32)
     out = parts[0]

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Benchmark: pipeline partition, re-shard from shards and safetensors checkpoints of the multi-GB llama.
+
+Reference in the same process: copying model.onnx + model.onnx.data (shutil; the faster of a copy before
+and after, so page-cache warmth favours the reference). Measured against it:
+  1. partition --pp 2 (flops balance)                       -> time ratio, peak RSS, stage loads / imbalance
+  2. reshard PP2 -> TP2 x PP2 from the shards alone          -> time ratio, peak RSS
+  3. checkpoint: save the PP2 weights as safetensors, load them back into a partition -> time ratios
+Peak RSS is sampled every 10 ms and reported relative to the model's weight bytes.
+
+    python scripts/bench_pp.py [--model .cache/llama-large/model.onnx] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / ".cache" / "llama-large" / "model.onnx"
+
+
+class PeakRss:
+    """Samples this process's RSS in a thread; ``peak`` is the maximum seen while active."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def __enter__(self):
+        self.peak = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def copy_model(model: Path, dest_dir: Path) -> float:
+    start = time.perf_counter()
+    for f in (model, model.parent / f"{model.name}.data"):
+        if f.exists():
+            shutil.copyfile(f, dest_dir / f.name)
+    return time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir beside the model)")
+    ap.add_argument("--keep", action="store_true", help="keep the partition directories")
+    args = ap.parse_args(argv)
+    if not args.model.exists():
+        print(f"{args.model} not found: run scripts/make_large_models.py first", file=sys.stderr)
+        return 2
+    from maia_onnx.checkpoint import load_checkpoint, save_checkpoint
+    from maia_onnx.io import initializer_bytes, load_model
+    from maia_onnx.passes.pipeline_parallel import partition_model
+    from maia_onnx.passes.reshard import reshard
+
+    weight_bytes = initializer_bytes(load_model(args.model))
+    work = Path(tempfile.mkdtemp(prefix="bench_pp.", dir=args.workdir or args.model.parent.parent))
+    result: dict = {"model": str(args.model), "weight_bytes": weight_bytes}
+    try:
+        copy_dir = work / "copy"
+        copy_dir.mkdir()
+        copy1 = copy_model(args.model, copy_dir)
+        shutil.rmtree(copy_dir)
+        result["rss_before_bytes"] = psutil.Process().memory_info().rss
+
+        with PeakRss() as pp_rss:
+            _, plan = partition_model(load_model(args.model), work / "pp2", pp=2, balance="flops")
+        with PeakRss() as rs_rss:
+            manifest, _ = reshard(work / "pp2", work / "tp2pp2", tp=2, pp=2)
+        with PeakRss() as ck_rss:
+            save_checkpoint(work / "pp2", work / "ckpt")
+        shutil.rmtree(work / "tp2pp2")  # disk: keep at most three copies of the weights around
+        with PeakRss() as ld_rss:
+            load_checkpoint(work / "pp2", work / "ckpt", work / "pp2_loaded")
+        copy_dir.mkdir()
+        copy2 = copy_model(args.model, copy_dir)
+        copy = min(copy1, copy2)
+        result.update(
+            {
+                "copy_seconds": [round(copy1, 3), round(copy2, 3)],
+                "pp2": {
+                    "seconds": round(pp_rss.seconds, 3),
+                    "time_ratio_vs_copy": round(pp_rss.seconds / copy, 3),
+                    "peak_rss_bytes": pp_rss.peak,
+                    "peak_rss_ratio_vs_weights": round(pp_rss.peak / weight_bytes, 4),
+                    "stage_loads_flops": plan.loads,
+                    "imbalance_pct": round(plan.imbalance_pct, 2),
+                    "boundaries": plan.boundaries,
+                },
+                "reshard_pp2_to_tp2pp2": {
+                    "seconds": round(rs_rss.seconds, 3),
+                    "time_ratio_vs_copy": round(rs_rss.seconds / copy, 3),
+                    "peak_rss_bytes": rs_rss.peak,
+                    "peak_rss_ratio_vs_weights": round(rs_rss.peak / weight_bytes, 4),
+                    "collectives": len(manifest.collectives),
+                },
+                "checkpoint_save": {"seconds": round(ck_rss.seconds, 3), "time_ratio_vs_copy": round(ck_rss.seconds / copy, 3),
+                                    "peak_rss_ratio_vs_weights": round(ck_rss.peak / weight_bytes, 4)},
+                "checkpoint_load": {"seconds": round(ld_rss.seconds, 3), "time_ratio_vs_copy": round(ld_rss.seconds / copy, 3),
+                                    "peak_rss_ratio_vs_weights": round(ld_rss.peak / weight_bytes, 4)},
+            }
+        )
+        print(json.dumps(result, indent=2))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
