@@ -9,7 +9,7 @@ activations that the static scale clips.  End to end, per graph output: cosine, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -69,6 +69,55 @@ class _Accumulator:
         return self.top1_match / self.top1_total if self.top1_total else None
 
 
+_FP8_TYPES = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2)
+
+
+def float_io_model(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` whose FP8 graph inputs/outputs (e.g. an FP8 KV cache) are float32 again.
+
+    An FP8 input read by ``DequantizeLinear(x, scale[, zp])`` gets a float input of the same name feeding
+    ``QuantizeLinear`` with that scale; an FP8 output made by ``QuantizeLinear(x, scale, zp)`` is followed
+    by the matching ``DequantizeLinear``.  The copy computes exactly what the FP8 model computes on a float
+    cache that went through FP8 storage, so it can be compared with the FP32 model on the same feeds.
+    """
+    if not any(v.dtype in _FP8_TYPES for v in list(model.graph.inputs) + list(model.graph.outputs)):
+        return model
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    graph = model.graph
+    for i, value in enumerate(list(graph.inputs)):
+        if value.dtype not in _FP8_TYPES:
+            continue
+        dq = next((u.node for u in value.uses() if u.node.op_type == "DequantizeLinear" and u.idx == 0), None)
+        if dq is None:
+            continue
+        name = value.name
+        value.name = f"{name}__fp8"
+        float_in = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=value.shape)
+        attrs = {k: a.value for k, a in dq.attributes.items() if k in ("axis", "block_size")}
+        if len(dq.inputs) < 3 or dq.inputs[2] is None:
+            attrs["output_dtype"] = int(value.dtype)  # without a zero point the type must be stated
+        q = ir.node("QuantizeLinear", [float_in, *dq.inputs[1:]], attributes=attrs)
+        q.outputs[0].name = f"{name}__fp8q"
+        q.outputs[0].type = value.type
+        q.outputs[0].shape = value.shape
+        value.replace_all_uses_with(q.outputs[0])
+        graph.inputs[i] = float_in
+        graph.insert_before(graph.node(0), [q])
+    for i, value in enumerate(list(graph.outputs)):
+        if value.dtype not in _FP8_TYPES or value.producer() is None or value.producer().op_type != "QuantizeLinear":
+            continue
+        q = value.producer()
+        name = value.name
+        value.name = f"{name}__fp8"
+        dq = ir.node("DequantizeLinear", [value, *q.inputs[1:]], attributes={k: a.value for k, a in q.attributes.items() if k in ("axis", "block_size")})
+        dq.outputs[0].name = name
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq.outputs[0].shape = value.shape
+        graph.insert_after(q, [dq])
+        graph.outputs[i] = dq.outputs[0]
+    return model
+
+
 def _is_float(arr: np.ndarray) -> bool:
     return np.issubdtype(np.asarray(arr).dtype, np.floating)
 
@@ -87,6 +136,7 @@ def evaluate_accuracy(
     """
     from maia_onnx.calib import _session_with_outputs
 
+    quantized = float_io_model(quantized)
     layer_outputs = [r.outputs[0] for r in layers if r.outputs]
     act_inputs = sorted({name for r in layers for name in r.activation_scales})
     ref_graph_outputs = [o.name for o in reference.graph.outputs]

@@ -86,10 +86,16 @@ def load_proto(path: str | Path) -> onnx.ModelProto:
         raise ModelLoadError(f"model file not found: {path} (check the path)")
     if path.is_dir():
         raise ModelLoadError(f"{path} is a directory without manifest.json: pass an .onnx file or a partition directory")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty (0 bytes): re-export or copy the model again")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises many types for garbage
         raise ModelLoadError(f"cannot parse {path} as an ONNX model ({type(exc).__name__}): is it truncated or not ONNX?") from exc
+    from maia_onnx.io import check_opsets
+
+    check_opsets({o.domain: o.version for o in proto.opset_import}, path)
+    return proto
 
 
 def _dtype(elem_type: int) -> tuple[str, int]:

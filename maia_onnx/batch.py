@@ -737,11 +737,20 @@ class Progress:
         self.seen: dict[str, tuple] = {}
         self.bars: dict[str, Any] = {}
         self.overall = None
+        self.ncols = None
         if self.tty:
             from tqdm import tqdm
 
             tqdm.monitor_interval = 0
-            self.overall = tqdm(total=self.total, desc="all jobs", position=0, file=self.stream, leave=True)
+            # a pty that reports 0 columns (e.g. under `script`) would make tqdm print empty bars
+            try:
+                columns = os.get_terminal_size(self.stream.fileno()).columns
+            except (OSError, ValueError, AttributeError):
+                columns = 0
+            if columns <= 0:
+                self.ncols = 100
+            self.overall = tqdm(total=self.total, desc="all jobs", position=0, file=self.stream, leave=True,
+                                ncols=self.ncols)
         self.free_positions = list(range(1, 64))
 
     def update(self, name: str, state: dict | None, steps: int) -> None:
@@ -760,7 +769,8 @@ class Progress:
 
             if name not in self.bars and state.get("status") == "running":
                 pos = self.free_positions.pop(0)
-                self.bars[name] = tqdm(total=steps, desc=name[:28], position=pos, file=self.stream, leave=False)
+                self.bars[name] = tqdm(total=steps, desc=name[:28], position=pos, file=self.stream, leave=False,
+                                       ncols=self.ncols)
             bar = self.bars.get(name)
             if bar is not None:
                 bar.update(finished - bar.n)
@@ -799,7 +809,9 @@ def run_local(jobs: Sequence[Job], cache_root: Path, output_root: Path, workers:
     # forkserver: workers start from a clean process (no torch/ORT thread pools inherited through fork)
     ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
     if sys.platform.startswith("linux"):
-        ctx.set_forkserver_preload(["maia_onnx.batch"])
+        # imported once in the server, inherited by every worker (saves ~1 s of imports per job)
+        ctx.set_forkserver_preload(["maia_onnx.batch", "numpy", "onnx", "onnx_ir", "onnxruntime", "maia_onnx.io",
+                                    "maia_onnx.ortutil"])
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cpus // max(1, workers))
     pending = list(jobs)

@@ -87,7 +87,13 @@ class CalibrationSource:
         seen = 0
         limit = self.num_samples
         for f in self._files():
-            with np.load(f) as data:
+            try:
+                data = np.load(f)
+                if not hasattr(data, "files"):
+                    raise ValueError("a single .npy array, not an .npz archive")
+            except (OSError, ValueError, EOFError) as exc:
+                raise UserError(f"calibration file {f} is not a readable .npz archive ({exc}): save it with np.savez") from None
+            with data:
                 n = min(data[k].shape[0] for k in data.files) if data.files else 0
             lo, hi = max(start - seen, 0), n if stop is None else min(n, max(stop - seen, 0))
             seen += n
@@ -152,6 +158,7 @@ class CalibrationSource:
                 lo = max(start - seen, 0)
                 seen += n
                 arrays = {v.name: data[v.name] for v in inputs}
+                _check_calib_arrays(f, inputs, arrays)
             for s in range(lo, lo + used, self.batch_size):
                 e = min(s + self.batch_size, lo + used)
                 feeds = {}
@@ -179,6 +186,23 @@ def _np_dtype(dtype):
         ir.DataType.BOOL: np.bool_,
     }
     return table.get(dtype)
+
+
+def _check_calib_arrays(path, inputs: Sequence[ir.Value], arrays: Mapping[str, np.ndarray]) -> None:
+    """Refuse calibration data that would silently give wrong scales: wrong dtype kind, NaN or Inf."""
+    for value in inputs:
+        arr = arrays[value.name]
+        want = _np_dtype(value.dtype)
+        if want is not None and np.dtype(want).kind != arr.dtype.kind and not (
+                np.dtype(want).kind == "f" and arr.dtype.kind == "f"):
+            raise UserError(
+                f"calibration array {value.name!r} in {path} has dtype {arr.dtype}, but the model input is "
+                f"{np.dtype(want).name}: save it as {np.dtype(want).name}")
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise UserError(
+                f"calibration array {value.name!r} in {path} holds {bad} NaN/Inf value(s): "
+                f"remove or replace those samples")
 
 
 def make_source(

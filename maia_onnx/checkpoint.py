@@ -94,9 +94,24 @@ def _tensor_entry(tensor: ir.TensorProtocol) -> tuple[str, list[int], int, str |
     return "U8", [tensor.nbytes], tensor.nbytes, dtype.name
 
 
+def _byte_view(tensor: ir.TensorProtocol) -> memoryview | bytes:
+    """The tensor's raw bytes, as a view into its array where possible (no extra copy of big weights)."""
+    if tensor.dtype not in _ST_DTYPE:
+        return tensor.tobytes()  # packed sub-byte types: their own byte layout
+    arr = np.ascontiguousarray(tensor.numpy())
+    if not arr.dtype.isnative:
+        return tensor.tobytes()
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, ir.TensorProtocol]],
-                      metadata: Mapping[str, str] | None = None) -> Path:
-    """Stream ``(name, tensor)`` pairs into one safetensors file, atomically; one tensor in memory at a time."""
+                      metadata: Mapping[str, str] | None = None) -> tuple[Path, str]:
+    """Stream ``(name, tensor)`` pairs into one safetensors file, atomically; one tensor in memory at a time.
+
+    Returns the path and the file's sha256 (hashed while writing, so the file is never read back).
+    """
+    import hashlib
+
     items = list(tensors)
     header: dict[str, object] = {}
     packed: dict[str, str] = {}
@@ -115,12 +130,21 @@ def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, ir.T
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * ((-len(blob)) % _ALIGN)
     path = Path(path)
+    digest = hashlib.sha256()
     with atomic_write(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        for chunk in (struct.pack("<Q", len(blob)), blob):
+            f.write(chunk)
+            digest.update(chunk)
         for _, tensor in items:
-            f.write(tensor.tobytes())
-    return path
+            view = _byte_view(tensor)
+            f.write(view)
+            digest.update(view)
+            del view
+            # drop a memory-mapped source's mapping: otherwise every written tensor stays resident
+            release = getattr(tensor, "release", None)
+            if callable(release):
+                release()
+    return path, digest.hexdigest()
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, str], int]:
@@ -137,33 +161,48 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], d
     return header, meta, 8 + n
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, ir.Tensor]:
-    """Memory-mapped tensors of a safetensors file as onnx_ir tensors (FP8/BF16 as ml_dtypes)."""
+def _read_range(path: Path, offset: int, nbytes: int) -> np.ndarray:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        raw = np.frombuffer(f.read(nbytes), dtype=np.uint8)
+    if raw.size != nbytes:
+        raise ModelLoadError(f"{path} is truncated: re-write the checkpoint")
+    return raw
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, ir.TensorProtocol]:
+    """Tensors of a safetensors file as lazy onnx_ir tensors (FP8/BF16 as ml_dtypes).
+
+    Each tensor is read from disk when asked for and not kept, so streaming a checkpoint into a
+    partition holds one tensor at a time.
+    """
+    path = Path(path)
     header, meta, base = read_safetensors_header(path)
     packed = json.loads(meta.get("maia.packed_dtypes", "{}"))
-    size = Path(path).stat().st_size
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
-    out = {}
+    size = path.stat().st_size
+    out: dict[str, ir.TensorProtocol] = {}
     for name, entry in header.items():
         begin, end = entry["data_offsets"]
         if base + end > size:
             raise ModelLoadError(f"{path} is truncated (tensor {name!r} ends past the file): re-write the checkpoint")
-        raw = mm[base + begin : base + end]
         if name in packed:
-            dtype = ir.DataType[packed[name]]
-            out[name] = _packed(raw, dtype, name)
+            out[name] = _packed(path, base + begin, end - begin, ir.DataType[packed[name]], name)
             continue
         if entry["dtype"] not in _IR_DTYPE:
             raise ModelLoadError(f"{path}: tensor {name!r} has unsupported safetensors dtype {entry['dtype']}")
         dtype = _IR_DTYPE[entry["dtype"]]
-        arr = raw.view(_np_dtype(dtype)).reshape(entry["shape"])
-        out[name] = ir.Tensor(arr, dtype=dtype, name=name)
+        shape = tuple(int(d) for d in entry["shape"])
+
+        def load(offset=base + begin, nbytes=end - begin, dtype=dtype, shape=shape, name=name) -> ir.Tensor:
+            return ir.Tensor(_read_range(path, offset, nbytes).view(_np_dtype(dtype)).reshape(shape), dtype=dtype, name=name)
+
+        out[name] = ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
     return out
 
 
-def _packed(raw: np.ndarray, dtype: ir.DataType, name: str) -> ir.TensorProtocol:
+def _packed(path: Path, offset: int, nbytes: int, dtype: ir.DataType, name: str) -> ir.TensorProtocol:
     # Sub-byte tensors need the shape of the initializer they replace; they are rebuilt in swap_weights.
-    return ir.Tensor(np.asarray(raw), name=name, doc_string=f"packed:{dtype.name}")
+    return ir.Tensor(_read_range(path, offset, nbytes), name=name, doc_string=f"packed:{dtype.name}")
 
 
 # ---------------------------------------------------------------- partition <-> checkpoint
@@ -186,7 +225,7 @@ def save_checkpoint(partition_dir: str | os.PathLike, checkpoint_dir: str | os.P
         for shard in iterator:
             model = load_model(shard.path)
             tensors = [(name, v.const_value) for name, v in model.graph.initializers.items() if v.const_value is not None]
-            out = write_safetensors(
+            out, digest = write_safetensors(
                 tmp / f"{shard.stem}.safetensors",
                 tensors,
                 {"maia.rank": str(shard.rank), "maia.stage": str(shard.stage), "maia.source": shard.path.name},
@@ -196,7 +235,7 @@ def save_checkpoint(partition_dir: str | os.PathLike, checkpoint_dir: str | os.P
                 "stage": shard.stage,
                 "tensors": len(tensors),
                 "bytes": sum(t.nbytes for _, t in tensors),
-                "sha256": sha256_file(out),
+                "sha256": digest,
             }
             del model
         index = {"format": "maia-onnx-checkpoint", "version": 1, "partition_manifest_sha256": manifest_hash, "files": files}
@@ -227,6 +266,10 @@ def swap_weights(model: ir.Model, tensors: Mapping[str, ir.TensorProtocol], wher
         new = tensors[name]
         old = value.const_value
         if new.doc_string and new.doc_string.startswith("packed:"):
+            if new.nbytes != old.nbytes:
+                raise InvalidOptionError(
+                    f"checkpoint {where}: packed tensor {name!r} has {new.nbytes} bytes, the partition expects {old.nbytes}"
+                )
             new = ir.Tensor(np.asarray(new.numpy()).view(np.uint8), dtype=old.dtype, shape=old.shape, name=name)
         if new.dtype != old.dtype or tuple(new.shape.numpy()) != tuple(old.shape.numpy()):
             raise InvalidOptionError(

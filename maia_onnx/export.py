@@ -137,6 +137,7 @@ def fold_weight_transposes(model: ir.Model) -> int:
         graph.remove(node, safe=True)
         if not other_users:
             graph.initializers.pop(src.name)
+            src.const_value = None  # the lazy transpose holds the data now; nothing else should
         graph.register_initializer(new_value)
         folded += 1
     return folded
@@ -400,6 +401,11 @@ def export_spec(
     save_model(model, out_path, external_data=external_data)
     inputs_desc = {v.name: _symbolic_shape(v) for v in model.graph.inputs}
     outputs_desc = {v.name: _symbolic_shape(v) for v in model.graph.outputs}
+    if release_module:
+        # onnxscript's rewrite rules keep module-level references to the last graph they matched, which would
+        # keep every weight alive; detach the data so only the torch module (released next) owned it
+        for value in model.graph.initializers.values():
+            value.const_value = None
     del program, model
     if release_module:
         spec.module = None

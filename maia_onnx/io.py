@@ -13,7 +13,7 @@ from typing import Iterator
 
 import onnx_ir as ir
 
-from maia_onnx.errors import ModelLoadError, UserError
+from maia_onnx.errors import ModelLoadError, UnsupportedModelError, UserError
 
 # Protobuf refuses messages over 2 GiB; stay clear of it with headroom for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
@@ -52,6 +52,49 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 )
 
 
+MIN_OPSET = 7  # ONNX Runtime refuses ai.onnx opsets below 7
+
+
+def check_opsets(opset_imports, where) -> None:
+    """Refuse ai.onnx opsets ONNX Runtime cannot run (< 7) or newer than the installed onnx package knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    version = opset_imports.get("", opset_imports.get("ai.onnx"))
+    if version is None:
+        return
+    if version < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{where} uses opset {version}, older than the oldest supported ({MIN_OPSET}): "
+            f"upgrade it with onnx.version_converter.convert_version(model, 17)"
+        )
+    if version > newest:
+        raise UnsupportedModelError(
+            f"{where} uses opset {version}, newer than the installed onnx supports ({newest}): "
+            f"re-export with --opset {newest} or upgrade the onnx package"
+        )
+
+
+def check_model_supported(model: ir.Model, where) -> None:
+    """Cheap structural checks that catch models the ONNX checker rejects before any tool trusts them."""
+    check_opsets(model.opset_imports, where)
+    graph = model.graph
+    known = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    for node in graph:
+        for value in node.inputs:
+            if value is None or id(value) in known or value.producer() is not None:
+                continue
+            raise ModelLoadError(
+                f"{where} is not a valid ONNX model: node {node.name or node.op_type!r} reads {value.name!r}, which is "
+                f"no graph input, initializer or node output (onnx.checker rejects it): fix or re-export the model"
+            )
+    for value in graph.outputs:
+        if id(value) not in known and value.producer() is None:
+            raise ModelLoadError(
+                f"{where} is not a valid ONNX model: graph output {value.name!r} is produced by no node: fix or re-export it"
+            )
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model as onnx_ir; external weights stay memory-mapped (never read eagerly)."""
     path = Path(path)
@@ -62,6 +105,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(
             f"cannot parse {path} as an ONNX model ({type(exc).__name__}): is it truncated or not ONNX?"
         ) from exc
+    check_model_supported(model, path)
     _check_external_data(model, path)
     return model
 
@@ -88,6 +132,8 @@ def check_output_path(output: str | os.PathLike, *inputs: str | os.PathLike) -> 
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.exists():
         raise UserError(f"output directory {parent} does not exist: create it first")
+    if not parent.is_dir():
+        raise UserError(f"output directory {parent} is a file, not a directory: choose another -o")
     if not os.access(parent, os.W_OK):
         raise UserError(f"output directory {parent} is not writable: choose another -o")
     return output

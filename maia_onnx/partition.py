@@ -180,47 +180,190 @@ def _release(tensor: Any) -> None:
             pass
 
 
+_FLUSH_POOL = None
+
+
+def _flush_pool():
+    """One background thread for all disk writes: the next shard is cut while the last one is written."""
+    global _FLUSH_POOL
+    if _FLUSH_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _FLUSH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maia-partition-writer")
+    return _FLUSH_POOL
+
+
+class _DirectWriter:
+    """Sequential file writer through two aligned staging buffers with O_DIRECT (page cache bypassed).
+
+    Buffered writes of multi-GB shards are throttled by dirty-page accounting (about 5x slower than a
+    kernel copy on our VMs); O_DIRECT writes of 4 KiB-aligned chunks run at disk speed, in a background
+    thread while the next buffer fills. Falls back to ordinary writes where O_DIRECT is unsupported.
+    """
+
+    CHUNK = 16 << 20  # per open file and buffer: tp x pp files are written together
+    BLOCK = 4096
+
+    def __init__(self, path: Path):
+        import mmap
+
+        self.path = path
+        self.offset = 0  # logical bytes written
+        self.fill = 0
+        self.direct = hasattr(os, "O_DIRECT")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError:
+            self.direct = False
+            self.fd = os.open(path, flags, 0o644)
+        self.buffers = [mmap.mmap(-1, self.CHUNK), mmap.mmap(-1, self.CHUNK)]  # page aligned, as O_DIRECT requires
+        self.current = 0
+        self.pending = None
+
+    @property
+    def buf(self):
+        return self.buffers[self.current]
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            n = min(len(view) - pos, self.CHUNK - self.fill)
+            self.buf[self.fill:self.fill + n] = view[pos:pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == self.CHUNK:
+                self._submit(self.CHUNK)
+        self.offset += len(view)
+
+    def _submit(self, length: int) -> None:
+        self._wait()
+        self.pending = _flush_pool().submit(self._write_all, self.buffers[self.current], length)
+        self.current ^= 1
+        self.fill = 0
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises a write error (e.g. disk full) here
+
+    def _write_all(self, buffer, length: int) -> None:
+        view = memoryview(buffer)[:length]
+        done = 0
+        try:
+            while done < length:
+                try:
+                    done += os.write(self.fd, view[done:])
+                except OSError:
+                    if not self.direct:
+                        raise
+                    # O_DIRECT refused at write time: reopen buffered at the same position and go on
+                    position = os.lseek(self.fd, 0, os.SEEK_CUR)
+                    os.close(self.fd)
+                    self.fd = os.open(self.path, os.O_WRONLY)
+                    os.lseek(self.fd, position, os.SEEK_SET)
+                    self.direct = False
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        try:
+            if self.fill:
+                self._wait()
+                padded = -(-self.fill // self.BLOCK) * self.BLOCK if self.direct else self.fill
+                self.buf[self.fill:padded] = bytes(padded - self.fill)
+                self._submit(padded)
+            self._wait()
+            os.ftruncate(self.fd, self.offset)
+        finally:
+            os.close(self.fd)
+            for b in self.buffers:
+                b.close()
+
+
+class _RankFileWriter:
+    """Streams one model's initializers (over 1 KiB) into ``<path>.data``, one tensor per ``write`` call."""
+
+    def __init__(self, model: ir.Model, path: Path):
+        self.model = model
+        self.path = Path(path)
+        self.data_name = f"{self.path.name}.data"
+        self.values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+        self.writer = _DirectWriter(self.path.parent / self.data_name)
+        self.written = 0
+
+    def write(self, index: int, progress: Callable[[int], None] | None = None) -> None:
+        if index >= len(self.values):
+            return
+        value = self.values[index]
+        tensor = value.const_value
+        if tensor.nbytes <= INLINE_LIMIT_BYTES:
+            if not isinstance(tensor, ir.Tensor):
+                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
+            return
+        writer = self.writer
+        pad = (-writer.offset) % ALIGNMENT
+        if pad:
+            writer.write(bytes(pad))
+        offset = writer.offset
+        view = _tensor_bytes_view(tensor)
+        writer.write(view)
+        length = len(view) if isinstance(view, bytes) else view.nbytes
+        del view
+        _release(tensor)
+        value.const_value = ir.ExternalTensor(
+            self.data_name, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=self.path.parent
+        )
+        self.written += length
+        if progress:
+            progress(length)
+
+    def abort(self) -> None:
+        with __import__("contextlib").suppress(OSError):
+            self.writer.close()
+
+    def finish(self) -> int:
+        self.writer.close()
+        if self.written == 0:
+            os.unlink(self.path.parent / self.data_name)
+        ir.save(self.model, self.path)
+        return self.written
+
+
 def write_model_streaming(model: ir.Model, path: Path, progress: Callable[[int], None] | None = None) -> int:
     """Save ``model`` to ``path`` with every initializer over 1 KiB streamed into ``<path>.data``.
 
     Tensors are materialised one at a time (lazy slices are evaluated here) and written straight to disk;
     the in-memory model is left pointing at the new file. Returns the weight bytes written.
     """
-    path = Path(path)
-    data_name = f"{path.name}.data"
-    data_path = path.parent / data_name
-    written = 0
-    offset = 0
-    with open(data_path, "wb") as f:
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if tensor is None:
-                continue
-            nbytes = tensor.nbytes
-            if nbytes <= INLINE_LIMIT_BYTES:
-                if not isinstance(tensor, ir.Tensor):
-                    value.const_value = ir.Tensor(tensor.numpy(), name=value.name)
-                continue
-            pad = (-offset) % ALIGNMENT
-            if pad:
-                f.write(b"\0" * pad)
-                offset += pad
-            view = _tensor_bytes_view(tensor)
-            f.write(view)
-            length = len(view) if isinstance(view, bytes) else view.nbytes
-            del view
-            _release(tensor)
-            value.const_value = ir.ExternalTensor(
-                data_name, offset, length, tensor.dtype, shape=tensor.shape, name=value.name, base_dir=path.parent
-            )
-            offset += length
-            written += length
-            if progress:
-                progress(length)
-    if written == 0:
-        os.unlink(data_path)
-    ir.save(model, path)
-    return written
+    out = _RankFileWriter(model, path)
+    try:
+        for i in range(len(out.values)):
+            out.write(i, progress)
+    except BaseException:
+        out.abort()
+        raise
+    return out.finish()
+
+
+def write_models_lockstep(models: Mapping[Any, tuple[ir.Model, Path]], progress: Callable[[int], None] | None = None) -> dict[Any, int]:
+    """Write several rank files together, the i-th initializer of every model before the (i+1)-th.
+
+    Rank models made by the same rewrite list their weights in the same order, so the shards of one source
+    tensor are cut one after another while that tensor is cached (read once instead of once per rank).
+    """
+    writers = {key: _RankFileWriter(model, path) for key, (model, path) in models.items()}
+    try:
+        longest = max((len(w.values) for w in writers.values()), default=0)
+        for i in range(longest):
+            for w in writers.values():
+                w.write(i, progress)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    return {key: w.finish() for key, w in writers.items()}
 
 
 def write_partition(
@@ -241,11 +384,19 @@ def write_partition(
     items = rank_stage_models.items() if isinstance(rank_stage_models, Mapping) else rank_stage_models
     with atomic_dir(out_dir) as tmp:
         ranks = []
+        if isinstance(rank_stage_models, Mapping):
+            sizes = write_models_lockstep(
+                {key: (model, tmp / rank_file_name(*key)) for key, model in rank_stage_models.items()}, progress
+            )
+            items = [(key, sizes[key]) for key in rank_stage_models]
         for (tp_rank, stage), model in items:
-            if callable(model) and not isinstance(model, ir.Model):
-                model = model()
             name = rank_file_name(tp_rank, stage)
-            weight_bytes = write_model_streaming(model, tmp / name, progress)
+            if isinstance(model, int):
+                weight_bytes = model
+            else:
+                if callable(model) and not isinstance(model, ir.Model):
+                    model = model()
+                weight_bytes = write_model_streaming(model, tmp / name, progress)
             del model
             data_file = f"{name}.data"
             ranks.append(
@@ -346,6 +497,11 @@ def validate_partition(manifest: Manifest, check_models: bool = True) -> None:
 
         stage_io = {s["stage"]: s for s in d["stages"]}
         for r in d["ranks"]:
+            # a shard swapped or edited after partitioning would run and give wrong answers without this check
+            if r.get("sha256") and sha256_file(manifest.directory / r["file"]) != r["sha256"]:
+                raise PartitionError(
+                    f"{manifest.directory / r['file']} does not match the sha256 in its manifest (changed after "
+                    f"partitioning): re-run partition or copy the original partition directory")
             proto = onnx.load(str(manifest.directory / r["file"]), load_external_data=False)
             inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
             outputs = {o.name for o in proto.graph.output}
@@ -469,6 +625,7 @@ def partition_file(
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"-o {out_dir} is a file: give a directory path for the partition")
     model = load_model(model_path)
+    _prefetch(model_path)
     from maia_onnx.io import initializer_bytes
     from maia_onnx.passes.pipeline_parallel import partition_model
 
@@ -489,6 +646,21 @@ def partition_file(
         if bar is not None:
             bar.close()
     return read_manifest(out_dir)
+
+
+def _prefetch(model_path: str | os.PathLike) -> None:
+    """Ask the kernel to read the external weights ahead (asynchronously) while the graph is rewritten."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for f in _external_files(Path(model_path)):
+        try:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
 
 _ITEMSIZE = {"FLOAT": 4, "FLOAT16": 2, "BFLOAT16": 2, "DOUBLE": 8, "INT64": 8, "INT32": 4, "FLOAT8E4M3FN": 1, "FLOAT8E5M2": 1}

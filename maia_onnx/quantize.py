@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -63,8 +62,8 @@ def _load(model_or_path) -> tuple[ir.Model, ir.Model, Path | None]:
     from maia_onnx.io import load_model
 
     if isinstance(model_or_path, ir.Model):
-        working = ir.serde.deserialize_model(ir.serde.serialize_model(model_or_path))
-        return model_or_path, working, None
+        # the clone shares tensor objects (external weights stay mapped); passes replace them, never mutate
+        return model_or_path, model_or_path.clone(), None
     path = Path(model_or_path)
     # both loads are lazy: external weights stay memory-mapped, nothing is read twice into memory
     return load_model(path), load_model(path), path
@@ -113,6 +112,8 @@ def quantize_model(
     show_progress: bool = True,
     seed: int = 0,
     mx_form: str = "ort",
+    qat: bool = False,
+    kv_granularity: str = "tensor",
 ) -> QuantizeResult:
     """Quantize a model; see the module docstring.  Returns the model, the report and the activation scales.
 
@@ -137,14 +138,25 @@ def quantize_model(
     if fmt in MX_FORMATS:
         QuantizeMxPass = _optional("maia_onnx.passes.quantize_mx", "QuantizeMxPass", f"--format {fmt}")
     if kv_cache is not None:
-        KvCacheFp8Pass = _optional("maia_onnx.passes.kv_cache_fp8", "KvCacheFp8Pass", "--kv-cache")
+        KvCacheFp8Pass = _optional("maia_onnx.passes.kv_cache", "KvCacheFp8Pass", "--kv-cache")
     if target_cosine is not None:
         search = _optional("maia_onnx.passes.mixed_precision", "MixedPrecisionPass", "--target-cosine")
     if scales is not None:
         _optional("maia_onnx.scales", "map_scales", "--scales")
+    if qat:
+        QatImportPass = _optional("maia_onnx.passes.qat_import", "QatImportPass", "--qat")
     if emit_scales is not None:
         _optional("maia_onnx.scales", "emit_scales", "--emit-scales")
     reference, model, source_path = _load(model_or_path)
+    if kv_cache is not None:
+        kv_pairs = _optional("maia_onnx.passes.kv_cache", "kv_pairs", "--kv-cache")
+        if not kv_pairs(model):
+            from maia_onnx.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"--kv-cache: {source_path or 'the model'} has no KV cache (past_key_values.{{i}}.key/value inputs "
+                f"and present.{{i}}.key/value outputs); drop --kv-cache for this model"
+            )
     external_source = _has_external(model)
     weight_bytes_in = initializer_bytes(model)
     report: dict[str, Any] = {
@@ -166,12 +178,25 @@ def quantize_model(
     if scales is not None:
         load_scales = _optional("maia_onnx.scales", "load_scales", "--scales")
         map_scales = _optional("maia_onnx.scales", "map_scales", "--scales")
-        scale_map, unmatched = map_scales(model, load_scales(scales))
-        imported_weight_scales = dict(getattr(scale_map, "weight_scales", {}) or {})
-        imported_act_scales = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in (getattr(scale_map, "input_scales", {}) or {}).items()}
+        loaded_scales = load_scales(scales)
+        scale_map, unmatched = map_scales(model, loaded_scales)
+        if unmatched and len(unmatched) == len(loaded_scales):
+            # not one name fits: almost surely the scales of another model; quantizing anyway would ignore them silently
+            raise UserError(
+                f"none of the {len(unmatched)} scale names in {scales} matches a layer of this model "
+                f"(e.g. {unmatched[0]!r}): pass the scales file exported for this model")
+        imported_weight_scales = dict(scale_map.weight_scales)
+        imported_act_scales = {k: float(v) for k, v in scale_map.activation_scales.items()}
         report["scales_import"] = {"file": str(scales), "unmatched": list(unmatched)}
         if unmatched:
             logger.warning("%d scale name(s) in %s matched no layer: %s", len(unmatched), scales, ", ".join(list(unmatched)[:5]))
+
+    if qat:
+        # fake-quant (QAT) chains become FP8 QDQ with their learned scales before targets are chosen,
+        # so the FP8 pass only adds what training did not quantize
+        qat_pass = QatImportPass(weight_scales=imported_weight_scales, fmt=FP8_FORMATS.get(fmt, "e4m3fn"))
+        qat_pass(model)
+        report["qat_import"] = list(qat_pass.records)
 
     from maia_onnx.calib import make_source, split_holdout
 
@@ -191,22 +216,15 @@ def quantize_model(
                 f"nothing to quantize in {source_path or 'the model'}: no MatMul/Gemm/Conv/ConvTranspose left after --exclude"
             )
         act_names = [] if weights_only else activation_values(targets)
-        # map imported input scales (keyed by node name) onto activation value names
-        if imported_act_scales:
-            by_node = {t.node.name: t for t in targets}
-            for node_name, s in imported_act_scales.items():
-                t = by_node.get(node_name)
-                if t is not None:
-                    for i in t.activation_inputs:
-                        activation_scales[t.node.inputs[i].name] = s
-            imported_weight_scales = {
-                (by_node[n].node.inputs[by_node[n].weight_input].name if n in by_node and by_node[n].weight_input is not None else n): v
-                for n, v in imported_weight_scales.items()
-            }
+        # imported input scales are keyed by activation value name already (maia_onnx.scales.map_scales)
+        activation_scales.update({k: v for k, v in imported_act_scales.items() if k in act_names})
         to_calibrate = [n for n in act_names if n not in activation_scales]
         if to_calibrate:
             if calib is None:
-                raise InvalidOptionError("activations need calibration: pass --calib (npz, directory or 'random') or --weights-only")
+                raise InvalidOptionError(
+                    f"{len(to_calibrate)} activation(s) have no scale (e.g. {to_calibrate[0]!r}): pass --calib "
+                    f"(npz, directory or 'random'), --no-attention for attention-matmul inputs, or --weights-only"
+                )
             if str(calib) == "random":
                 warnings.warn(
                     "calibrating on random inputs synthesized from the input specs: pass --calib data.npz for real scales",
@@ -253,12 +271,16 @@ def quantize_model(
         passes = [quant_pass]
 
     if kv_cache is not None:
-        kv_scales = getattr(scale_map, "kv", None) if scale_map is not None else None
-        passes.append(_construct(KvCacheFp8Pass, fmt=kv_cache.replace("fp8-", ""), scales=kv_scales))
+        kv_feeds = None
+        kv_scales = scale_map.kv if scale_map is not None else {}
+        if calib is not None:
+            kv_source = calib_source or make_source(calib, num_samples, batch_size, seed, dims)
+            kv_feeds = list(_take(kv_source.batches(reference), 8))
+        passes.append(KvCacheFp8Pass(kv_cache, granularity=kv_granularity, scales=kv_scales, calib=kv_feeds))
 
     if target_cosine is not None:
-        passes = [_construct(search, passes=passes, target_cosine=target_cosine, reference=reference,
-                             calib_source=calib_source or make_source(calib, num_samples, batch_size, seed, dims))]
+        source = calib_source or make_source(calib if calib is not None else "random", num_samples, batch_size, seed, dims)
+        passes = [search(passes, target_cosine, calib_source=source, reference=reference)]
 
     from maia_onnx.pipeline import Pipeline
 
@@ -271,6 +293,12 @@ def quantize_model(
     records = list(getattr(quant_pass, "records", []))
     if hasattr(quant_pass, "layers"):
         report["mx_layers"] = list(quant_pass.layers)
+    for p in passes:
+        if type(p).__name__ == "MixedPrecisionPass" and getattr(p, "result", None) is not None:
+            report["mixed_precision"] = p.result.as_dict()
+        if type(p).__name__ == "KvCacheFp8Pass":
+            report["kv_cache"] = {"format": kv_cache, "scales": dict(p.applied)}
+
     report["activation_scales"] = activation_scales
 
     # accuracy on held-out samples (needs both models in ORT: skipped for multi-GB models)
@@ -305,14 +333,11 @@ def quantize_model(
     return QuantizeResult(model, Path(output) if output else None, report, activation_scales)
 
 
-def _construct(cls, **kwargs):
-    """Instantiate another engineer's pass with the keyword arguments its signature accepts."""
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return cls(**kwargs)
-    return cls(**{k: v for k, v in kwargs.items() if k in params})
+def _take(iterable, n: int):
+    for i, item in enumerate(iterable):
+        if i >= n:
+            return
+        yield item
 
 
 def _file_bytes(path: Path) -> int:

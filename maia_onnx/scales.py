@@ -225,12 +225,14 @@ class ScaleMap:
 
     ``weight_scales``: weight initializer name -> scale (scalar, or 1-D per output channel);
     ``activation_scales``: activation value name -> per-tensor scale (max over layers sharing the input);
+    ``input_scales``: consuming node name -> its own checkpoint input_scale (before the max above);
     ``kv``: decoder layer index -> {"k": scale, "v": scale} (scalar or per-KV-head vector);
     ``matched``: checkpoint name -> ONNX name it landed on.
     """
 
     weight_scales: dict[str, np.ndarray] = field(default_factory=dict)
     activation_scales: dict[str, float] = field(default_factory=dict)
+    input_scales: dict[str, float] = field(default_factory=dict)
     kv: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     matched: dict[str, str] = field(default_factory=dict)
 
@@ -279,6 +281,8 @@ def map_scales(model: ir.Model, scales: Mapping[str, np.ndarray]) -> tuple[Scale
                 continue
             s = float(arr.max())
             result.activation_scales[x.name] = max(s, result.activation_scales.get(x.name, 0.0))
+            if target.node.name:
+                result.input_scales[target.node.name] = s
             result.matched[name] = x.name
     return result, unmatched
 

@@ -84,13 +84,22 @@ def _matches(node: ir.Node, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
+def _dequantized(value: ir.Value | None) -> bool:
+    """Produced by a DequantizeLinear: already quantized (e.g. QAT import, KV cache), leave it alone."""
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
 def find_targets(
     model: ir.Model,
     op_types: Iterable[str] = DEFAULT_OP_TYPES,
     exclude: Sequence[str] = (),
     attention: bool = True,
 ) -> list[QuantTarget]:
-    """Nodes of the main graph to quantize, in graph order (shared by calibration and the pass)."""
+    """Nodes of the main graph to quantize, in graph order (shared by calibration and the pass).
+
+    Inputs that already come out of a DequantizeLinear (QAT imports, an FP8 KV cache) are skipped.
+    """
     op_types = set(op_types)
     targets = []
     for node in model.graph:
@@ -99,36 +108,43 @@ def find_targets(
         inputs = node.inputs
         if len(inputs) < 2 or inputs[0] is None or inputs[1] is None:
             continue
+        target = None
         if node.op_type == "MatMul":
             a, b = inputs[0], inputs[1]
             if _is_float_constant(b):
                 rank = len(b.const_value.shape)
                 channel = rank - 1 if rank >= 2 else None
                 block = rank - 2 if rank >= 2 else 0
-                targets.append(QuantTarget(node, [0], 1, channel, block))
+                target = QuantTarget(node, [0], 1, channel, block)
             elif _is_float_constant(a):
-                targets.append(QuantTarget(node, [1], 0, None, None))
+                target = QuantTarget(node, [1], 0, None, None)
+            elif _dequantized(b) and b.producer().inputs[0] is not None and b.producer().inputs[0].const_value is not None:
+                target = QuantTarget(node, [0])  # FP8 weight from a QAT import: only the activation is left
             elif attention:
-                targets.append(QuantTarget(node, [0, 1]))
+                target = QuantTarget(node, [0, 1])
         elif node.op_type == "Gemm":
-            if not _is_float_constant(inputs[1]):
-                if attention:
-                    targets.append(QuantTarget(node, [0, 1]))
-                continue
-            trans_b = node.attributes.get_int("transB", 0)
-            targets.append(QuantTarget(node, [0], 1, 0 if trans_b else 1, 1 if trans_b else 0))
+            if _is_float_constant(inputs[1]):
+                trans_b = node.attributes.get_int("transB", 0)
+                target = QuantTarget(node, [0], 1, 0 if trans_b else 1, 1 if trans_b else 0)
+            elif _dequantized(inputs[1]):
+                target = QuantTarget(node, [0])
+            elif attention:
+                target = QuantTarget(node, [0, 1])
         elif node.op_type == "Gather":
             # embedding tables: weight-only, one scale per row (token), as rows are read independently
             table = inputs[0]
             if _is_float_constant(table) and len(table.const_value.shape) == 2 and node.attributes.get_int("axis", 0) == 0:
-                targets.append(QuantTarget(node, [], 0, 0, 1))
+                target = QuantTarget(node, [], 0, 0, 1)
         elif node.op_type in ("Conv", "ConvTranspose"):
-            if not _is_float_constant(inputs[1]):
-                continue
-            if node.op_type == "Conv":
-                targets.append(QuantTarget(node, [0], 1, 0, 1))
-            else:
-                targets.append(QuantTarget(node, [0], 1, 1, 0))
+            if _is_float_constant(inputs[1]):
+                target = QuantTarget(node, [0], 1, 0, 1) if node.op_type == "Conv" else QuantTarget(node, [0], 1, 1, 0)
+            elif _dequantized(inputs[1]):
+                target = QuantTarget(node, [0])
+        if target is None:
+            continue
+        target.activation_inputs = [i for i in target.activation_inputs if not _dequantized(inputs[i])]
+        if target.activation_inputs or target.weight_input is not None:
+            targets.append(target)
     return targets
 
 

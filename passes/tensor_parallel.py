@@ -30,6 +30,7 @@ rank file is written, one tensor at a time.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -168,24 +169,69 @@ def _ort_shapes(model: ir.Model, dims: dict[str, int], names: list[str]) -> dict
 # ------------------------------------------------------------------------------------------ helpers
 
 
+class _SourceCache:
+    """The last source weight read in full; the lock-step writer cuts every rank's shard from it in turn."""
+
+    key: int | None = None
+    array: np.ndarray | None = None
+
+    @classmethod
+    def get(cls, tensor: ir.TensorProtocol) -> np.ndarray:
+        if cls.key != id(tensor) or cls.array is None:
+            cls.array = None  # free the previous tensor before reading the next
+            cls.array = _read_whole(tensor)
+            cls.key = id(tensor)
+        return cls.array
+
+    @classmethod
+    def clear(cls) -> None:
+        cls.key, cls.array = None, None
+
+
+def _read_whole(tensor: ir.TensorProtocol) -> np.ndarray:
+    """A private in-memory copy of a tensor: external data by one positional read (no mmap page faults)."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8:
+        dtype = tensor.dtype.numpy()
+        shape = tuple(int(d) for d in tensor.shape)
+        out = np.empty(shape, dtype=dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        path = os.path.join(str(tensor.base_dir), tensor.location)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done, offset = 0, tensor.offset or 0
+            while done < view.nbytes:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise OSError(f"unexpected end of {path} reading {tensor.name!r}")
+                done += n
+        finally:
+            os.close(fd)
+        return out
+    arr = np.array(tensor.numpy(), copy=True)
+    release = getattr(tensor, "release", None)
+    if callable(release):
+        try:
+            release()
+        except BufferError:
+            pass
+    return arr
+
+
 def _lazy_slice(tensor: ir.TensorProtocol, axis: int, start: int, stop: int, name: str) -> ir.LazyTensor:
-    """Part of ``tensor`` along ``axis`` read only when written (from the source's memory map)."""
+    """Part of ``tensor`` along ``axis``, read only when written (source read once per tensor, not per rank)."""
     shape = [int(d) for d in tensor.shape]
     shape[axis] = stop - start
     dtype = tensor.dtype
 
     def load() -> ir.Tensor:
-        arr = tensor.numpy()
+        arr = _SourceCache.get(tensor)
         index = [slice(None)] * arr.ndim
         index[axis] = slice(start, stop)
-        part = np.array(arr[tuple(index)], copy=True, order="C")  # own memory: the source map can go
-        del arr
-        release = getattr(tensor, "release", None)
-        if callable(release):
-            try:
-                release()  # drop the source mapping so its pages do not accumulate in RSS
-            except BufferError:  # someone else still holds a view of it
-                pass
+        part = arr[tuple(index)]
+        if not part.flags["C_CONTIGUOUS"]:
+            part = np.ascontiguousarray(part)  # leading-axis shards are views of the cached read: no copy
+        if stop == int(tensor.shape[axis]):
+            _SourceCache.clear()  # the last rank's shard: nobody needs this tensor any more
         return ir.Tensor(part, dtype=dtype, name=name)
 
     return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)

@@ -54,11 +54,29 @@ class RankTiming:
     send_s: float = 0.0
     p2p_bytes: int = 0
     wait_s: float = 0.0  # blocked receiving from an earlier stage: the pipeline bubble
+    skew_s: float = 0.0  # with sync_collectives: waiting for the slowest tp peer before each collective
     total_s: float = 0.0
+    predicted_collective_s: float | None = None  # runtime/perfmodel for the same collectives on `interconnect`
+    interconnect: str | None = None
     per_collective: list[dict[str, Any]] = field(default_factory=list)
 
     def row(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "per_collective"}
+
+    def predict(self, interconnect: str, tp: int) -> None:
+        """What ``maia-onnx analyze``'s cost model (runtime/perfmodel) predicts for exactly these collectives."""
+        from maia_onnx.runtime.perfmodel import collective_time
+        from maia_onnx.runtime.profiles import load_interconnect
+
+        link = load_interconnect(interconnect)
+        total = 0.0
+        for c in self.per_collective:
+            # perfmodel sizes an all-gather by what every rank ends up with: tp times one rank's input
+            size = c["bytes"] * (tp if c["op"] == "AllGather" else 1)
+            c["predicted_s"] = collective_time(c["op"], size, tp, link)
+            total += c["predicted_s"]
+        self.predicted_collective_s = total
+        self.interconnect = link.name
 
 
 # ------------------------------------------------------------------------------------------ wire
@@ -112,18 +130,20 @@ def _recv_array(src: int, dtype_hint: np.dtype | None = None) -> np.ndarray:
 class RankRunner:
     """What one process does: its own rank/stage model, its collectives, its pipeline sends and receives."""
 
-    def __init__(self, directory: str | os.PathLike, timeout: float = 300.0):
+    def __init__(self, directory: str | os.PathLike, timeout: float = 300.0, sync_collectives: bool = False):
         import torch.distributed as dist
 
         from maia_onnx.partition import read_manifest
         from maia_onnx.runtime.executor import build_program
 
         self.directory = Path(directory)
+        self.sync_collectives = sync_collectives  # calibration: time the transfer alone, not the peers' lateness
         self.manifest = read_manifest(self.directory)
         m = self.manifest
+        pg_timeout = datetime.timedelta(seconds=timeout)
         if not dist.is_initialized():
             backend = os.environ.get("MAIA_ONNX_DIST_BACKEND", "gloo")
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+            dist.init_process_group(backend, timeout=pg_timeout)
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         if self.world != m.tp * m.pp:
@@ -134,7 +154,9 @@ class RankRunner:
         self.tp, self.pp = m.tp, m.pp
         self.tp_rank, self.stage = self.rank % self.tp, self.rank // self.tp
         # every process must create every group, in the same order
-        self.tp_groups = [dist.new_group([s * self.tp + t for t in range(self.tp)]) for s in range(self.pp)]
+        # (new groups do not inherit the default group's timeout: pass it, or a stuck peer blocks for 30 min)
+        self.tp_groups = [dist.new_group([s * self.tp + t for t in range(self.tp)], timeout=pg_timeout)
+                          for s in range(self.pp)]
         self.group = self.tp_groups[self.stage]
         entry = m.rank_entry(self.tp_rank, self.stage)
         self.program = build_program(self.directory / entry["file"], self.tp_rank, self.stage)
@@ -168,6 +190,10 @@ class RankRunner:
         import torch
         import torch.distributed as dist
 
+        if self.sync_collectives:
+            t0 = time.perf_counter()
+            dist.barrier(group=self.group)
+            self.timing.skew_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         if coll.op == "AllReduce":
             acc_dtype = value.dtype if value.dtype in (np.float32, np.float64) or value.dtype.kind in "iu" else np.float32
@@ -186,9 +212,21 @@ class RankRunner:
         self.timing.per_collective.append({"op": coll.op, "name": coll.name, "bytes": int(value.nbytes), "s": dt})
         return out
 
+    def _session_options(self):
+        """ORT options for a process that shares the host with its peers: its share of the cores, and no
+        spin-waiting threads (spinning ORT pools starve the gloo threads of the other ranks on the host)."""
+        from maia_onnx.ortutil import session_options
+
+        so = session_options()
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        so.intra_op_num_threads = max(1, (os.cpu_count() or 1) // max(local, 1))
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return so
+
     def _run_stage(self, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This rank's stage model on one microbatch: segments in ORT, collectives over the tp group."""
-        from maia_onnx.ortutil import session_options
         from maia_onnx.runtime.executor import _segment_session
 
         prog = self.program
@@ -197,7 +235,7 @@ class RankRunner:
             if seg is not None and seg.nodes:
                 t0 = time.perf_counter()
                 if seg.session is None:
-                    seg.session = _segment_session(prog, seg, env, session_options)
+                    seg.session = _segment_session(prog, seg, env, self._session_options)
                 env.update(zip(seg.outputs, seg.session.run(seg.outputs, {k: env[k] for k in seg.inputs})))
                 self.timing.compute_s += time.perf_counter() - t0
             for coll in prog.collectives.get(p, []):
@@ -304,7 +342,8 @@ def _maybe_fault(rank: int, step: int) -> None:
 
 
 def run_worker(directory: str | os.PathLike, inputs: Mapping[str, np.ndarray] | None, microbatches: int = 1,
-               decode_steps: int = 0, timeout: float = 300.0) -> tuple[dict[str, np.ndarray] | None, list | None]:
+               decode_steps: int = 0, timeout: float = 300.0, interconnect: str | None = "loopback",
+               sync_collectives: bool = False) -> tuple[dict[str, np.ndarray] | None, list | None]:
     """Body of one process: prefill (+ greedy decode steps). Rank 0 returns (outputs, timings); others (None, None).
 
     Outputs: the last step's source outputs under their names, every step's under ``step{k}.{name}``, and the
@@ -312,47 +351,50 @@ def run_worker(directory: str | os.PathLike, inputs: Mapping[str, np.ndarray] | 
     """
     import torch.distributed as dist
 
-    runner = RankRunner(directory, timeout=timeout)
+    runner = RankRunner(directory, timeout=timeout, sync_collectives=sync_collectives)
+    if decode_steps and ("logits" not in runner.manifest.source_output_names()
+                         or not any(n.startswith("past_key_values.") for n in runner.source_inputs)):
+        raise UserError("--decode-steps needs a decoder with a 'logits' output and past_key_values.* inputs")
     t_start = time.perf_counter()
     collected: dict[str, np.ndarray] = {}
     tokens = []
     feeds = dict(inputs or {})
     cache: dict[str, np.ndarray] | None = None
-    try:
-        for step in range(decode_steps + 1):
-            _maybe_fault(runner.rank, step)
-            local = runner.forward(feeds, microbatches if step == 0 else 1, cache)
-            outs = runner.gather_outputs(local)
-            # each stage keeps its own KV cache: present.X -> past_key_values.X without leaving the process
-            cache = {"past_key_values." + k[len("present."):]: v for k, v in local.items() if k.startswith("present.")}
+    # On failure the exception propagates without destroy_process_group(): with a peer gone, tearing the
+    # group down can block; the worker exits the process instead.
+    for step in range(decode_steps + 1):
+        _maybe_fault(runner.rank, step)
+        local = runner.forward(feeds, microbatches if step == 0 else 1, cache)
+        outs = runner.gather_outputs(local)
+        # each stage keeps its own KV cache: present.X -> past_key_values.X without leaving the process
+        cache = {"past_key_values." + k[len("present."):]: v for k, v in local.items() if k.startswith("present.")}
+        if runner.rank == 0:
+            for k, v in outs.items():
+                collected[f"step{step}.{k}"] = v
+                collected[k] = v
+        if step < decode_steps:
+            token = None
             if runner.rank == 0:
-                for k, v in outs.items():
-                    collected[f"step{step}.{k}"] = v
-                    collected[k] = v
-            if step < decode_steps:
-                token = None
-                if runner.rank == 0:
-                    if "logits" not in outs:
-                        raise UserError("--decode-steps needs a decoder with a 'logits' output and past_key_values inputs")
-                    token = np.argmax(outs["logits"][:, -1, :], axis=-1).astype(np.int64)[:, None]
-                    tokens.append(token)
-                token = runner.broadcast_token(token)
-                feeds = {"input_ids": token}
-        runner.timing.total_s = time.perf_counter() - t_start
-        timings = runner.gather_timings()
-        if runner.rank == 0 and tokens:
-            collected["tokens"] = np.concatenate(tokens, axis=1)
-        return (collected, timings) if runner.rank == 0 else (None, None)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+                token = np.argmax(outs["logits"][:, -1, :], axis=-1).astype(np.int64)[:, None]
+                tokens.append(token)
+            token = runner.broadcast_token(token)
+            feeds = {"input_ids": token}
+    runner.timing.total_s = time.perf_counter() - t_start
+    if interconnect:
+        runner.timing.predict(interconnect, runner.tp)
+    timings = runner.gather_timings()
+    if runner.rank == 0 and tokens:
+        collected["tokens"] = np.concatenate(tokens, axis=1)
+    dist.destroy_process_group()
+    return (collected, timings) if runner.rank == 0 else (None, None)
 
 
 # ------------------------------------------------------------------------------------------ launcher
 def launch(directory: str | os.PathLike, inputs_path: str | os.PathLike, save_outputs: str | os.PathLike | None = None,
            nproc_per_node: int | None = None, nnodes: str = "1", rdzv_endpoint: str | None = None,
            microbatches: int = 1, decode_steps: int = 0, timeout: float = 300.0, report_path: str | os.PathLike | None = None,
-           extra_env: Mapping[str, str] | None = None, quiet: bool = True) -> dict[str, Any]:
+           extra_env: Mapping[str, str] | None = None, quiet: bool = True,
+           interconnect: str = "loopback", sync_collectives: bool = False) -> dict[str, Any]:
     """Start ``torchrun -m maia_onnx.runtime.worker DIR ...`` and wait; raise DistributedRunError naming the
     failing rank and its cause if any rank fails or the whole run exceeds ``timeout`` (plus start-up slack).
 
@@ -375,17 +417,28 @@ def launch(directory: str | os.PathLike, inputs_path: str | os.PathLike, save_ou
             cmd += ["--standalone"]
         cmd += ["-m", "maia_onnx.runtime.worker", str(directory), "--inputs", str(inputs_path),
                 "--microbatches", str(microbatches), "--decode-steps", str(decode_steps), "--timeout", str(timeout),
-                "--report", str(report)]
+                "--report", str(report), "--interconnect", interconnect]
+        if sync_collectives:
+            cmd += ["--sync-collectives"]
         if save_outputs:
             cmd += ["--save-outputs", str(save_outputs)]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", "1")
         env.update(extra_env or {})
+        # torchrun in its own process group so a timeout can stop it whole; the workers die with it
+        # (worker.py asks the kernel for SIGKILL when their parent exits)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout + 60)
+            out, err = proc.communicate(timeout=timeout + 60)
         except subprocess.TimeoutExpired as exc:
+            import signal
+
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             raise DistributedRunError(f"torchrun run of {directory} did not finish within {timeout + 60:.0f} s; "
                                       f"raise --timeout or check the ranks") from exc
+        proc = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         if proc.returncode != 0:
             raise DistributedRunError(_failure_message(proc.stdout + proc.stderr, proc.returncode, directory))
         if not quiet:
@@ -421,3 +474,53 @@ def _failure_message(log: str, returncode: int, directory) -> str:
     if "timed out" in cause.lower() or "timeout" in cause.lower():
         cause += " (a peer rank stopped answering; --timeout bounds every collective)"
     return f"distributed run of {directory} failed: {cause}"
+
+
+# ------------------------------------------------------------------------------------------ CLI hook
+def launcher_options(func):
+    """click options for ``maia-onnx run DIR --launcher torchrun ...`` (decorate the run command with this)."""
+    import click
+
+    options = [
+        click.option("--launcher", type=click.Choice(["inprocess", "torchrun"]), default="inprocess", show_default=True,
+                     help="Partition directories: run all ranks in this process, or one process per rank via torchrun."),
+        click.option("--nproc-per-node", type=int, default=None, help="torchrun: processes on this node (default: all ranks)."),
+        click.option("--nnodes", default="1", show_default=True, help="torchrun: number of nodes (or MIN:MAX)."),
+        click.option("--rdzv-endpoint", default=None, help="torchrun: HOST:PORT of the rendezvous for multi-node runs."),
+        click.option("--microbatches", type=int, default=1, show_default=True, help="Pipeline microbatches (first step)."),
+        click.option("--decode-steps", type=int, default=0, show_default=True,
+                     help="torchrun: greedy decode steps after the prefill, each stage keeping its KV cache."),
+        click.option("--timeout", "dist_timeout", type=float, default=300.0, show_default=True,
+                     help="torchrun: seconds any collective or pipeline receive may take."),
+        click.option("--interconnect", default="loopback", show_default=True,
+                     help="torchrun: link profile whose predicted collective time is reported beside the measured one."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def run_torchrun(directory, inputs_path, save_outputs=None, nproc_per_node=None, nnodes="1", rdzv_endpoint=None,
+                 microbatches=1, decode_steps=0, dist_timeout=300.0, interconnect="loopback") -> dict[str, Any]:
+    """The work behind ``--launcher torchrun``: a result dict (outputs' names, per-rank timing rows)."""
+    if not inputs_path:
+        raise UserError("--launcher torchrun needs --inputs x.npz (full, unsharded inputs; every rank reads its part)")
+    report = launch(directory, inputs_path, save_outputs, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                    rdzv_endpoint=rdzv_endpoint, microbatches=microbatches, decode_steps=decode_steps,
+                    timeout=dist_timeout, interconnect=interconnect)
+    from maia_onnx.runtime.worker import timing_rows
+
+    return {"model": str(directory), "kind": "partition", "launcher": "torchrun", "outputs": report.get("outputs", []),
+            "saved": str(save_outputs) if save_outputs else None, "ranks": timing_rows(report.get("ranks", []))}
+
+
+def print_timing(result: dict[str, Any], as_json: bool = False) -> None:
+    """Per-rank timing table (or JSON) for a torchrun result."""
+    from maia_onnx.report import dumps, print_table
+
+    if as_json:
+        print(dumps(result))
+        return
+    rows = result.get("ranks") or []
+    if rows:
+        print_table(rows, list(rows[0]), title=f"{result['model']}: per-rank timing (seconds, bytes)")

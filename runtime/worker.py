@@ -24,18 +24,37 @@ def _parse(argv):
     p.add_argument("--timeout", type=float, default=300.0, help="seconds any collective or receive may take")
     p.add_argument("--report", default=None, help="rank 0 writes the JSON timing report here")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.add_argument("--interconnect", default="loopback",
+                   help="link profile to predict the collective time with (runtime/interconnects), '' for none")
+    p.add_argument("--sync-collectives", action="store_true",
+                   help="calibration: barrier before each collective so its time is the transfer alone (skew_s apart)")
     return p.parse_args(argv)
 
 
 def timing_rows(timings):
-    keys = ["rank", "tp_rank", "stage", "compute_s", "collective_s", "collective_bytes", "collectives", "wait_s",
-            "send_s", "p2p_bytes", "total_s"]
+    keys = ["rank", "tp_rank", "stage", "compute_s", "collective_s", "collective_bytes", "collectives", "skew_s", "wait_s",
+            "send_s", "p2p_bytes", "total_s", "predicted_collective_s"]
     return [{k: t[k] for k in keys} for t in sorted(timings, key=lambda t: t["rank"])]
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the torchrun agent that started us exits, so no rank outlives a failed run
+    (torchrun starts workers in their own sessions; a rank stuck in a C call may ignore its SIGTERM)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: torchrun's own SIGTERM is all we have
+        pass
 
 
 def main(argv=None) -> int:
     args = _parse(argv)
     rank = os.environ.get("RANK", "?")
+    _die_with_parent()
     try:
         import numpy as np
 
@@ -43,7 +62,8 @@ def main(argv=None) -> int:
 
         with np.load(args.inputs, allow_pickle=False) as data:
             feeds = {k: data[k] for k in data.files}
-        outputs, timings = run_worker(args.directory, feeds, args.microbatches, args.decode_steps, args.timeout)
+        outputs, timings = run_worker(args.directory, feeds, args.microbatches, args.decode_steps, args.timeout,
+                                        args.interconnect or None, args.sync_collectives)
         if outputs is not None:
             from maia_onnx.io import atomic_write, write_text_atomic
             from maia_onnx.report import dumps, print_table
@@ -68,7 +88,8 @@ def main(argv=None) -> int:
         sys.stderr.flush()
         if os.environ.get("MAIA_ONNX_DEBUG"):
             raise
-        return 1
+        sys.stdout.flush()
+        os._exit(1)  # no interpreter teardown: a process group whose peer is gone can block in its destructor
 
 
 if __name__ == "__main__":

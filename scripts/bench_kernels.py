@@ -103,6 +103,54 @@ def gpu_check() -> int:
     return failures
 
 
+def sweep(K, torch, dev) -> dict:
+    """Try launch parameters on representative kernels; set the fastest in K's TUNING and return them."""
+    from maia_onnx.runtime.kernels._launch import TUNING
+
+    R, C = 8192, 16384
+    x32 = torch.randn(R, C, device=dev)
+    x16 = x32.to(torch.bfloat16)
+    ch = torch.rand(C, device=dev) + 0.1
+    q8 = K.quantize_fp8(x32, ch, "e4m3fn", axis=1)
+    e4, s4 = K.mx_quantize(x32, "mxfp4", -1, 32)
+    chosen = {}
+
+    def best(key_values, fns):
+        scores = []
+        for values in key_values:
+            TUNING.update(values)
+            try:
+                ms = sum(_bench_ms(fn, 3, 10) for fn in fns)
+            except Exception as exc:  # a config may not compile (resources): skip it
+                print(f"sweep {values}: {type(exc).__name__}")
+                continue
+            print(f"sweep {values}: {ms:.4f} ms")
+            scores.append((ms, values))
+        ms, values = min(scores, key=lambda t: t[0])
+        TUNING.update(values)
+        chosen.update(values)
+
+    best([{"elementwise_block": b, "elementwise_warps": w} for b, w in
+          ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16))],
+         [lambda: K.quantize_fp8(x32, ch, "e4m3fn", 1), lambda: K.quantize_fp8(x16, ch, "e5m2", 1),
+          lambda: K.dequantize_fp8(q8, ch, 1, None, torch.bfloat16, "e4m3fn"),
+          lambda: K.dequantize_fp8(q8, ch, 1, None, torch.float32, "e4m3fn"),
+          lambda: K.mx_dequantize(e4, s4, "mxfp4", -1, 32, torch.bfloat16)])
+    best([{"mx_elements_per_program": e, "mx_warps": w} for e, w in ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8))],
+         [lambda: K.mx_quantize(x16, "mxfp8-e4m3", -1, 32), lambda: K.mx_quantize(x32, "mxfp4", -1, 32)])
+    M = Kd = N = 8192
+    a = torch.randn(M, Kd, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(Kd, N, device=dev) * 0.05
+    wsc = w.abs().amax(0) / 448
+    wq = K.quantize_fp8(w, wsc, "e4m3fn", axis=1)
+    me, mxs = K.mx_quantize(w, "mxfp8-e4m3", 0, 32)
+    best([{"matmul_tiles": t} for t in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
+                                       (128, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4))],
+         [lambda: K.fp8_matmul(a, wq, wsc, 1, None, "e4m3fn"), lambda: K.mx_matmul(a, me, mxs, "mxfp8-e4m3", 0, 32)])
+    print(f"sweep chosen: {chosen}")
+    return chosen
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8192)
@@ -110,6 +158,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mm", default="8192x8192x8192,16x8192x8192", help="matmul shapes MxKxN, comma separated")
     parser.add_argument("--json", dest="json_path", help="write the figures as JSON here")
     parser.add_argument("--check", action="store_true", help="first compare every kernel bit for bit with the reference")
+    parser.add_argument("--sweep", action="store_true", help="first try launch parameters and use the fastest")
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -131,6 +180,7 @@ def main(argv=None) -> int:
         gpu_check()
     torch.manual_seed(0)
     dev = torch.device("cuda")
+    chosen = sweep(K, torch, dev) if args.sweep else {}
     R, C = args.rows, args.cols
     n = R * C
     x32 = torch.randn(R, C, device=dev) * 3
@@ -215,7 +265,8 @@ def main(argv=None) -> int:
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump({"device": device, "torch": torch.__version__, "triton": triton.__version__,
-                       "copy_GBps": copy_gbs, "shape": [R, C], "elementwise": rows, "matmul": mm_rows}, fh, indent=2)
+                       "copy_GBps": copy_gbs, "shape": [R, C], "tuning": chosen, "elementwise": rows,
+                       "matmul": mm_rows}, fh, indent=2)
     return 0
 
 

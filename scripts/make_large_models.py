@@ -17,11 +17,15 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)  # ru_maxrss is KiB on Linux
 
 
+_T0 = time.perf_counter()
+
+
 def _progress(msg: str) -> None:
     import psutil
 
     rss = psutil.Process().memory_info().rss / 2**30
-    print(f"[export] {msg} (rss {rss:.1f} GiB, peak {_peak_rss_gib():.1f} GiB)", file=sys.stderr, flush=True)
+    print(f"[export {time.perf_counter() - _T0:6.1f}s] {msg} (rss {rss:.1f} GiB, peak {_peak_rss_gib():.1f} GiB)",
+          file=sys.stderr, flush=True)
 
 
 def make_llama_large(out_dir: Path = DEFAULT_DIR, force: bool = False, check: bool = True) -> Path:

@@ -147,10 +147,8 @@ defaults:
   verify: {{min_cosine: 0.95}}
 jobs:
   - {{name: q8, model: {m}, steps: [{{quantize: {{format: fp8-e4m3}}}}, verify]}}
-  - {{name: q5, model: {m}, steps: [{{quantize: {{format: fp8-e5m2}}}}, verify]}}
   - {{name: tp2, model: {m}, steps: [{{partition: {{tp: 2}}}}, verify]}}
   - {{name: q8-tp2, model: {m}, steps: [{{quantize: {{format: fp8-e4m3}}}}, {{partition: {{tp: 2}}}}, verify]}}
-  - {{name: pp2, model: {m}, steps: [{{partition: {{pp: 2}}}}, verify]}}
 """
 
 

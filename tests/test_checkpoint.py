@@ -44,7 +44,8 @@ def _arrays() -> dict[str, np.ndarray]:
 
 def test_safetensors_round_trip_all_dtypes(tmp_path):
     arrays = _arrays()
-    path = write_safetensors(tmp_path / "a.safetensors", [(k, ir.Tensor(v, name=k)) for k, v in arrays.items()], {"who": "test"})
+    path, digest = write_safetensors(tmp_path / "a.safetensors", [(k, ir.Tensor(v, name=k)) for k, v in arrays.items()], {"who": "test"})
+    assert digest == sha256_file(path)
     back = read_safetensors(path)
     for name, arr in arrays.items():
         got = back[name].numpy()
@@ -61,9 +62,9 @@ def test_files_are_standard_safetensors(tmp_path):
     from safetensors.numpy import load_file
 
     arrays = _arrays()
-    path = write_safetensors(tmp_path / "a.safetensors", [(k, ir.Tensor(v, name=k)) for k, v in arrays.items()])
+    path, _ = write_safetensors(tmp_path / "a.safetensors", [(k, ir.Tensor(v, name=k)) for k, v in arrays.items()])
     plain = {k: v for k, v in arrays.items() if k in ("f32", "f16", "i64", "u8", "flag", "scalar")}
-    path_plain = write_safetensors(tmp_path / "plain.safetensors", [(k, ir.Tensor(v, name=k)) for k, v in plain.items()])
+    path_plain, _ = write_safetensors(tmp_path / "plain.safetensors", [(k, ir.Tensor(v, name=k)) for k, v in plain.items()])
     loaded = load_file(str(path_plain))
     for k, v in plain.items():
         np.testing.assert_array_equal(loaded[k], v)

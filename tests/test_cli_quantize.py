@@ -109,7 +109,41 @@ def test_refuses_to_overwrite_input_and_missing_model(tmp_path, model_path, caps
 def test_unavailable_feature_says_so_before_any_work(tmp_path, model_path, capsys, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "maia_onnx.passes.kv_cache_fp8", None)  # simulate a build without it
+    rc = main(["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--kv-cache", "fp8-e4m3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has no KV cache" in err and "calibrating" not in err
+    monkeypatch.setitem(sys.modules, "maia_onnx.passes.kv_cache", None)  # simulate a build without it
     rc = main(["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--kv-cache", "fp8-e4m3"])
     err = capsys.readouterr().err
     assert rc == 2 and "not available" in err and "calibrating" not in err
+
+
+def test_kv_cache_scales_roundtrip_and_target_cosine_on_llama(tmp_path, llama_tiny_onnx, capsys):
+    """The MX/KV/QAT engineer's passes, wired through the CLI: FP8 KV cache, scale export/import, mixed precision."""
+    out, scales = tmp_path / "kv.onnx", tmp_path / "scales.json"
+    rc = main(["quantize", str(llama_tiny_onnx), "-o", str(out), "--kv-cache", "fp8-e4m3", "--emit-scales", str(scales),
+               "--no-attention", "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    data = json.loads(captured.out)
+    assert len(data["kv_cache"]["scales"]) == 4
+    assert load_model(out).graph.inputs[1].dtype == ir.DataType.FLOAT8E4M3FN  # past_key_values.0.key in FP8
+    assert data["accuracy"]["outputs"]["logits"]["cosine"] > 0.995  # evaluated through float I/O around the FP8 cache
+    emitted = json.loads(scales.read_text())
+    assert "lm_head.weight_scale" in emitted and "model.layers.1.self_attn.k_scale" in emitted
+
+    # importing the emitted scales needs no calibration and reproduces the same FP8 weights
+    out2 = tmp_path / "imported.onnx"
+    rc = main(["quantize", str(llama_tiny_onnx), "-o", str(out2), "--scales", str(scales), "--kv-cache", "fp8-e4m3",
+               "--no-attention", "--calib", "random", "--json"])
+    data2 = json.loads(capsys.readouterr().out)
+    assert rc == 0 and data2["scales_import"]["unmatched"] == [] and "calibration" not in data2
+    a, b = load_model(out).graph.initializers, load_model(out2).graph.initializers
+    for name, value in a.items():
+        if value.const_value.dtype == ir.DataType.FLOAT8E4M3FN and not name.startswith("kv_cache"):
+            np.testing.assert_array_equal(value.const_value.numpy().view(np.uint8), b[name].const_value.numpy().view(np.uint8))
+
+    rc = main(["quantize", str(llama_tiny_onnx), "-o", str(tmp_path / "mp.onnx"), "--target-cosine", "0.999"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "mixed precision: kept" in captured.out and "met" in captured.out

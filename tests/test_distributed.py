@@ -87,15 +87,33 @@ def test_llama_tiny_torchrun_matches_single_process(tp, pp, partitions, llama_ti
         assert any(r["stage"] == 1 and r["wait_s"] > 0 for r in ranks)  # the later stage waited on the earlier one
 
 
-def test_yolo_tiny_tp2_torchrun_matches_single_process(partitions, yolo_tiny_onnx, tmp_path):
+def test_yolo_tiny_tp2_torchrun_matches_single_process(partitions, yolo_tiny_onnx, tmp_path, capsys):
+    from maia_onnx.runtime.distributed import print_timing, run_torchrun
+
     directory = partitions("yolo-tiny", 2, 1)
     model = load_model(yolo_tiny_onnx)
     feeds = make_inputs(model, seed=1, dims={"batch": 2})
     np.savez(tmp_path / "in.npz", **feeds)
-    launch(directory, tmp_path / "in.npz", tmp_path / "out.npz", timeout=60)
+    result = run_torchrun(directory, tmp_path / "in.npz", tmp_path / "out.npz", dist_timeout=60)
     with np.load(tmp_path / "out.npz") as data:
         got = {k: data[k] for k in data.files}
     assert_step_close(run_model(model, feeds), got, "", "yolo tp2")
+    assert sorted(result["outputs"]) == sorted(["boxes", "scores", "step0.boxes", "step0.scores"])
+    rows = result["ranks"]
+    assert [r["rank"] for r in rows] == [0, 1]
+    # every collective was priced with the loopback profile of the cost model
+    assert all(r["collectives"] > 0 and r["predicted_collective_s"] > 0 for r in rows)
+    print_timing(result)
+    table = capsys.readouterr().out
+    assert "collective_s" in table and "predicted_collective_s" in table
+
+
+def test_torchrun_needs_inputs(partitions):
+    from maia_onnx.errors import UserError
+    from maia_onnx.runtime.distributed import run_torchrun
+
+    with pytest.raises(UserError, match="--inputs"):
+        run_torchrun(partitions("llama-tiny", 2, 1), None)
 
 
 @pytest.mark.parametrize("mode", ["kill", "hang"])
@@ -103,7 +121,7 @@ def test_dead_or_stuck_rank_fails_the_run_with_its_name(mode, partitions, llama_
     directory = partitions("llama-tiny", 2, 1)
     feeds = make_inputs(load_model(llama_tiny_onnx), seed=1, dims={"batch": 1, "seq": 3, "past": 0})
     np.savez(tmp_path / "in.npz", **feeds)
-    timeout = 15
+    timeout = 10
     start = time.monotonic()
     with pytest.raises(DistributedRunError) as info:
         launch(directory, tmp_path / "in.npz", tmp_path / "out.npz", decode_steps=2, timeout=timeout,
@@ -117,3 +135,11 @@ def test_dead_or_stuck_rank_fails_the_run_with_its_name(mode, partitions, llama_
         assert "rank 0" in message and "time" in message.lower()  # the healthy rank timed out waiting for rank 1
     assert elapsed < timeout + 45
     assert not (tmp_path / "out.npz").exists()  # no partial outputs
+    psutil = pytest.importorskip("psutil")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # no rank outlives the failed run
+        left = [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"ranks still running: {[p.pid for p in left]}"

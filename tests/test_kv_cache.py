@@ -193,3 +193,73 @@ def test_32_step_greedy_decode_against_fp32(copy_llama, fmt, granularity):
     # 1 byte per cached element: a quarter of FP32, half of BF16
     assert result.cache_bytes_per_token["candidate"] * 4 == result.cache_bytes_per_token["reference"]
     assert result.cache_bytes_per_token["candidate"] == 2 * LAYERS * KV_HEADS * HEAD_DIM
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF decoder (transformers LlamaForCausalLM from a tiny config, exported through maia_onnx.hf): every
+# method of this engineer's scope in one place, so the ~30 s export is paid once.
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_decoder(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from maia_onnx.export import export_spec
+    from maia_onnx.hf import build_hf_spec
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("hf")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "ckpt")
+    path = root / "hf.onnx"
+    export_spec(build_hf_spec(str(root / "ckpt")), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "fmt,floor", [("mxfp8-e4m3", 0.99), ("mxfp8-e5m2", 0.97), ("mxint8", 0.999), ("mxfp4", 0.9), ("mx9", 0.9998), ("mx6", 0.985)]
+)
+def test_hf_decoder_mx_formats(hf_decoder, fmt, floor):
+    from maia_onnx.ortutil import make_inputs, run_model
+    from maia_onnx.passes.quantize_mx import QuantizeMxPass
+
+    fp32 = load_model(hf_decoder)
+    feeds = make_inputs(fp32, seed=0, dims={"batch": 1, "seq": 8, "past": 4}, int_high=128)
+    ref = run_model(fp32, feeds)
+    qp = QuantizeMxPass(fmt)
+    model = qp(load_model(hf_decoder)).model
+    validate_model(model)
+    got = run_model(model, feeds)
+    assert len(qp.layers) == 15  # 7 linears x 2 layers + lm_head
+    assert {r["layer"] for r in qp.layers} >= {"model.layers.0.self_attn.q_proj", "lm_head"}
+    for name, r in ref.items():
+        c = compare(r, got[name])["cosine"]
+        assert floor < c < 1.0, (fmt, name, c)
+
+
+@pytest.mark.parametrize("fmt", ["fp8-e4m3", "fp8-e5m2"])
+def test_hf_decoder_fp8_kv_cache_decode(hf_decoder, fmt):
+    from maia_onnx.scales import emit_scales, map_scales
+
+    fp32 = load_model(hf_decoder)
+    rng = np.random.default_rng(0)
+    calib = [{"input_ids": rng.integers(0, 128, (2, 16)), **empty_past(2)}]
+    model = load_model(hf_decoder)
+    KvCacheFp8Pass(fmt, "head", calib=calib)(model)
+    validate_model(model)
+    prompt = rng.integers(0, 128, (1, 6))
+    result = compare_decode(fp32, model, prompt, steps=32)
+    assert len(result.steps) == 32
+    # random-init HF weights: near-flat logits, so cosine (teacher-forced) is the meaningful check
+    assert result.mean_cosine > (0.999 if fmt == "fp8-e4m3" else 0.995), result.as_dict()
+    assert result.min_cosine < 1.0
+    assert result.cache_bytes_per_token["candidate"] * 4 == result.cache_bytes_per_token["reference"]
+    # the scales come back out under the HF checkpoint's attention module names
+    emitted = emit_scales(model)
+    assert set(k for k in emitted if k.endswith(("k_scale", "v_scale"))) == {
+        f"model.layers.{i}.self_attn.{s}" for i in range(LAYERS) for s in ("k_scale", "v_scale")
+    }
+    smap, unmatched = map_scales(load_model(hf_decoder), emitted)
+    assert unmatched == [] and sorted(smap.kv) == [0, 1]

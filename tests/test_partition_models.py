@@ -8,6 +8,7 @@ its own ``present`` tensors.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,8 @@ def llama_fp8(exported_models, tmp_path_factory) -> Path:
     from maia_onnx.quantize import quantize_model
 
     out = tmp_path_factory.mktemp("fp8") / "llama-fp8.onnx"
-    with pytest.warns(UserWarning):  # random calibration data
+    with warnings.catch_warnings():  # calibrating on random inputs warns; irrelevant for partition parity
+        warnings.simplefilter("ignore")
         quantize_model(exported_models("llama-tiny"), out, format="fp8-e4m3", show_progress=False, evaluate=False)
     return out
 

@@ -142,8 +142,7 @@ def test_whole_layers_unless_too_unbalanced():
     # 5 equal layers on 3 stages: whole layers (2/2/1, 20% over the ideal) are kept.
     plan = plan_pipeline(_sorted(toy_decoder(5)), 3, "flops")
     assert all(len(b) == 1 and b[0].startswith("y") for b in plan.boundaries), plan.boundaries
-    # 4 equal layers on 3 stages: whole layers would put 50% over the ideal on one stage, so a layer is split
-    # (still never between a KV cache and its attention: the cache output stays with its Concat's readers).
+    # 4 equal layers on 3 stages: whole layers would put 50% over the ideal on one stage, so a layer is split.
     plan4 = plan_pipeline(_sorted(toy_decoder(4)), 3, "flops")
     assert plan4.imbalance_pct < 25.0
 
@@ -234,3 +233,41 @@ def _kv_named(proto: onnx.ModelProto) -> ir.Model:
         if v.name.startswith("past"):
             v.name = f"past_key_values.{v.name[4:]}.key"
     return model
+
+
+def test_kv_cache_output_never_crosses_a_stage_boundary():
+    """When attention reads the present KV cache (a graph output), no cut separates the cache from its readers."""
+    layers = 3
+    lines, prev = [], "x"
+    for i in range(layers):
+        lines += [
+            f"b{i} = MatMul({prev}, w{i})",
+            f"k{i} = Concat <axis=1> (past{i}, b{i})",
+            f"r{i} = ReduceMean <keepdims=1> (k{i}, axis1)",
+            f"m{i} = Mul(b{i}, r{i})",
+            f"y{i} = Add(m{i}, {prev})",
+        ]
+        prev = f"y{i}"
+    ins = ", ".join([f"float[B,S,{HIDDEN}] x"] + [f"float[B,P,{HIDDEN}] past{i}" for i in range(layers)])
+    outs = ", ".join([f"float[B,S,{HIDDEN}] {prev}"] + [f"float[B,T,{HIDDEN}] k{i}" for i in range(layers)])
+    proto = onnx.parser.parse_model(
+        f"""<ir_version: 10, opset_import: ["" : 18]>
+kv ({ins}) => ({outs}) <int64[1] axis1 = {{1}}>
+{{
+{chr(10).join(lines)}
+}}"""
+    )
+    rng = np.random.default_rng(0)
+    for i in range(layers):
+        proto.graph.initializer.append(onnx.numpy_helper.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32), f"w{i}"))
+    for stages in (2, 3):
+        plan, parts = split_pipeline(ir.from_proto(proto), stages, "flops")
+        assert not any(name.startswith("k") for boundary in plan.boundaries for name in boundary), plan.boundaries
+        for part in parts:
+            present = {n for n in part.outputs if n.startswith("k")}
+            readers = {n.inputs[0].name for n in part.model.graph if n.op_type == "ReduceMean"}
+            assert readers == present  # the cache is read where it is produced
+        feeds = feeds_for(layers)
+        got = run_stages(parts, feeds)
+        for name, value in run_model(ir.from_proto(proto), feeds).items():
+            np.testing.assert_array_equal(got[name], value)

@@ -353,3 +353,43 @@ def test_fp8_file_is_about_a_quarter_and_input_untouched(llama_tiny_onnx, tmp_pa
     # 1 byte per weight: the 15 linears hold 90112 parameters (embedding and norms stay FP32)
     assert sum(v.const_value.nbytes for v in fp8) == 90112
     assert r.report["sizes"]["ratio"] < 0.55  # of a 0.43 MB file, graph structure is a large share
+
+
+def test_embedding_table_per_row_when_enabled():
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    emb (int64[2, 3] ids) => (float[2, 3, 8] y) {
+       y = Gather(table, ids)
+    }
+    """
+    table = (np.random.default_rng(6).standard_normal((20, 8)) * np.linspace(0.01, 10, 20)[:, None]).astype(np.float32)
+    model = _model(text, {"table": table})
+    assert not QuantizeFp8Pass()(model).modified  # off by default: Gather is not a compute op
+    QuantizeFp8Pass(embeddings=True)(model)
+    dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
+    assert dq.attributes["axis"].value == 0 and tuple(dq.inputs[1].shape) == (20,)
+    ids = np.array([[0, 5, 19], [3, 3, 7]], np.int64)
+    np.testing.assert_allclose(run_model(model, {"ids": ids})["y"], wq(table, 0)[ids], rtol=RTOL, atol=ATOL)
+
+
+def test_second_run_leaves_quantized_model_alone(mlp):
+    model, _, x = mlp
+    QuantizeFp8Pass(activation_scales={"x": 3 / 448, "r": 9 / 448})(model)
+    before = run_model(model, {"x": x})["y"]
+    n_nodes = len(list(model.graph))
+    # inputs that come out of DequantizeLinear are already quantized: nothing left to do
+    assert find_targets(model) == []
+    assert not QuantizeFp8Pass(activation_scales={"x": 1.0})(model).modified
+    assert len(list(model.graph)) == n_nodes
+    np.testing.assert_array_equal(run_model(model, {"x": x})["y"], before)
+
+
+def test_api_on_in_memory_model_leaves_it_untouched(mlp):
+    model, w, x = mlp
+    before = [n.op_type for n in model.graph]
+    r = _quantize(model, format="fp8-e4m3", method="mse", num_samples=4, eval_samples=2)
+    assert [n.op_type for n in model.graph] == before
+    np.testing.assert_array_equal(model.graph.initializers["W1"].const_value.numpy(), w["W1"])
+    assert sum(n.op_type == "QuantizeLinear" for n in r.model.graph) == 2
+    assert r.report["accuracy"]["outputs"]["y"]["cosine"] > 0.995
+    assert set(r.activation_scales) == {"x", "r"}

@@ -50,6 +50,7 @@ def parse_dims(values) -> dict[str, int]:
 @click.option("--kv-cache", type=click.Choice(["fp8-e4m3", "fp8-e5m2"]), default=None, help="Quantize the KV cache too.")
 @click.option("--scales", "scales_path", type=click.Path(), default=None, help="Import scales (vLLM / ModelOpt names) from JSON or safetensors.")
 @click.option("--emit-scales", type=click.Path(), default=None, help="Write the scales used, in vLLM / ModelOpt naming.")
+@click.option("--qat", is_flag=True, help="Turn fake-quant (QAT) chains into FP8 QDQ with their learned scales first.")
 @click.option("--target-cosine", type=float, default=None, help="Mixed precision: keep the most sensitive layers wider until output cosine >= X.")
 @click.option("--no-eval", is_flag=True, help="Skip the accuracy report.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random calibration inputs.")
@@ -58,7 +59,7 @@ def parse_dims(values) -> dict[str, int]:
 @report_option
 @json_option
 def command(model, output, fmt, calib, method, percentile, granularity, block_size, exclude, weights_only, no_attention, embeddings,
-            num_samples, batch_size, eval_samples, dims, kv_cache, scales_path, emit_scales, target_cosine, no_eval, seed,
+            num_samples, batch_size, eval_samples, dims, kv_cache, scales_path, emit_scales, qat, target_cosine, no_eval, seed,
             max_layers, external_data, report_path, as_json):
     import logging
     import sys
@@ -92,6 +93,7 @@ def command(model, output, fmt, calib, method, percentile, granularity, block_si
         scales=scales_path,
         emit_scales=emit_scales,
         target_cosine=target_cosine,
+        qat=qat,
         report_path=report_path,
         evaluate=not no_eval,
         external_data=external_data,
@@ -111,6 +113,14 @@ def command(model, output, fmt, calib, method, percentile, granularity, block_si
         click.echo()
     elif accuracy.get("skipped"):
         click.echo(f"accuracy report skipped: {accuracy['skipped']}")
+    mixed = report.get("mixed_precision")
+    if mixed:
+        kept = ", ".join(k.get("module") or k["layer"] for k in mixed["kept"]) or "none"
+        click.echo(f"mixed precision: kept {len(mixed['kept'])} layer(s) in {mixed['keep_dtype']} ({kept}); "
+                   f"cosine {mixed['cosine_all_quantized']:.6f} -> {mixed['final_cosine']:.6f} "
+                   f"(target {mixed['target_cosine']}, {'met' if mixed['met'] else 'NOT met'})")
+    if report.get("kv_cache"):
+        click.echo(f"KV cache: {report['kv_cache']['format']} ({len(report['kv_cache']['scales'])} cache tensors)")
     sizes = report.get("sizes", {})
     size_text = human_bytes(sizes.get("output_bytes", 0))
     if sizes.get("input_bytes"):
@@ -120,3 +130,5 @@ def command(model, output, fmt, calib, method, percentile, granularity, block_si
     click.echo(f"wrote {output}: {fmt}, {size_text}{calib_text}, {report['seconds']:.1f}s")
     if report_path:
         click.echo(f"report: {report_path}")
+    if emit_scales:
+        click.echo(f"scales: {emit_scales}")

@@ -15,6 +15,16 @@ import ml_dtypes
 import numpy as np
 
 
+# Launch parameters (scripts/bench_kernels.py --sweep measures alternatives on a GPU and reports the best).
+TUNING = {
+    "elementwise_block": 4096,  # elements per program of the FP8 / MX dequantize kernels
+    "elementwise_warps": 4,
+    "mx_elements_per_program": 2048,  # MX quantize: blocks per program = this / block size
+    "mx_warps": 4,
+    "matmul_tiles": None,  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) to force, or None
+}
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 

@@ -20,6 +20,7 @@ from maia_onnx.runtime.kernels._launch import (
     BF16,
     axis_layout,
     bf16_bits,
+    TUNING,
     check_size,
     interpreting,
     kernel_device,
@@ -28,7 +29,6 @@ from maia_onnx.runtime.kernels._launch import (
     torch_out_dtype,
 )
 
-BLOCK = 4096
 SCALE_TENSOR, SCALE_CHANNEL, SCALE_BLOCKED, SCALE_BLOCKED_LAST = 0, 1, 2, 3
 
 
@@ -133,9 +133,11 @@ def quantize_fp8(x, scale, fmt="e4m3fn", axis=None, block_size=None):
     q = torch.empty(xt.shape, dtype=torch.uint8, device=device)
     n = xt.numel()
     if n:
-        _quantize_fp8_kernel[(triton.cdiv(n, BLOCK),)](
+        block = TUNING["elementwise_block"]
+        _quantize_fp8_kernel[(triton.cdiv(n, block),)](
             bf16_bits(xt), st, q, n, length, inner, nblocks, bs,
-            SCALE_MODE=mode, IN_BF16=in_bf16, E5M2=f.name == "e5m2", NATIVE=not interpreting(), BLOCK=BLOCK,
+            SCALE_MODE=mode, IN_BF16=in_bf16, E5M2=f.name == "e5m2", NATIVE=not interpreting(), BLOCK=block,
+            num_warps=TUNING["elementwise_warps"],
         )
     return to_numpy(q, f.np_dtype) if numpy_in else q
 
@@ -160,9 +162,10 @@ def dequantize_fp8(q, scale, axis=None, block_size=None, dtype=np.float32, fmt=N
     out = torch.empty(qt.shape, dtype=out_dtype, device=device)
     n = qt.numel()
     if n:
-        _dequantize_fp8_kernel[(triton.cdiv(n, BLOCK),)](
+        block = TUNING["elementwise_block"]
+        _dequantize_fp8_kernel[(triton.cdiv(n, block),)](
             qt.view(torch.uint8), st, bf16_bits(out), n, length, inner, nblocks, bs,
             SCALE_MODE=mode, E5M2=f.name == "e5m2", OUT_BF16=out_dtype == torch.bfloat16,
-            NATIVE=not interpreting(), BLOCK=BLOCK,
+            NATIVE=not interpreting(), BLOCK=block, num_warps=TUNING["elementwise_warps"],
         )
     return to_numpy(out, dtype if not isinstance(dtype, torch.dtype) else np.float32) if numpy_in else out

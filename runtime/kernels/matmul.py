@@ -24,6 +24,7 @@ from maia_onnx.formats.mx import mx_format
 from maia_onnx.runtime.kernels._bits import decode_element, e8m0_factors, store_f32_or_bf16
 from maia_onnx.runtime.kernels._launch import (
     BF16,
+    TUNING,
     bf16_bits,
     interpreting,
     kernel_device,
@@ -116,6 +117,8 @@ def _tiles(M: int, dot_bf16: bool):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the problem; small tiles in the interpreter."""
     if interpreting():
         return 16, 32, 32, 4, 1
+    if TUNING["matmul_tiles"] and M > 64:
+        return tuple(TUNING["matmul_tiles"])
     if dot_bf16:
         if M <= 64:
             return 16 if M <= 16 else 64, 128, 128, 4, 4

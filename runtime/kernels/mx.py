@@ -28,6 +28,7 @@ from maia_onnx.runtime.kernels._bits import (
 )
 from maia_onnx.runtime.kernels._launch import (
     BF16,
+    TUNING,
     axis_layout,
     bf16_bits,
     check_size,
@@ -41,8 +42,6 @@ from maia_onnx.runtime.kernels.fp8 import load_as_f32, scale_index
 
 # format name -> (element code, log2 of the implicit element scale)
 ELEMENTS = {"mxfp8-e4m3": (0, 0), "mxfp8-e5m2": (1, 0), "mxint8": (2, -6), "mxfp4": (3, 0)}
-DEQUANT_BLOCK = 4096
-BLOCKS_PER_PROGRAM = 64
 
 
 @triton.jit
@@ -142,11 +141,12 @@ def mx_quantize(x, fmt, axis=-1, block_size=32):
     n_blocks = lay.outer * lay.nblocks * lay.inner
     if n_blocks:
         bs_pow2 = triton.next_power_of_2(lay.block)
-        g = max(1, min(BLOCKS_PER_PROGRAM, 4096 // bs_pow2))
+        g = max(1, TUNING["mx_elements_per_program"] // bs_pow2)
         _mx_quantize_kernel[(triton.cdiv(n_blocks, g),)](
             bf16_bits(xt), elements, exps, n_blocks, lay.length, lay.inner, lay.nblocks,
             BS=lay.block, BS_POW2=bs_pow2, CONTIGUOUS=lay.inner == 1 and lay.length % lay.block == 0,
             ELEM=elem, EMAX=f.emax, LOG2_IMPLICIT=log2_implicit, IN_BF16=in_bf16, NATIVE=not interpreting(), G=g,
+            num_warps=TUNING["mx_warps"],
         )
     if numpy_in:
         return to_numpy(elements, f.element_dtype), to_numpy(exps, np.uint8)
@@ -172,11 +172,12 @@ def mx_dequantize(elements, exps, fmt, axis=-1, block_size=32, dtype=np.float32)
     out = torch.empty(et.shape, dtype=out_dtype, device=device)
     n = et.numel()
     if n:
-        _mx_dequantize_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](
+        block = TUNING["elementwise_block"]
+        _mx_dequantize_kernel[(triton.cdiv(n, block),)](
             et.view(torch.int8) if elem == 2 else et.view(torch.uint8), xt, bf16_bits(out), n,
             lay.length, lay.inner, lay.nblocks, lay.block,
             ELEM=elem, LOG2_IMPLICIT=log2_implicit, OUT_BF16=out_dtype == torch.bfloat16,
             MODE=3 if lay.inner == 1 and lay.length % lay.block == 0 else 2, NATIVE=not interpreting(),
-            BLOCK=DEQUANT_BLOCK,
+            BLOCK=block, num_warps=TUNING["elementwise_warps"],
         )
     return to_numpy(out, dtype if not isinstance(dtype, torch.dtype) else np.float32) if numpy_in else out

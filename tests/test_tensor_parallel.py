@@ -1,0 +1,276 @@
+"""Tensor-parallel pass: structural Megatron split, collectives, per-rank weights, numerics vs the unsharded model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from maia_onnx.errors import InvalidOptionError
+from maia_onnx.io import load_model
+from maia_onnx.ortutil import compare, make_inputs, run_model
+from maia_onnx.partition import new_manifest, read_manifest, write_partition
+from maia_onnx.passes.tensor_parallel import TensorParallelPass, split_model
+from maia_onnx.runtime.executor import PartitionExecutor, run_partition
+
+FP32_RTOL = 1e-5  # max error relative to the reference's largest magnitude
+
+
+def _weights(rng, *shape):
+    return "{" + ", ".join(f"{v:.6f}" for v in rng.standard_normal(shape).ravel() * 0.3) + "}"
+
+
+def mlp_block_text(hidden=8, inner=16, seed=0) -> str:
+    rng = np.random.default_rng(seed)
+    return f"""
+    <ir_version: 9, opset_import: ["" : 18]>
+    mlp (float[B, S, {hidden}] x) => (float[B, S, {hidden}] y)
+      <float[{hidden}, {inner}] w_up = {_weights(rng, hidden, inner)},
+       float[{inner}] b_up = {_weights(rng, inner)},
+       float[{inner}, {hidden}] w_down = {_weights(rng, inner, hidden)},
+       float[{hidden}] b_down = {_weights(rng, hidden)}>
+    {{
+        up = MatMul(x, w_up)
+        up_b = Add(up, b_up)
+        act = Relu(up_b)
+        down = MatMul(act, w_down)
+        down_b = Add(down, b_down)
+        y = Add(x, down_b)
+    }}
+    """
+
+
+def attention_block_text(heads=4, head_dim=2, seed=1) -> str:
+    """Self-attention with head-count constants in Reshape shapes, closing at a residual Add."""
+    rng = np.random.default_rng(seed)
+    h = heads * head_dim
+    return f"""
+    <ir_version: 9, opset_import: ["" : 18]>
+    attn (float[2, 3, {h}] x) => (float[2, 3, {h}] y)
+      <float[{h}, {h}] wq = {_weights(rng, h, h)}, float[{h}, {h}] wk = {_weights(rng, h, h)},
+       float[{h}, {h}] wv = {_weights(rng, h, h)}, float[{h}, {h}] wo = {_weights(rng, h, h)},
+       int64[4] heads_shape = {{2, 3, {heads}, {head_dim}}}, int64[3] merged_shape = {{2, 3, {h}}}>
+    {{
+        q = MatMul(x, wq)
+        k = MatMul(x, wk)
+        v = MatMul(x, wv)
+        q4 = Reshape(q, heads_shape)
+        k4 = Reshape(k, heads_shape)
+        v4 = Reshape(v, heads_shape)
+        qt = Transpose <perm = [0, 2, 1, 3]> (q4)
+        kt = Transpose <perm = [0, 2, 3, 1]> (k4)
+        vt = Transpose <perm = [0, 2, 1, 3]> (v4)
+        scores = MatMul(qt, kt)
+        probs = Softmax <axis = -1> (scores)
+        ctx = MatMul(probs, vt)
+        ctx_t = Transpose <perm = [0, 2, 1, 3]> (ctx)
+        merged = Reshape(ctx_t, merged_shape)
+        out = MatMul(merged, wo)
+        y = Add(x, out)
+    }}
+    """
+
+
+def _partition_in_memory(model: ir.Model, tp: int, out_dir):
+    """split_model + write_partition (the TP-only path without the pipeline pass)."""
+    ranks, fragment = split_model(model, tp)
+    manifest = new_manifest(tp, 1, model, None, None)
+    manifest["stages"] = [
+        {"stage": 0, "inputs": [v.name for v in ranks[0].graph.inputs], "outputs": [v.name for v in ranks[0].graph.outputs]}
+    ]
+    manifest["inputs"] = {v.name: fragment["inputs"].get(v.name, {"sharding": "replicated", "axis": None}) for v in model.graph.inputs}
+    manifest["outputs"] = {
+        v.name: dict(fragment["outputs"].get(v.name, {"sharding": "replicated", "axis": None}), stage=0)
+        for v in model.graph.outputs
+    }
+    manifest["collectives"] = [
+        dict(c, id=i, stage=0, group=list(range(tp))) for i, c in enumerate(fragment["collectives"])
+    ]
+    manifest["tensors"] = fragment["tensors"]
+    write_partition(out_dir, {(t, 0): m for t, m in enumerate(ranks)}, manifest)
+    return fragment
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_mlp_block_column_then_row_with_one_allreduce(tmp_path, tp):
+    model = ir.from_onnx_text(mlp_block_text())
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)}
+    reference = run_model(ir.from_onnx_text(mlp_block_text()), feeds)
+    fragment = _partition_in_memory(model, tp, tmp_path / "p")
+    assert [c["op"] for c in fragment["collectives"]] == ["AllReduce"]
+    assert fragment["tensors"]["w_up"]["kind"] == "column" and fragment["tensors"]["w_up"]["axis"] == 1
+    assert fragment["tensors"]["w_down"]["kind"] == "row" and fragment["tensors"]["w_down"]["axis"] == 0
+    assert fragment["tensors"]["w_up"]["shards"][str(tp - 1)] == [16 - 16 // tp, 16]
+    rank1 = load_model(tmp_path / "p" / "rank1_stage0.onnx")
+    assert list(rank1.graph.initializers["w_up"].const_value.shape) == [8, 16 // tp]
+    assert list(rank1.graph.initializers["w_down"].const_value.shape) == [16 // tp, 8]
+    # row-parallel bias kept once: rank 1 adds it after the AllReduce, not before (no partial bias)
+    allreduce = next(n for n in rank1.graph if n.op_type == "AllReduce")
+    assert allreduce.domain == "com.microsoft" and allreduce.attributes["group_size"].as_int() == tp
+    got = run_partition(tmp_path / "p", feeds)
+    assert compare(reference["y"], got["y"])["max_rel"] < FP32_RTOL
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_attention_block_rewrites_head_constants(tmp_path, tp):
+    model = ir.from_onnx_text(attention_block_text())
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3, 8)).astype(np.float32)}
+    reference = run_model(ir.from_onnx_text(attention_block_text()), feeds)
+    fragment = _partition_in_memory(model, tp, tmp_path / "p")
+    assert Counter(c["op"] for c in fragment["collectives"]) == {"AllReduce": 1}
+    assert {k: v["kind"] for k, v in fragment["tensors"].items() if k.startswith("w")} == {
+        "wq": "column", "wk": "column", "wv": "column", "wo": "row",
+    }
+    rank0 = load_model(tmp_path / "p" / "rank0_stage0.onnx")
+    reshape_shapes = sorted(
+        tuple(int(x) for x in n.inputs[1].const_value.numpy()) for n in rank0.graph if n.op_type == "Reshape"
+    )
+    assert (2, 3, 4 // tp, 2) in reshape_shapes and (2, 3, 8 // tp) in reshape_shapes
+    got = run_partition(tmp_path / "p", feeds)
+    assert compare(reference["y"], got["y"])["max_rel"] < FP32_RTOL
+
+
+def test_tp_that_divides_nothing_is_rejected():
+    model = ir.from_onnx_text(mlp_block_text(hidden=6, inner=9))
+    with pytest.raises(InvalidOptionError, match="--tp 4 divides none"):
+        split_model(model, 4)
+
+
+def test_pass_api_checks_rank_and_returns_rank_model():
+    with pytest.raises(InvalidOptionError, match="rank 2 is outside"):
+        TensorParallelPass(2, rank=2)
+    result = TensorParallelPass(2, rank=1)(ir.from_onnx_text(mlp_block_text()))
+    assert result.modified
+    assert list(result.model.graph.initializers["w_up"].const_value.shape) == [8, 8]
+    assert "com.microsoft" in result.model.opset_imports
+
+
+# ----------------------------------------------------------------------------------- exported models
+
+
+def _check_partition(src, out_dir, tp, dims, seed=0, int_high=256, pp=1, rtol=FP32_RTOL):
+    from maia_onnx.partition import partition_file
+
+    manifest = partition_file(src, out_dir, tp=tp, pp=pp)
+    model = load_model(src)
+    feeds = make_inputs(model, seed=seed, dims=dims, int_high=int_high)
+    reference = run_model(model, feeds)
+    got = run_partition(out_dir, feeds)
+    for name, ref in reference.items():
+        err = compare(ref, got[name])
+        assert err["max_rel"] < rtol, (name, err)
+    for entry in manifest.ranks:
+        onnx.checker.check_model(str(out_dir / entry["file"]))
+    return manifest
+
+
+def _decode_steps(src, part_dir, vocab, steps=2, batch=2, prompt=4, rtol=FP32_RTOL):
+    """Prefill then ``steps`` single-token decodes, feeding each side's own present.* back as past."""
+    model = load_model(src)
+    layers = sum(1 for v in model.graph.inputs if v.name.endswith(".key"))
+    kv_heads, head_dim = model.graph.inputs[1].shape[1], model.graph.inputs[1].shape[3]
+    rng = np.random.default_rng(7)
+    empty = np.zeros((batch, kv_heads, 0, head_dim), np.float32)
+    ref_past = {f"past_key_values.{i}.{kind}": empty for i in range(layers) for kind in ("key", "value")}
+    part_past = dict(ref_past)
+    ids = rng.integers(0, vocab, size=(batch, prompt)).astype(np.int64)
+    ex = PartitionExecutor(part_dir)
+    from maia_onnx.ortutil import make_session
+
+    sess = make_session(model)
+    names = [o.name for o in sess.get_outputs()]
+    for _ in range(steps + 1):
+        ref = dict(zip(names, sess.run(names, {"input_ids": ids, **ref_past})))
+        got = ex.run({"input_ids": ids, **part_past})
+        for name in names:
+            assert compare(ref[name], got[name])["max_rel"] < rtol, name
+        ref_past = {k: ref[k.replace("past_key_values", "present")] for k in ref_past}
+        part_past = {k: got[k.replace("past_key_values", "present")] for k in part_past}
+        ids = ref["logits"][:, -1:].argmax(-1).astype(np.int64)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_llama_tiny_prefill_and_decode(llama_tiny_onnx, tmp_path, tp):
+    manifest = _check_partition(llama_tiny_onnx, tmp_path / "p", tp, {"batch": 2, "seq": 3, "past": 4})
+    # 2 KV heads: split by TP2 (each rank owns its heads' cache), replicated at TP4
+    kv = manifest.inputs["past_key_values.0.key"]
+    assert kv == ({"sharding": "split", "axis": 1} if tp == 2 else {"sharding": "replicated", "axis": None})
+    ops = Counter(c["op"] for c in manifest.collectives)
+    assert ops == {"AllReduce": 5, "AllGather": 1}  # embedding + 2 x (attention, MLP); logits gather
+    kinds = manifest.tensors
+    assert kinds["model.embed_tokens.weight"]["kind"] == "vocab"
+    assert kinds["lm_head.weight"]["kind"] == "column"
+    assert kinds["model.layers.0.self_attn.o_proj.weight"]["kind"] == "row"
+    assert kinds["model.layers.0.mlp.down_proj.weight"]["kind"] == "row"
+    source_bytes = sum(v.const_value.nbytes for v in load_model(llama_tiny_onnx).graph.initializers.values())
+    for entry in manifest.ranks:  # sharded weights dominate: each rank holds about 1/tp of them
+        assert entry["weight_bytes"] < source_bytes / tp * 1.25
+    _decode_steps(llama_tiny_onnx, tmp_path / "p", vocab=256)
+
+
+@pytest.mark.parametrize("name", ["unet-tiny", "yolo-tiny"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_conv_nets_output_channel_split(exported_models, tmp_path, name, tp):
+    src = exported_models(name)
+    manifest = _check_partition(src, tmp_path / "p", tp, {"batch": 2})
+    conv_kinds = {v["kind"] for k, v in manifest.tensors.items() if "conv" in k and v["axis"] is not None}
+    assert {"column", "row"} & conv_kinds
+    assert any(c["op"] == "AllGather" and c["axis"] == 1 for c in manifest.collectives)
+
+
+@pytest.fixture(scope="module")
+def hf_decoders(tmp_path_factory):
+    """Tiny HF Llama (GQA) and GPT2 (fused QKV, Conv1D) exported through maia_onnx.export."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from maia_onnx.export import export_model
+
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    llama = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(llama).save_pretrained(root / "llama")
+    gpt2 = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                   eos_token_id=0)
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
+    paths = {}
+    for name in ("llama", "gpt2"):
+        export_model(f"hf:{root / name}", root / f"{name}.onnx")
+        paths[name] = root / f"{name}.onnx"
+    return paths
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_hf_decoders(hf_decoders, tmp_path, family, tp):
+    manifest = _check_partition(hf_decoders[family], tmp_path / "p", tp, {"batch": 2, "seq": 3, "past": 2}, int_high=128)
+    assert sum(1 for c in manifest.collectives if c["op"] == "AllReduce") >= 4  # attention + MLP per layer
+    _decode_steps(hf_decoders[family], tmp_path / "p", vocab=128, steps=1)
+
+
+@pytest.fixture(scope="module")
+def llama_fp8(llama_tiny_onnx, tmp_path_factory):
+    quantize = pytest.importorskip("maia_onnx.quantize")
+    out = tmp_path_factory.mktemp("fp8") / "llama-fp8.onnx"
+    with pytest.warns(UserWarning):
+        quantize.quantize_model(llama_tiny_onnx, out, show_progress=False, evaluate=False)
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_fp8_llama_shards_fp8_weights_and_scales(llama_fp8, tmp_path, tp):
+    manifest = _check_partition(llama_fp8, tmp_path / "p", tp, {"batch": 2, "seq": 3, "past": 4}, rtol=1e-3)
+    rank = load_model(tmp_path / "p" / "rank0_stage0.onnx")
+    q = rank.graph.initializers["model.layers.0.mlp.up_proj.weight_quantized"].const_value
+    scale = rank.graph.initializers["model.layers.0.mlp.up_proj.weight_scale"].const_value
+    assert q.dtype == ir.DataType.FLOAT8E4M3FN and list(q.shape) == [64, 128 // tp]
+    assert list(scale.shape) == [128 // tp]  # per-output-channel scales follow their columns
+    assert manifest.tensors["model.layers.0.mlp.up_proj.weight_scale"]["axis"] == 0
+    src = load_model(llama_fp8).graph.initializers
+    full_scale = src["model.layers.0.mlp.up_proj.weight_scale"].const_value.numpy()
+    np.testing.assert_array_equal(scale.numpy(), full_scale[: 128 // tp])
+    assert read_manifest(tmp_path / "p").tp == tp
