@@ -169,6 +169,8 @@ def evaluate_accuracy(
                 clipped[name][1] += x.size
         n_batches += 1
 
+    names = [getattr(r, "layer", None) or r.node for r in layers if r.outputs]
+    repeated = {n for n in names if names.count(n) > 1}  # e.g. the two attention matmuls of one module
     layer_rows = []
     for r in layers:
         if not r.outputs:
@@ -179,7 +181,7 @@ def evaluate_accuracy(
         act_scale = max(r.activation_scales.values()) if r.activation_scales else None
         layer_rows.append(
             {
-                "layer": getattr(r, "layer", None) or r.node,
+                "layer": (getattr(r, "layer", None) or r.node) + (f" ({r.node})" if (getattr(r, "layer", None) or r.node) in repeated else ""),
                 "node": r.node,
                 "op": r.op_type,
                 "output": r.outputs[0],

@@ -12,7 +12,6 @@ import json
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,7 +20,6 @@ from onnx import TensorProto
 
 from maia_onnx.errors import InvalidOptionError, ModelLoadError, UnsupportedModelError
 from maia_onnx.runtime.perfmodel import (
-    ConfigEstimate,
     OpCost,
     Workload,
     arithmetic_intensity,

@@ -87,14 +87,8 @@ class CalibrationSource:
         seen = 0
         limit = self.num_samples
         for f in self._files():
-            try:
-                data = np.load(f)
-                if not hasattr(data, "files"):
-                    raise ValueError("a single .npy array, not an .npz archive")
-            except (OSError, ValueError, EOFError) as exc:
-                raise UserError(f"calibration file {f} is not a readable .npz archive ({exc}): save it with np.savez") from None
-            with data:
-                n = min(data[k].shape[0] for k in data.files) if data.files else 0
+            lengths = _npz_first_dims(f)  # headers only: counting must not read every array
+            n = min(lengths.values()) if lengths else 0
             lo, hi = max(start - seen, 0), n if stop is None else min(n, max(stop - seen, 0))
             seen += n
             used = max(hi - lo, 0)
@@ -175,6 +169,26 @@ class CalibrationSource:
                     if want is not None and feeds[value.name].dtype != want:
                         feeds[value.name] = feeds[value.name].astype(want)
                 yield feeds
+
+
+def _npz_first_dims(path: Path) -> dict[str, int]:
+    """First-axis length of every array in an .npz, read from the .npy headers (no array data is read)."""
+    import zipfile
+
+    lengths = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape = header(fh)[0]
+                lengths[info.filename[:-4]] = int(shape[0]) if shape else 1
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise UserError(f"calibration file {path} is not a readable .npz archive ({exc}): save it with np.savez") from None
+    return lengths
 
 
 def _np_dtype(dtype):

@@ -153,3 +153,43 @@ def compare_decode(reference, candidate, prompt: np.ndarray, steps: int = 32) ->
     result.first_divergence = None if same.all() else int(np.argmin(same))
     result.cache_bytes_per_token = {"reference": ref_dec.cache_bytes_per_token(), "candidate": cand_dec.cache_bytes_per_token()}
     return result
+
+
+def decode_report(reference, candidate, prompt: np.ndarray | None = None, steps: int = 32, seed: int = 0, prompt_len: int = 8) -> dict[str, Any]:
+    """``compare_decode`` as a JSON-ready dict (for quantize / run reports); a seeded random prompt by default.
+
+    The prompt's token range comes from the model's ``maia_onnx.config`` metadata (``vocab_size``) or the
+    logits width.
+    """
+    ref_dec = reference if isinstance(reference, DecoderSession) else DecoderSession(reference)
+    if prompt is None:
+        vocab = None
+        model = reference if isinstance(reference, ir.Model) else None
+        if model is not None and "maia_onnx.config" in model.metadata_props:
+            import json
+
+            vocab = json.loads(model.metadata_props["maia_onnx.config"]).get("vocab_size")
+        if not vocab:
+            out = next(o for o in ref_dec.session.get_outputs() if o.name == "logits")
+            vocab = out.shape[-1] if isinstance(out.shape[-1], int) else 2
+        prompt = np.random.default_rng(seed).integers(0, int(vocab), (1, prompt_len))
+    result = compare_decode(ref_dec, candidate, prompt, steps)
+    report = result.as_dict()
+    report["prompt"] = np.asarray(prompt).tolist()
+    report["steps_count"] = steps
+    return report
+
+
+def step_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-step table rows (step, cosine, max_abs, tokens, agree) for ``maia_onnx.report.print_table``."""
+    return [
+        {
+            "step": s["step"],
+            "cosine": round(s["cosine"], 6),
+            "max_abs": round(s["max_abs"], 4),
+            "fp32_token": ",".join(map(str, s["ref_token"])),
+            "token": ",".join(map(str, s["token"])),
+            "agree": "yes" if s["agree"] else "NO",
+        }
+        for s in report["steps"]
+    ]

@@ -126,6 +126,14 @@ def fold_weight_transposes(model: ir.Model) -> int:
         if other_users:
             module = _name_scope_module(consumers[0]) or _name_scope_module(node)
             new_name = f"{module}.weight" if module else f"{src.name}.transposed"
+            if new_name == src.name:
+                # a tied parameter exported under the head's name: the shared original takes its other
+                # user's (the embedding's) module name, so the MatMul weight can be lm_head.weight
+                other = _name_scope_module(other_users[0])
+                if other and f"{other}.weight" not in graph.initializers:
+                    graph.initializers.pop(src.name)
+                    src.name = f"{other}.weight"
+                    graph.register_initializer(src)
             if new_name in graph.initializers:
                 new_name = f"{src.name}.transposed"
         else:

@@ -32,7 +32,8 @@ def _build_llama(size: str, seed: int, dims: dict) -> ModelSpec:
     from maia_onnx.models import llama
 
     cfg = llama.SIZES[size]
-    cfg = type(cfg)(**{**cfg.__dict__, **{k: v for k, v in dims.items() if k in cfg.__dict__}})
+    # dims may also override config fields (num_layers=1, tie_word_embeddings=1, ...), cast to the field's type
+    cfg = type(cfg)(**{**cfg.__dict__, **{k: type(cfg.__dict__[k])(v) for k, v in dims.items() if k in cfg.__dict__}})
     if size == "large":
         # skip torch's default init (slow at ~1 B parameters): allocate once, then fill with our seeded init
         with torch.device("meta"):

@@ -161,6 +161,8 @@ def activation_values(targets: Sequence[QuantTarget]) -> list[str]:
 
 def ensure_opset(model: ir.Model, minimum: int = MIN_OPSET) -> None:
     """FP8 QDQ needs opset >= 21 here; upgrade older models with the onnxscript version converter."""
+    # FP8 tensors need IR >= 9 and opset 21 IR >= 10; legacy IR < 4 also forbids initializers outside graph inputs
+    model.ir_version = max(model.ir_version or 0, 10)
     current = model.opset_imports.get("", None)
     if current is None or current >= minimum:
         if current is None:

@@ -71,6 +71,39 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
+def _db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+def _chunks(shape: tuple[int, ...], block_axis: int, max_elements: int = 1 << 23) -> list[tuple[slice, ...]]:
+    """Slices of at most ~max_elements along the largest axis other than the block axis (blocks stay whole)."""
+    full = [slice(None)] * len(shape)
+    size = int(np.prod(shape)) if shape else 1
+    others = [a for a in range(len(shape)) if a != block_axis and shape[a] > 1]
+    if size <= max_elements or not others:
+        return [tuple(full)]
+    split = max(others, key=lambda a: shape[a])
+    step = max(1, max_elements // (size // shape[split]))
+    out = []
+    for start in range(0, shape[split], step):
+        sl = list(full)
+        sl[split] = slice(start, min(start + step, shape[split]))
+        out.append(tuple(sl))
+    return out
+
+
+def _release(tensor) -> None:
+    """Unmap an external tensor's pages now (peak memory stays one tensor, not the whole model)."""
+    release = getattr(tensor, "release", None)
+    if release is not None:
+        try:
+            release()
+        except BufferError:  # a view is still alive; the mapping goes when it does
+            pass
+
+
 def require_opset(model: ir.Model, version: int) -> None:
     """Raise the default-domain opset to ``version`` (ops we may meet from 18 on only gained types since)."""
     current = model.opset_imports.get("", 0)
@@ -137,36 +170,85 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         self.layers: list[dict] = []
 
     # ------------------------------------------------------------------ weights
+    def _smx(self, data: np.ndarray, axis: int) -> np.ndarray:
+        if self.block_size == mxf.SMX_BLOCK_SIZE:
+            return mxf.SMX_FORMATS[self.fmt](data, axis=axis)
+        return mxf.fake_quant_smx(data, 7 if self.fmt == "mx9" else 4, axis, self.block_size)
+
     def _quantize_weight(self, graph: ir.Graph, target: WeightTarget, namer: _Namer, front: list[ir.Node]) -> ir.Value:
         w = target.weight
         axis = target.reduction_axis
-        data = np.asarray(w.const_value.numpy(), dtype=np.float32)
+        source = w.const_value
+        shape = tuple(source.shape)
+        lazy_source = isinstance(source, ir.ExternalTensor)
         row = {
             "layer": target.layer,
             "node": target.node.name,
             "weight": w.name,
-            "shape": list(data.shape),
+            "shape": list(shape),
             "axis": axis,
             "format": self.fmt,
-            "bytes_before": int(w.const_value.nbytes),
+            "bytes_before": int(source.nbytes),
         }
+        signal = noise = 0.0
+
+        def measure(ref: np.ndarray, approx: np.ndarray) -> None:
+            nonlocal signal, noise
+            signal += float(np.sum(np.square(ref, dtype=np.float64)))
+            noise += float(np.sum(np.square(ref.astype(np.float64) - approx)))
+
         if self.smx:
-            fq = mxf.SMX_FORMATS[self.fmt](data, axis=axis) if self.block_size == mxf.SMX_BLOCK_SIZE else (
-                mxf.fake_quant_smx(data, 7 if self.fmt == "mx9" else 4, axis, self.block_size)
-            )
-            tensor = ir.tensor(fq, name=w.name)
+            data = source.numpy()
+            if lazy_source:
+                # FP32 out: computing it now would hold a second full copy of the weights; produce it at save time
+                for sl in _chunks(shape, axis):
+                    chunk = np.asarray(data[sl], np.float32)
+                    measure(chunk, self._smx(chunk, axis))
+                del data
+                _release(source)
+
+                def produce(source=source, name=w.name, axis=axis):
+                    src = source.numpy()
+                    out = np.empty(shape, np.float32)
+                    for sl in _chunks(shape, axis):
+                        out[sl] = self._smx(np.asarray(src[sl], np.float32), axis)
+                    del src
+                    _release(source)
+                    return ir.Tensor(out, name=name)
+
+                tensor = ir.LazyTensor(produce, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(shape)), name=w.name)
+            else:
+                fq = np.empty(shape, np.float32)
+                for sl in _chunks(shape, axis):
+                    chunk = np.asarray(data[sl], np.float32)
+                    fq[sl] = self._smx(chunk, axis)
+                    measure(chunk, fq[sl])
+                tensor = ir.tensor(fq, name=w.name)
             w.const_value = tensor
             w.metadata_props["maia.format"] = self.fmt
             w.metadata_props["maia.block_axis"] = str(axis)
             w.metadata_props["maia.block_size"] = str(self.block_size)
-            row.update(sqnr_db=sqnr_db(data, fq), bytes_after=int(tensor.nbytes), form="fake-quant")
+            row.update(sqnr_db=_db(signal, noise), bytes_after=int(tensor.nbytes), form="fake-quant")
             self.layers.append(row)
             return w
 
-        elems, exps = mxf.mx_quantize(data, self.fmt, axis=axis, block_size=self.block_size)
-        deq = mxf.mx_dequantize(elems, exps, self.fmt, axis=axis, block_size=self.block_size)
-        row["sqnr_db"] = sqnr_db(data, deq)
-        del data, deq
+        # 1-byte elements + one scale per block are held in memory (a quarter of the FP32 bytes); the FP32
+        # source is read chunk by chunk (memory-mapped for external data) and released afterwards.
+        f = mxf.mx_format(self.fmt)
+        exps_shape = list(shape)
+        exps_shape[axis] = -(-shape[axis] // self.block_size)
+        elems = np.empty(shape, f.element_dtype)
+        exps = np.empty(exps_shape, np.uint8)
+        data = source.numpy()
+        for sl in _chunks(shape, axis):
+            chunk = np.asarray(data[sl], np.float32)
+            e, x = mxf.mx_quantize(chunk, f, axis=axis, block_size=self.block_size)
+            elems[sl], exps[sl] = e, x
+            measure(chunk, mxf.mx_dequantize(e, x, f, axis=axis, block_size=self.block_size, dtype=np.float64))
+        del data
+        if lazy_source:
+            _release(source)
+        row["sqnr_db"] = _db(signal, noise)
         if self.form == "ort":
             if self.fmt == "mxfp4":
                 elems = elems.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)  # exact: E2M1 is a subset of E4M3FN

@@ -189,7 +189,8 @@ def _segment_session(program: RankProgram, segment: Segment, feeds: Mapping[str,
     for name in segment.inputs:
         arr = feeds[name]
         inputs.append(helper.make_tensor_value_info(name, _np_to_elem_type(arr), [None] * arr.ndim))  # any size: decode steps, microbatches
-    value_info = [vi for vi in graph.value_info if vi.name in {o for n in segment.nodes for o in n.output}]
+    produced = {o for n in segment.nodes for o in n.output}
+    value_info = [vi for vi in graph.value_info if vi.name in produced]
     sub = helper.make_graph(segment.nodes, f"{graph.name}_seg{segment.phase}", inputs, [], initializer=inits, value_info=value_info)
     model = helper.make_model(sub, opset_imports=list(program.proto.opset_import), ir_version=program.proto.ir_version)
     model.functions.extend(program.proto.functions)
@@ -228,7 +229,9 @@ def _all_reduce(arrays: list[np.ndarray]) -> np.ndarray:
 class PartitionExecutor:
     """Runs a partition directory; sessions are built once and reused across calls (prefill, then decode)."""
 
-    def __init__(self, directory: str | os.PathLike, disable_optimizations: bool = True, progress: Callable[[str], None] | None = None):
+    def __init__(self, directory: str | os.PathLike, disable_optimizations: bool = True,
+                 progress: Callable[[str], None] | None = None, threads_per_session: int | None = 1):
+        self.threads_per_session = threads_per_session
         self.manifest: Manifest = read_manifest(directory)
         self.directory = Path(directory)
         self.disable_optimizations = disable_optimizations
@@ -255,7 +258,12 @@ class PartitionExecutor:
     def _session_options(self):
         from maia_onnx.ortutil import session_options
 
-        return session_options(self.disable_optimizations)
+        so = session_options(self.disable_optimizations)
+        if self.threads_per_session:
+            # many small segment sessions: one thread pool each would oversubscribe the host
+            so.intra_op_num_threads = self.threads_per_session
+            so.inter_op_num_threads = 1
+        return so
 
     def _shard_input(self, name: str, value: np.ndarray, tp_rank: int) -> np.ndarray:
         spec = self.manifest.inputs.get(name, {"sharding": "replicated"})

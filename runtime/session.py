@@ -263,6 +263,9 @@ class InferenceSession:
             self._plain = ort.InferenceSession(source, so, providers=[CPU])
             self.stages = []
             return
+        # Legacy models (IR < 4) list initializers as graph inputs too: the initializer is the input's default value
+        # (a feed may override it, as in ONNX Runtime), so it is supplied when the caller does not feed it.
+        self._input_defaults = {v.name: v for v in model.graph.inputs if v.const_value is not None}
         self.stages = self._build_stages(model)
 
     def _sess_options_copy(self):
@@ -361,6 +364,9 @@ class InferenceSession:
         if missing:
             raise ValueError(f"Required inputs ({missing}) are missing from input feed ({list(input_feed)}).")
         env = dict(input_feed)
+        for name, value in self._input_defaults.items():
+            if name not in env:
+                env[name] = value.const_value.numpy()
         for stage, release in zip(self.stages, self._release_after):
             env.update(zip(stage.output_names, stage.run(env, run_options)))
             for name in release:

@@ -23,13 +23,67 @@ ROOT = Path(__file__).resolve().parents[1]
 LARGE = ROOT / ".cache" / "llama-large" / "model.onnx"
 
 
+def allreduce_sweep_worker() -> None:
+    """torchrun body: time gloo all-reduces of growing size between the ranks; rank 0 prints JSON rows."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rows = []
+    for size in [2**k for k in range(10, 25, 2)]:  # 1 KiB .. 16 MiB of float32
+        t = torch.ones(size // 4)
+        for _ in range(3):
+            dist.all_reduce(t)
+        reps = 20 if size <= 2**20 else 5
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            dist.all_reduce(t)
+        rows.append({"bytes": size, "s": (time.perf_counter() - t0) / reps})
+    if dist.get_rank() == 0:
+        print("SWEEP " + json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def fit_link(rows, ranks: int = 2) -> tuple[float, float]:
+    """Least-squares alpha (s per ring step) and bandwidth (B/s) of perfmodel's ring all-reduce formula."""
+    import numpy as np
+
+    steps = 2 * (ranks - 1)
+    x = np.array([[steps, steps / ranks * r["bytes"]] for r in rows])
+    y = np.array([r["s"] for r in rows])
+    (alpha, inv_bw), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return float(alpha), float(1.0 / inv_bw)
+
+
+def link_sweep() -> dict:
+    import os
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           __file__, "--allreduce-sweep-worker"], capture_output=True, text=True, env=env, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("SWEEP ")), None)
+    if line is None:
+        raise RuntimeError(f"all-reduce sweep failed: {proc.stderr[-2000:]}")
+    rows = json.loads(line[6:])
+    alpha, bw = fit_link(rows)
+    return {"rows": rows, "alpha_s": alpha, "bandwidth_Bps": bw}
+
+
 def main(argv=None) -> int:
+    if argv is None and "--allreduce-sweep-worker" in sys.argv:
+        allreduce_sweep_worker()
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layouts", default="tp2,pp2")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", dest="json_path")
+    ap.add_argument("--link-sweep", action="store_true", help="also time gloo all-reduces 1 KiB..16 MiB and fit alpha/bandwidth")
     args = ap.parse_args(argv)
     if not LARGE.exists():
         print(f"bench_distributed: {LARGE} is missing; run scripts/make_large_models.py first")
@@ -69,8 +123,21 @@ def main(argv=None) -> int:
     from maia_onnx.report import print_table
 
     print_table(results, list(results[0]), title=f"torchrun gloo loopback, llama-large prefill batch {args.batch} seq {args.seq}")
+    link = None
+    if args.link_sweep:
+        from maia_onnx.runtime.perfmodel import allreduce_time
+        from maia_onnx.runtime.profiles import load_interconnect
+
+        link = link_sweep()
+        profile = load_interconnect("loopback")
+        rows = [{"bytes": r["bytes"], "measured_s": r["s"],
+                 "loopback_profile_s": allreduce_time(r["bytes"], 2, profile.bandwidth, profile.alpha),
+                 "fitted_s": allreduce_time(r["bytes"], 2, link["bandwidth_Bps"], link["alpha_s"])} for r in link["rows"]]
+        print_table(rows, list(rows[0]), title="gloo all-reduce, 2 ranks on this host")
+        print(f"fitted: alpha {link['alpha_s'] * 1e6:.1f} us per ring step, bandwidth {link['bandwidth_Bps'] / 1e9:.2f} GB/s "
+              f"(profile: {profile.alpha * 1e6:.0f} us, {profile.bandwidth / 1e9:.1f} GB/s)")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps(results, indent=2))
+        Path(args.json_path).write_text(json.dumps({"runs": results, "link_sweep": link}, indent=2))
     return 0
 
 

@@ -264,3 +264,25 @@ def test_real_fp8_quantized_llama_halves_bf16_matmul_weight_bytes(tmp_path, llam
     scale_bytes = sum(4 * int(np.prod(t.dims)) for t in fp8.graph.initializer
                       if t.name in dq_inputs and t.data_type == TensorProto.FLOAT)
     assert mm_bytes["fp8-e4m3"] - scale_bytes == mm_bytes["bf16"] / 2
+
+
+def test_hf_llama_export_is_analysed_like_the_builtin(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from maia_onnx.export import export_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    export_model(f"hf:{tmp_path / 'hf'}", tmp_path / "hf.onnx")
+    batch, seq, past = 2, 16, 8
+    report = analyze(tmp_path / "hf.onnx", batch=batch, seq=seq, past=past, tps=(1, 2), pps=(1,))
+    decode = report["phases"]["decode"]
+    assert decode["structure"] == {"layers": 2, "hidden": 32, "vocab": 128, "num_heads": 4, "kv_heads": 2, "head_dim": 8}
+    assert decode["kv_cache_bytes"] == 2 * 2 * 2 * 8 * (past + 1) * batch * 4
+    tokens = batch * seq
+    prefill_mm = sum(o["flops"] for o in report["phases"]["prefill"]["ops"] if o["op_type"] == "MatMul")
+    per_layer = 2 * tokens * 32 * (32 + 2 * 16 + 32) + 2 * 3 * tokens * 32 * 64 + 4 * batch * 4 * seq * seq * 8
+    assert prefill_mm == 2 * per_layer + 2 * tokens * 32 * 128
+    assert [c["collectives"] for c in decode["configs"]] == [0, 5]

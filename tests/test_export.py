@@ -140,6 +140,16 @@ def test_static_export_fixes_dims(tmp_path):
     assert result.max_rel <= REL_TOL
 
 
+def test_tied_lm_head_exports_as_named_transposed_copy(tmp_path):
+    result = export_builtin("llama-tiny", tmp_path / "tied.onnx", dims={"tie_word_embeddings": 1, "num_layers": 1})
+    assert result.max_rel <= REL_TOL and result.config["tie_word_embeddings"] is True
+    model = ir.load(result.path)
+    inits = model.graph.initializers
+    embed = inits["model.embed_tokens.weight"].const_value.numpy()
+    np.testing.assert_array_equal(inits["lm_head.weight"].const_value.numpy(), embed.T)
+    assert [n.op_type for n in model.graph if "lm_head.weight" in [i.name for i in n.inputs if i is not None]] == ["MatMul"]
+
+
 def test_check_parity_fails_on_a_different_module(yolo_tiny_onnx):
     other = registry.build("yolo-tiny", seed=9)
     with pytest.raises(ValidationError, match="relative error"):

@@ -97,6 +97,11 @@ def test_decoder_weight_names_match_the_checkpoint(hf_dirs, hf_exports):
     np.testing.assert_array_equal(model.graph.initializers["model.layers.0.self_attn.q_proj.weight"].const_value.numpy(), q.T)
     gpt2 = ir.load(hf_exports("gpt2").path)
     assert "transformer.h.0.attn.c_attn.weight" in gpt2.graph.initializers
+    # GPT-2 ties lm_head to wte: the Gather keeps the embedding name, the head MatMul gets lm_head.weight [in, out]
+    head = [n for n in gpt2.graph if n.op_type == "MatMul" and n.inputs[1].name == "lm_head.weight"]
+    assert len(head) == 1 and list(head[0].inputs[1].shape) == [32, 128]
+    gathers = [n for n in gpt2.graph if n.op_type == "Gather" and n.inputs[0].name == "transformer.wte.weight"]
+    assert len(gathers) == 1
 
 
 def test_encoder_matches_pytorch_with_padding(hf_dirs, hf_exports):

@@ -232,3 +232,15 @@ def test_available_matches_environment():
 
     assert kernels.available() == (not interpreting() and torch.cuda.is_available())
     assert kernels.available(allow_interpreter=True)
+
+
+def test_select_falls_back_to_the_reference_without_a_gpu():
+    from maia_onnx.formats.fp8 import dequantize_fp8 as reference
+
+    chosen = kernels.select("dequantize_fp8")
+    if kernels.available():
+        assert chosen is kernels.dequantize_fp8
+    else:
+        assert chosen is reference
+    with pytest.raises(ValueError):
+        kernels.select("nope")

@@ -263,3 +263,19 @@ def test_hf_decoder_fp8_kv_cache_decode(hf_decoder, fmt):
     }
     smap, unmatched = map_scales(load_model(hf_decoder), emitted)
     assert unmatched == [] and sorted(smap.kv) == [0, 1]
+
+
+def test_decode_report_is_json_ready(llama_tiny_onnx):
+    from maia_onnx.decode import decode_report, step_rows
+    from maia_onnx.report import dumps
+
+    fp32 = load_model(llama_tiny_onnx)
+    model = load_model(llama_tiny_onnx)
+    KvCacheFp8Pass("fp8-e4m3", calib=calib_feeds())(model)
+    report = decode_report(fp32, model, steps=4)
+    assert len(report["steps"]) == 4 and len(report["prompt"][0]) == 8
+    assert max(report["prompt"][0]) < 256
+    text = dumps(report)
+    assert '"token_agreement"' in text
+    rows = step_rows(report)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and all(0.99 < r["cosine"] <= 1.0 for r in rows)

@@ -191,3 +191,28 @@ def test_builtin_families_close_to_fp32(exported_models, family, fmt):
         assert c > floor, (family, fmt, name, c)
     assert any(not np.array_equal(r, got[name]) for name, r in ref.items())  # it did quantise
     assert len(qp.layers) >= 3
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8-e4m3", "mx9"])
+def test_chunked_and_external_data_paths_are_identical(tmp_path, monkeypatch, fmt):
+    """Large weights are quantised in slices (and, from external data, lazily): same bytes as in one piece."""
+    import functools
+
+    from maia_onnx.io import load_model, save_model
+    from maia_onnx.passes import quantize_mx
+
+    whole = make_model()
+    QuantizeMxPass(fmt)(whole)
+    monkeypatch.setattr(quantize_mx, "_chunks", functools.partial(quantize_mx._chunks, max_elements=100))
+    src = tmp_path / "src.onnx"
+    save_model(make_model(), src, external_data=True)
+    model = load_model(src)
+    assert isinstance(model.graph.initializers["w1"].const_value, ir.ExternalTensor)
+    QuantizeMxPass(fmt)(model)
+    out = tmp_path / "out.onnx"
+    save_model(model, out)
+    back = load_model(out)
+    for name, v in whole.graph.initializers.items():
+        np.testing.assert_array_equal(back.graph.initializers[name].const_value.numpy(), v.const_value.numpy(), err_msg=name)
+    np.testing.assert_array_equal(run_model(back, feeds())["y"], run_model(whole, feeds())["y"])
+    assert len(quantize_mx._chunks((64, 64), 0)) > 1  # the slicing really happened

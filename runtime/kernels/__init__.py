@@ -26,7 +26,14 @@ _EXPORTS = {
     "reference_mx_matmul": "matmul",
 }
 
-__all__ = ["available", "triton_installed", *_EXPORTS]
+_REFERENCES = {
+    "quantize_fp8": "maia_onnx.formats.fp8",
+    "dequantize_fp8": "maia_onnx.formats.fp8",
+    "mx_quantize": "maia_onnx.formats.mx",
+    "mx_dequantize": "maia_onnx.formats.mx",
+}
+
+__all__ = ["available", "triton_installed", "select", *_EXPORTS]
 
 
 def triton_installed() -> bool:
@@ -53,6 +60,16 @@ def available(allow_interpreter: bool = False) -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def select(name: str):
+    """The function to call for ``name``: the Triton kernel when ``available()`` (a CUDA GPU), else the NumPy
+    reference from ``maia_onnx.formats`` (same signature, same bits) -- what the Maia emulator uses."""
+    if name not in _REFERENCES:
+        raise ValueError(f"no reference/kernel pair named {name!r}; choose one of {', '.join(_REFERENCES)}")
+    if available():
+        return __getattr__(name)
+    return getattr(importlib.import_module(_REFERENCES[name]), name)
 
 
 def __getattr__(name: str):
