@@ -805,6 +805,7 @@ def run_local(jobs: Sequence[Job], cache_root: Path, output_root: Path, workers:
               progress: Progress | None = None, verify_cache: bool = True) -> list[dict]:
     """Each job in its own worker process, at most ``workers`` at a time; results in job order."""
     import multiprocessing as mp
+    from multiprocessing import connection as mp_connection
 
     # forkserver: workers start from a clean process (no torch/ORT thread pools inherited through fork)
     ctx = mp.get_context("forkserver" if sys.platform.startswith("linux") else "spawn")
@@ -829,7 +830,8 @@ def run_local(jobs: Sequence[Job], cache_root: Path, output_root: Path, workers:
                                    args=(job.to_dict(), str(cache_root), str(output_root), threads, verify_cache))
                 proc.start()
                 running[job.name] = proc
-            time.sleep(0.1)
+            # wake as soon as a worker exits (to start the next job at once), else every 0.2 s for progress
+            mp_connection.wait([proc.sentinel for proc in running.values()], timeout=0.2)
             for name, proc in list(running.items()):
                 if progress:
                     progress.update(name, _read_json(output_root / name / STATUS), steps_of[name])

@@ -193,3 +193,30 @@ def step_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         }
         for s in report["steps"]
     ]
+
+
+def ort_feeds(model: ir.Model, session, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """OrtValues for ``feeds``; float arrays fed to FP8 inputs (an FP8 KV cache) are quantised first with the
+    scale of the DequantizeLinear that reads the input, so FP32 feeds work on both models."""
+    import onnxruntime as ort
+
+    from maia_onnx.formats.fp8 import quantize_fp8
+
+    types = {i.name: i.type for i in session.get_inputs()}
+    graph_inputs = {v.name: v for v in model.graph.inputs}
+    out = {}
+    for name, array in feeds.items():
+        t = types.get(name)
+        if t in ("tensor(float8e4m3fn)", "tensor(float8e5m2)") and np.asarray(array).dtype.kind == "f":
+            fmt = "e4m3fn" if t == "tensor(float8e4m3fn)" else "e5m2"
+            dq = next((u.node for u in graph_inputs[name].uses() if u.node.op_type == "DequantizeLinear" and u.idx == 0), None)
+            scale_value = dq.inputs[1] if dq is not None else None
+            if scale_value is None or scale_value.const_value is None:
+                raise ValueError(f"cannot quantise the float feed for FP8 input {name}: no DequantizeLinear with a constant scale reads it")
+            scale = scale_value.const_value.numpy()
+            axis = dq.attributes.get_int("axis", 1) if np.ndim(scale) else None
+            q = quantize_fp8(np.asarray(array, np.float32), scale, fmt, axis=axis)
+            out[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(q.view(np.uint8), 17 if fmt == "e4m3fn" else 19)
+        else:
+            out[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+    return out

@@ -7,7 +7,9 @@ import gc
 import importlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,6 +372,8 @@ def export_spec(
     if opset < MIN_OPSET:
         raise InvalidOptionError(f"--opset {opset} is too old for the dynamo exporter: use {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
     out_path = check_output_path(out_path)
+    if out_path.is_dir():
+        raise UserError(f"-o {out_path} is a directory: give a file path such as {out_path / (spec.name.split(':')[-1].split('/')[-1] + '.onnx')}")
     start = time.perf_counter()
     module = spec.module
     module.eval()
@@ -404,30 +408,32 @@ def export_spec(
 
     model = onnxscript.optimizer.optimize(model)
     clean_exported_model(model, spec.config, source or spec.name, getattr(spec, "param_prefix", ""))
-    # keep the ONNX-side names exactly as requested (the exporter can suffix duplicates)
-    _log(progress, f"saving {out_path}")
-    save_model(model, out_path, external_data=external_data)
-    inputs_desc = {v.name: _symbolic_shape(v) for v in model.graph.inputs}
-    outputs_desc = {v.name: _symbolic_shape(v) for v in model.graph.outputs}
-    if release_module:
-        # onnxscript's rewrite rules keep module-level references to the last graph they matched, which would
-        # keep every weight alive; detach the data so only the torch module (released next) owned it
-        for value in model.graph.initializers.values():
-            value.const_value = None
-    del program, model
-    if release_module:
-        spec.module = None
-        del module
-    gc.collect()
-    parity: dict = {}
-    if check:
-        _log(progress, "checking parity in ONNX Runtime (ORT_DISABLE_ALL)")
-        try:
-            parity = check_parity(out_path, inputs=spec.example_inputs, reference=reference, tolerance=tolerance)
-        except ValidationError:
-            # a numerically wrong export is not kept: no partial/bad outputs
-            _remove_model(out_path)
-            raise
+    # stage beside the output: the model only replaces out_path once it is saved and parity-checked, so a
+    # failed check (or an interrupt) leaves any previous file untouched and no partial output behind
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", suffix=".export", dir=out_path.parent))
+    try:
+        staged = staging / out_path.name
+        _log(progress, f"saving {out_path}")
+        save_model(model, staged, external_data=external_data)
+        inputs_desc = {v.name: _symbolic_shape(v) for v in model.graph.inputs}
+        outputs_desc = {v.name: _symbolic_shape(v) for v in model.graph.outputs}
+        if release_module:
+            # onnxscript's rewrite rules keep module-level references to the last graph they matched, which
+            # would keep every weight alive; detach the data so only the torch module (released next) owns it
+            for value in model.graph.initializers.values():
+                value.const_value = None
+        del program, model
+        if release_module:
+            spec.module = None
+            del module
+        gc.collect()
+        parity: dict = {}
+        if check:
+            _log(progress, "checking parity in ONNX Runtime (ORT_DISABLE_ALL)")
+            parity = check_parity(staged, inputs=spec.example_inputs, reference=reference, tolerance=tolerance)
+        _publish(staged, out_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(
         path=Path(out_path),
         parity=parity,
@@ -467,8 +473,11 @@ def _quiet_exporter():
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    import io
+
     try:
-        with warnings.catch_warnings():
+        # torch.export prints graph dumps on some failures; the one-line reason goes into our error instead
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -480,12 +489,17 @@ class UnsupportedExportError(UserError):
     """The PyTorch model cannot be traced/exported by torch.export (first line of torch's reason)."""
 
 
-def _remove_model(path: Path) -> None:
-    for p in (Path(path), Path(f"{path}.data")):
-        try:
-            p.unlink()
-        except OSError:
-            pass
+def _publish(staged: Path, out_path: Path) -> None:
+    """Move a staged model (and its .data side file) onto out_path; drop a stale side file of an older export."""
+    data_name = f"{out_path.name}.data"
+    try:
+        if (staged.parent / data_name).exists():
+            os.replace(staged.parent / data_name, out_path.parent / data_name)
+        elif (out_path.parent / data_name).exists():
+            os.unlink(out_path.parent / data_name)
+        os.replace(staged, out_path)
+    except OSError as exc:
+        raise UserError(f"cannot write {out_path}: {exc.strerror or exc}; choose a writable -o") from exc
 
 
 def export_builtin(

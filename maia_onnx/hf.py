@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 
 from maia_onnx.errors import UnsupportedModelError, UserError
 
-# decoder-only families whose attention caches [batch, kv_heads, seq, head_dim] per layer in a DynamicCache
+# encoder-only families: exported without a KV cache
 _ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta", "deberta-v2", "camembert", "mpnet"}
 
 
@@ -109,11 +109,11 @@ def build_hf_spec(directory: str, seed: int = 0, dims: Mapping[str, int] | None 
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         raise UnsupportedModelError(f"transformers cannot read {path}/config.json ({type(exc).__name__}: {exc})") from exc
-    is_decoder = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or (
-        not archs and model_type not in _ENCODER_TYPES and getattr(config, "is_decoder", True) and model_type not in _ENCODER_TYPES
+    # causal-LM architectures get the KV-cache wrapper; known encoder families (and anything else saved
+    # without an LM head) export their base model with the usual input_ids/attention_mask inputs
+    is_decoder = model_type not in _ENCODER_TYPES and (
+        any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs) or (not archs and config.is_decoder)
     )
-    if model_type in _ENCODER_TYPES:
-        is_decoder = False
     common = dict(local_files_only=True, dtype=torch.float32, attn_implementation="eager")
     try:
         if is_decoder:
@@ -161,8 +161,14 @@ def build_hf_spec(directory: str, seed: int = 0, dims: Mapping[str, int] | None 
         names.append("token_type_ids")
         tensors.append(torch.zeros(batch, seq, dtype=torch.long))
     wrapper = _make_encoder_wrapper(model, names).eval()
-    with torch.no_grad():
-        outs = wrapper(*tensors)
+    try:
+        with torch.no_grad():
+            outs = wrapper(*tensors)
+    except Exception as exc:  # e.g. encoder-decoder models that also need decoder inputs
+        raise UnsupportedModelError(
+            f"{model_type} checkpoint {path} is neither a causal LM nor an encoder taking {', '.join(names)} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); export it with a module:factory"
+        ) from exc
     output_names = ["last_hidden_state", "pooler_output"][: len(outs)]
     d_batch, d_seq = Dim("batch"), Dim("seq")
     dyn = (tuple({0: d_batch, 1: d_seq} for _ in names),)  # forward(*args): one nested entry

@@ -75,6 +75,35 @@ def check_opsets(opset_imports, where) -> None:
         )
 
 
+def _check_standard_ops(model: ir.Model, where) -> None:
+    """Every ai.onnx node must be an op of the model's opset with a legal number of inputs (as onnx.checker requires)."""
+    import onnx
+
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if version is None:
+        return
+    local = {(f.domain, f.name) for f in model.functions.values()}
+    schemas: dict[str, object] = {}
+    for node in model.graph:
+        if node.domain not in ("", "ai.onnx") or ("", node.op_type) in local:
+            continue
+        if node.op_type not in schemas:
+            try:
+                schemas[node.op_type] = onnx.defs.get_schema(node.op_type, version, "")
+            except onnx.defs.SchemaError:
+                raise UnsupportedModelError(
+                    f"{where}: node {node.name or node.op_type!r} uses op {node.op_type!r}, which ONNX opset {version} "
+                    f"does not define (onnx.checker rejects it): fix the op type or its domain") from None
+        schema = schemas[node.op_type]
+        given = len(node.inputs)
+        while given and node.inputs[given - 1] is None:
+            given -= 1  # trailing omitted optional inputs
+        if given < schema.min_input or given > schema.max_input:
+            raise ModelLoadError(
+                f"{where}: node {node.name or node.op_type!r} ({node.op_type}) has {given} inputs, opset {version} "
+                f"allows {schema.min_input}..{schema.max_input} (onnx.checker rejects it): fix or re-export the model")
+
+
 def check_model_supported(model: ir.Model, where) -> None:
     """Cheap structural checks that catch models the ONNX checker rejects before any tool trusts them."""
     check_opsets(model.opset_imports, where)
@@ -88,6 +117,7 @@ def check_model_supported(model: ir.Model, where) -> None:
                 f"{where} is not a valid ONNX model: node {node.name or node.op_type!r} reads {value.name!r}, which is "
                 f"no graph input, initializer or node output (onnx.checker rejects it): fix or re-export the model"
             )
+    _check_standard_ops(model, where)
     for value in graph.outputs:
         if id(value) not in known and value.producer() is None:
             raise ModelLoadError(
@@ -102,6 +132,11 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:  # protobuf raises a zoo of types for garbage input
+        cause = exc.__cause__
+        if isinstance(cause, ValueError) and "model is invalid" in str(cause):
+            # it parsed, but the graph breaks ONNX rules (e.g. a value produced twice): say which, not "truncated?"
+            reason = str(cause).splitlines()[0][:200]
+            raise ModelLoadError(f"{path} is not a valid ONNX model: {reason}: fix or re-export it") from exc
         raise ModelLoadError(
             f"cannot parse {path} as an ONNX model ({type(exc).__name__}): is it truncated or not ONNX?"
         ) from exc

@@ -14,6 +14,7 @@ Manifest (``format: "maia-onnx-partition"``, ``version: 1``; JSON, keys sorted):
     mesh:        {tp, pp, world_size}
     source:      {path, sha256, inputs: [io], outputs: [io]}   # io = {name, dtype, shape}; shape items int|str|null
     ranks:       [{rank, tp_rank, stage, file, data|null, weight_bytes, sha256}]      # one per file
+                 # sha256 of the .onnx file: the reader refuses a rank file edited or swapped afterwards
     stages:      [{stage, inputs: [names], outputs: [names]}]
                  # a stage's graph inputs are source inputs or outputs of earlier stages (same tp_rank feeds
                  # same tp_rank); its outputs are source outputs or tensors later stages consume
@@ -25,8 +26,11 @@ Manifest (``format: "maia-onnx-partition"``, ``version: 1``; JSON, keys sorted):
     collectives: [{id, stage, op: "AllReduce"|"AllGather", node, input, output, axis|null, group_size,
                    group: [global ranks], dtype, elements_per_token}]
                  # in execution order; node/input/output are the same names in every tp rank of the stage
-    tensors:     {source initializer name: {kind, axis|null, full_shape, shards: {tp_rank: [start, stop]}}}
-                 # kind: column | row | vocab | replicated | sliced (which part of the weight went where)
+    tensors:     {source initializer name: {kind, axis|null, full_shape, shards: {tp_rank: [start, stop]},
+                   sections?: k}}
+                 # kind: column | row | vocab | replicated | sliced (which part of the weight went where);
+                 # fused weights (GPT-2 Q|K|V, sections=k) list k [start, stop] ranges per rank, concatenated
+                 # in that order in the rank's tensor
     microbatch:  {axis: 0}     # axis along which run_partition splits inputs into pipeline microbatches
     extra:       {...}         # free-form provenance (pass options, PP balance, etc.)
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -46,7 +51,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.errors import UserError, ValidationError
+from maia_onnx.errors import UserError
 from maia_onnx.io import atomic_dir, sha256_file
 
 FORMAT = "maia-onnx-partition"
@@ -300,7 +305,8 @@ class _RankFileWriter:
         tensor = value.const_value
         if tensor.nbytes <= INLINE_LIMIT_BYTES:
             if not isinstance(tensor, ir.Tensor):
-                value.const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=value.name)
+                # a private copy: lazy shards may be views of a buffer reused for the next cut
+                value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), dtype=tensor.dtype, name=value.name)
             return
         writer = self.writer
         pad = (-writer.offset) % ALIGNMENT
@@ -631,25 +637,35 @@ def partition_file(
 
     total = initializer_bytes(model)
     bar = None
-    callback = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"partition tp{tp} pp{pp}", file=__import__("sys").stderr)
-        callback = bar.update
+    def advance(nbytes: int) -> None:
+        # the bar appears with the first weight written, so option errors print alone
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"partition tp{tp} pp{pp}", file=sys.stderr)
+        bar.update(nbytes)
+
     try:
-        manifest, _plan = partition_model(
+        from maia_onnx.passes.tensor_parallel import _SourceCache
+
+        partition_model(
             model, out_dir, tp=tp, pp=pp, balance=balance, source_path=str(model_path),
-            source_hash=source_fingerprint(model_path), progress=callback,
+            source_hash=source_fingerprint(model_path), progress=advance if progress else None,
         )
     finally:
+        _SourceCache.release_buffers()
         if bar is not None:
             bar.close()
     return read_manifest(out_dir)
 
 
 def _prefetch(model_path: str | os.PathLike) -> None:
-    """Ask the kernel to read the external weights ahead (asynchronously) while the graph is rewritten."""
+    """Ask the kernel to read the external weights ahead (asynchronously) while the graph is rewritten.
+
+    (A reader thread instead measured slower on 2 cores: it competes with the rewrite for CPU.)
+    """
     if not hasattr(os, "posix_fadvise"):
         return
     for f in _external_files(Path(model_path)):

@@ -97,6 +97,19 @@ def _fp8_grid_scale(w: np.ndarray, fmt: Fp8Format) -> float | None:
     return None
 
 
+def has_fake_quant(model: ir.Model) -> bool:
+    """True when the graph holds something QatImportPass converts: a Cast-to-FP8 fake-quant chain or a weight QDQ.
+
+    (Folded fake-quant weights are found by the pass itself: they look like ordinary float weights.)
+    """
+    for node in model.graph:
+        if node.op_type == "Cast" and ir.DataType(node.attributes.get_int("to", 0)) in _FP8_BY_IR:
+            return True
+        if node.op_type == "QuantizeLinear" and node.inputs and node.inputs[0] is not None and node.inputs[0].is_initializer():
+            return True
+    return False
+
+
 class QatImportPass(onnx_ir.passes.InPlacePass):
     """Convert fake-quant chains / weight QDQ / folded fake-quant weights into FP8 QDQ with the learned scales.
 

@@ -194,8 +194,10 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
 
         def measure(ref: np.ndarray, approx: np.ndarray) -> None:
             nonlocal signal, noise
-            signal += float(np.sum(np.square(ref, dtype=np.float64)))
-            noise += float(np.sum(np.square(ref.astype(np.float64) - approx)))
+            r = ref.reshape(-1)
+            d = (ref - approx).reshape(-1)
+            signal += float(np.dot(r, r))
+            noise += float(np.dot(d, d))
 
         if self.smx:
             data = source.numpy()
@@ -204,6 +206,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
                 for sl in _chunks(shape, axis):
                     chunk = np.asarray(data[sl], np.float32)
                     measure(chunk, self._smx(chunk, axis))
+                    del chunk  # no view of the mapping may survive, or it cannot be released
                 del data
                 _release(source)
 
@@ -244,7 +247,8 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             chunk = np.asarray(data[sl], np.float32)
             e, x = mxf.mx_quantize(chunk, f, axis=axis, block_size=self.block_size)
             elems[sl], exps[sl] = e, x
-            measure(chunk, mxf.mx_dequantize(e, x, f, axis=axis, block_size=self.block_size, dtype=np.float64))
+            measure(chunk, mxf.mx_dequantize(e, x, f, axis=axis, block_size=self.block_size))
+            del chunk, e, x  # no view of the mapping may survive, or it cannot be released
         del data
         if lazy_source:
             _release(source)

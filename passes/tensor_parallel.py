@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -44,6 +44,7 @@ COLLECTIVE_DOMAIN = "com.microsoft"
 # dims given to symbolic input dims when resolving concrete shapes: odd primes no model dim will equal
 PROBE_DIMS = (3, 5, 7, 11, 13, 17, 19, 23)
 MAX_PLAN_ROUNDS = 64
+BLOCKED_ROWS = -1  # Split.sections marker: rows of per-rank quantization blocks (no global row order)
 
 UNARY_OPS = {
     "Identity", "Cast", "CastLike", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Neg",
@@ -67,6 +68,7 @@ class Split:
 
     axis: int
     origins: frozenset = frozenset()
+    sections: int = 1  # the split axis holds this many fused blocks, each split tp ways (Q|K|V)
 
 
 class _Demote(Exception):
@@ -159,26 +161,53 @@ def _ort_shapes(model: ir.Model, dims: dict[str, int], names: list[str]) -> dict
     for name in names:
         if name in by_name and name not in existing and name not in probe.graph.initializers:
             probe.graph.outputs.append(by_name[name])
+    import onnxruntime as ort
+
     feeds = make_inputs(probe, seed=0, dims=dims, int_high=2)
     sess = make_session(probe)
     out_names = [o.name for o in sess.get_outputs()]
-    results = sess.run(out_names, feeds)
-    return {n: tuple(int(d) for d in r.shape) for n, r in zip(out_names, results)}
+    # OrtValues all the way: NumPy has no bfloat16/float8, and only the shapes are wanted
+    values = {}
+    for value in probe.graph.inputs:
+        if value.name not in feeds:
+            continue
+        arr = feeds[value.name]
+        if value.dtype in (ir.DataType.BFLOAT16, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2):
+            bits = np.ascontiguousarray(arr).view(np.uint16 if value.dtype == ir.DataType.BFLOAT16 else np.uint8)
+            values[value.name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, int(value.dtype))
+        else:
+            values[value.name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+    results = sess.run_with_ort_values(out_names, values)
+    return {n: tuple(int(d) for d in r.shape()) for n, r in zip(out_names, results)}
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
 class _SourceCache:
-    """The last source weight read in full; the lock-step writer cuts every rank's shard from it in turn."""
+    """The last source weight read in full; the lock-step writer cuts every rank's shard from it in turn.
+
+    Reads and cuts go into two reusable buffers (fresh multi-MB arrays per tensor would page-fault their way
+    in); a shard is only alive while the writer copies it out, before the next shard is cut.
+    """
 
     key: int | None = None
     array: np.ndarray | None = None
+    _read_buf = np.empty(0, np.uint8)
+    _cut_buf = np.empty(0, np.uint8)
+
+    @classmethod
+    def buffer(cls, which: str, nbytes: int) -> np.ndarray:
+        buf = getattr(cls, which)
+        if buf.nbytes < nbytes:
+            buf = np.empty(nbytes, np.uint8)
+            setattr(cls, which, buf)
+        return buf[:nbytes]
 
     @classmethod
     def get(cls, tensor: ir.TensorProtocol) -> np.ndarray:
         if cls.key != id(tensor) or cls.array is None:
-            cls.array = None  # free the previous tensor before reading the next
+            cls.array = None
             cls.array = _read_whole(tensor)
             cls.key = id(tensor)
         return cls.array
@@ -187,26 +216,33 @@ class _SourceCache:
     def clear(cls) -> None:
         cls.key, cls.array = None, None
 
+    @classmethod
+    def release_buffers(cls) -> None:
+        cls.clear()
+        cls._read_buf = np.empty(0, np.uint8)
+        cls._cut_buf = np.empty(0, np.uint8)
+
 
 def _read_whole(tensor: ir.TensorProtocol) -> np.ndarray:
-    """A private in-memory copy of a tensor: external data by one positional read (no mmap page faults)."""
+    """The whole tensor in memory: external data by positional reads into a reused buffer (no mmap faults)."""
     if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8:
-        dtype = tensor.dtype.numpy()
+        dtype = np.dtype(tensor.dtype.numpy())
         shape = tuple(int(d) for d in tensor.shape)
-        out = np.empty(shape, dtype=dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        raw = _SourceCache.buffer("_read_buf", nbytes)
+        view = memoryview(raw)
         path = os.path.join(str(tensor.base_dir), tensor.location)
         fd = os.open(path, os.O_RDONLY)
         try:
             done, offset = 0, tensor.offset or 0
-            while done < view.nbytes:
+            while done < nbytes:
                 n = os.preadv(fd, [view[done:]], offset + done)
                 if n <= 0:
                     raise OSError(f"unexpected end of {path} reading {tensor.name!r}")
                 done += n
         finally:
             os.close(fd)
-        return out
+        return raw.view(dtype).reshape(shape)
     arr = np.array(tensor.numpy(), copy=True)
     release = getattr(tensor, "release", None)
     if callable(release):
@@ -217,24 +253,41 @@ def _read_whole(tensor: ir.TensorProtocol) -> np.ndarray:
     return arr
 
 
-def _lazy_slice(tensor: ir.TensorProtocol, axis: int, start: int, stop: int, name: str) -> ir.LazyTensor:
-    """Part of ``tensor`` along ``axis``, read only when written (source read once per tensor, not per rank)."""
+def _lazy_slice(tensor: ir.TensorProtocol, axis: int, ranges: list[tuple[int, int]], name: str, last: bool) -> ir.LazyTensor:
+    """Part(s) of ``tensor`` along ``axis`` (concatenated), read only when written; ``last``: the final
+    rank's cut, after which the cached source is dropped (it is read once per tensor, not once per rank)."""
     shape = [int(d) for d in tensor.shape]
-    shape[axis] = stop - start
+    shape[axis] = sum(b - a for a, b in ranges)
     dtype = tensor.dtype
 
     def load() -> ir.Tensor:
         arr = _SourceCache.get(tensor)
-        index = [slice(None)] * arr.ndim
-        index[axis] = slice(start, stop)
-        part = arr[tuple(index)]
-        if not part.flags["C_CONTIGUOUS"]:
-            part = np.ascontiguousarray(part)  # leading-axis shards are views of the cached read: no copy
-        if stop == int(tensor.shape[axis]):
-            _SourceCache.clear()  # the last rank's shard: nobody needs this tensor any more
+        pieces = []
+        for a, b in ranges:
+            index = [slice(None)] * arr.ndim
+            index[axis] = slice(a, b)
+            pieces.append(arr[tuple(index)])
+        part = pieces[0]
+        if len(pieces) > 1 or not part.flags["C_CONTIGUOUS"]:  # leading-axis shards are views: no copy
+            out_shape = list(part.shape)
+            out_shape[axis] = shape[axis]
+            # a fresh array: a shared scratch buffer here let the next rank's cut overwrite this rank's weights
+            # (Conv input-channel shards came out identical on every rank -> wrong TP outputs)
+            out = np.empty(out_shape, dtype=part.dtype)
+            np.concatenate(pieces, axis=axis, out=out)
+            part = out
+        if last:
+            _SourceCache.clear()  # nobody needs this tensor any more
         return ir.Tensor(part, dtype=dtype, name=name)
 
     return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+def shard_ranges(size: int, tp: int, rank: int, sections: int = 1) -> list[tuple[int, int]]:
+    """Rank ``rank``'s ranges of an axis of ``size`` made of ``sections`` equal fused blocks (e.g. Q|K|V)."""
+    block = size // sections
+    n = block // tp
+    return [(s * block + rank * n, s * block + (rank + 1) * n) for s in range(sections)]
 
 
 def _norm_axis(axis: int, rank: int) -> int:
@@ -257,6 +310,7 @@ class _Rewriter:
         self.counter = 0
         self.n_collectives = 0
         self.gathered: dict[str, ir.Value] = {}
+        self.fused_splits: set[str] = set()  # Split nodes cutting a fused (sectioned) column output
         self.input_values = {v.name: v for v in self.graph.inputs}
 
     # ---------------------------------------------------------------- small utilities
@@ -343,13 +397,18 @@ class _Rewriter:
             name, {"kind": kind, "axis": axis, "full_shape": [int(d) for d in full_shape], "shards": {}}
         )
         if axis is not None:
-            n = int(full_shape[axis]) // self.tp
-            entry["shards"] = {str(t): [t * n, (t + 1) * n] for t in range(self.tp)}
+            size = int(full_shape[axis])
+            if sections == 1:
+                entry["shards"] = {str(t): list(shard_ranges(size, self.tp, t)[0]) for t in range(self.tp)}
+            else:  # fused blocks: each rank holds its part of every block, concatenated in block order
+                entry["sections"] = sections
+                entry["shards"] = {str(t): [list(r) for r in shard_ranges(size, self.tp, t, sections)] for t in range(self.tp)}
 
     # ---------------------------------------------------------------- weight sharding
-    def shard_value(self, value: ir.Value, axis: int, kind: str) -> ir.Value:
-        """This rank's slice of a constant(-derived) value along ``axis`` (cached per value and axis)."""
-        key = (value.name, axis)
+    def shard_value(self, value: ir.Value, axis: int, kind: str, sections: int = 1) -> ir.Value:
+        """This rank's slice of a constant(-derived) value along ``axis`` (cached per value and axis);
+        ``sections`` > 1: the axis holds that many fused blocks and the rank takes its part of each."""
+        key = (value.name, axis, sections)
         if key in self.shard_cache:
             return self.shard_cache[key]
         if self.is_const_tensor(value):
@@ -357,21 +416,21 @@ class _Rewriter:
             if tensor is None:
                 tensor = value.producer().attributes["value"].as_tensor()
             full = [int(d) for d in tensor.shape]
-            if full[axis] % self.tp:
+            if full[axis] % (self.tp * sections):
                 raise _Gather()
-            n = full[axis] // self.tp
             name = f"{value.name}__tp" if value.name in self.graph.initializers else self.fresh("const")
-            new = self.new_initializer(name, _lazy_slice(tensor, axis, self.rank * n, (self.rank + 1) * n, name))
-            self.record_tensor(value.name, kind, axis, full)
+            ranges = shard_ranges(full[axis], self.tp, self.rank, sections)
+            new = self.new_initializer(name, _lazy_slice(tensor, axis, ranges, name, last=self.rank == self.tp - 1))
+            self.record_tensor(value.name, kind, axis, full, sections)
         else:
             prod = value.producer()
             op = prod.op_type
             if op == "Transpose":
                 perm = list(prod.attributes["perm"].as_ints())
-                inner = self.shard_value(prod.inputs[0], perm[axis], kind)
+                inner = self.shard_value(prod.inputs[0], perm[axis], kind, sections)
                 node = self.add_node(prod, "Transpose", [inner], [ir.AttrInt64s("perm", perm)])
             elif op in ("Cast", "Identity"):
-                inner = self.shard_value(prod.inputs[0], axis, kind)
+                inner = self.shard_value(prod.inputs[0], axis, kind, sections)
                 node = self.add_node(prod, op, [inner], list(prod.attributes.values()))
             elif op == "DequantizeLinear":
                 x, scale = prod.inputs[0], prod.inputs[1]
@@ -379,16 +438,18 @@ class _Rewriter:
                 rank = len(self.shape(x))
                 q_axis = _norm_axis(prod.attributes["axis"].as_int() if "axis" in prod.attributes else 1, rank)
                 block = prod.attributes["block_size"].as_int() if "block_size" in prod.attributes else 0
-                new_x = self.shard_value(x, axis, kind)
+                new_x = self.shard_value(x, axis, kind, sections)
                 scale_rank = len(self.shape(scale) or ())
                 new_scale, new_zp = scale, zp
                 if scale_rank == 0 or (self.shape(scale) in ((1,),)):
                     pass  # per-tensor scale
                 elif block == 0:
                     if q_axis == axis:  # per-channel along the split axis
-                        new_scale = self.shard_value(scale, 0, kind)
-                        new_zp = self.shard_value(zp, 0, kind) if zp is not None else None
+                        new_scale = self.shard_value(scale, 0, kind, sections)
+                        new_zp = self.shard_value(zp, 0, kind, sections) if zp is not None else None
                 else:  # blocked: scale has x's rank with x.dim/block along q_axis
+                    if sections > 1:
+                        raise _Gather()
                     if axis == q_axis and (self.shape(x)[axis] // self.tp) % block:
                         raise UnsupportedModelError(
                             f"--tp {self.tp} splits {x.name!r} inside a quantization block of {block}: use a tp degree "
@@ -493,15 +554,17 @@ class _Rewriter:
         return self._collective("AllReduce", value, None, keep_name=True)
 
     # ---------------------------------------------------------------- slicing replicated operands
-    def slice_operand(self, node: ir.Node, index: int, axis: int) -> None:
+    def slice_operand(self, node: ir.Node, index: int, axis: int, sections: int = 1) -> None:
         """Make replicated input ``index`` of ``node`` this rank's part along ``axis``."""
         value = node.inputs[index]
         full = self.shape(value)
-        if full is None or full[axis] is None or full[axis] % self.tp:
+        if full is None or full[axis] is None or full[axis] % (self.tp * sections):
             raise _Gather()
         if self.is_weight(value):
-            node.replace_input_with(index, self.shard_value(value, axis, "sliced"))
+            node.replace_input_with(index, self.shard_value(value, axis, "sliced", sections))
             return
+        if sections > 1:
+            raise _Gather()  # a run-time tensor cut into fused blocks: not worth a multi-range Slice
         if value.is_graph_input() and self._only_cache_uses(value, axis, node):
             self._split_graph_input(value, axis)
             return
@@ -625,6 +688,11 @@ class _Rewriter:
         try:
             self.visit_split(node, split_inputs)
         except _Gather:
+            if any(self.st(node.inputs[i]).sections == BLOCKED_ROWS for i in split_inputs if self.st(node.inputs[i])):
+                raise UnsupportedModelError(
+                    f"tensor parallel: {node.op_type} node {node.name!r} consumes quantization blocks of a split "
+                    "tensor in a way that cannot be sharded; partition the unquantized model and quantize each rank"
+                ) from None
             for i in split_inputs:
                 self.gather_input(node, i)
             self.visit_replicated(node)
@@ -640,20 +708,22 @@ class _Rewriter:
             return
         if op == "MatMul" and self.is_weight(node.inputs[1]) and not self.is_weight(node.inputs[0]):
             w = self.shape(node.inputs[1])
-            if w is not None and len(w) == 2 and w[1] % self.tp == 0 and w[1] >= self.tp:
-                node.replace_input_with(1, self.shard_value(node.inputs[1], 1, "column"))
-                self.set_out(node, Split(len(self.shape(node.outputs[0])) - 1, frozenset({node.name})))
+            sections = self.fused_sections(node.outputs[0])
+            if w is not None and len(w) == 2 and w[1] % (self.tp * sections) == 0 and w[1] >= self.tp:
+                node.replace_input_with(1, self.shard_value(node.inputs[1], 1, "column", sections))
+                self.set_out(node, Split(len(self.shape(node.outputs[0])) - 1, frozenset({node.name}), sections))
         elif op == "Gemm" and self.is_weight(node.inputs[1]) and not self.is_weight(node.inputs[0]):
             trans_b = node.attributes["transB"].as_int() if "transB" in node.attributes else 0
             w = self.shape(node.inputs[1])
             n_axis = 0 if trans_b else 1
-            if w is not None and w[n_axis] % self.tp == 0:
-                node.replace_input_with(1, self.shard_value(node.inputs[1], n_axis, "column"))
+            sections = self.fused_sections(node.outputs[0])
+            if w is not None and w[n_axis] % (self.tp * sections) == 0:
+                node.replace_input_with(1, self.shard_value(node.inputs[1], n_axis, "column", sections))
                 if len(node.inputs) > 2 and node.inputs[2] is not None:
                     c = self.shape(node.inputs[2])
                     if c and c[-1] == w[n_axis]:
-                        node.replace_input_with(2, self.shard_value(node.inputs[2], len(c) - 1, "column"))
-                self.set_out(node, Split(1, frozenset({node.name})))
+                        node.replace_input_with(2, self.shard_value(node.inputs[2], len(c) - 1, "column", sections))
+                self.set_out(node, Split(1, frozenset({node.name}), sections))
         elif op == "Conv" and self.is_weight(node.inputs[1]) and not self.is_weight(node.inputs[0]):
             group = node.attributes["group"].as_int() if "group" in node.attributes else 1
             w = self.shape(node.inputs[1])
@@ -667,6 +737,36 @@ class _Rewriter:
             w = self.shape(node.inputs[0])
             if axis == 0 and w is not None and len(w) == 2 and w[0] % self.tp == 0 and w[0] >= 16 * self.tp:
                 self.vocab_parallel_embedding(node)
+
+    def fused_sections(self, value: ir.Value) -> int:
+        """Blocks a column output is later cut into along its last axis (GPT-2 style fused Q|K|V), else 1.
+
+        Followed through bias Adds and Reshapes that keep the last dim, to an equal-parts Split on it.
+        """
+        shape = self.shape(value)
+        if not shape:
+            return 1
+        last = shape[-1]
+        for _ in range(4):
+            consumers = value.consumers()
+            if len(consumers) != 1:
+                return 1
+            node = consumers[0]
+            out_shape = self.shape(node.outputs[0]) if node.outputs else None
+            if node.op_type == "Split" and node.inputs[0] is value:
+                axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 0
+                if _norm_axis(axis, len(shape)) != len(shape) - 1:
+                    return 1
+                sizes = [self.shape(o)[-1] if self.shape(o) else None for o in node.outputs]
+                if len(sizes) > 1 and len(set(sizes)) == 1 and sizes[0] and sizes[0] * len(sizes) == last:
+                    self.fused_splits.add(node.name)
+                    return len(sizes)
+                return 1
+            if node.op_type in ("Add", "Reshape", "Identity", "Cast") and out_shape and out_shape[-1] == last:
+                value, shape = node.outputs[0], out_shape
+                continue
+            return 1
+        return 1
 
     def vocab_parallel_embedding(self, node: ir.Node) -> None:
         """Each rank looks up its vocab rows, zeroes ids it does not own, AllReduce sums the one hit."""
@@ -720,12 +820,22 @@ class _Rewriter:
             raise _Gather()
         origins = frozenset().union(*(self.st(ins[i]).origins for i in split_inputs))
 
+        if op in ("QuantizeLinear", "DequantizeLinear") and len(split_inputs) > 1:
+            # blocked (MX) quantization of a split tensor with its per-block scales split alike
+            axes = {self.st(ins[i]).axis for i in split_inputs}
+            rank = len(self.shape(ins[0]) or ())
+            q_axis = _norm_axis(node.attributes["axis"].as_int() if "axis" in node.attributes else 1, rank)
+            if len(axes) == 1 and 0 in split_inputs and q_axis not in axes:
+                first = self.st(ins[0])
+                self.set_out(node, Split(first.axis, origins, first.sections))
+                return
+            raise _Gather()
         if op in UNARY_OPS and split_inputs == [0]:
             if op in ("QuantizeLinear", "DequantizeLinear") and len(ins) > 1:
                 scale_shape = self.shape(ins[1]) or ()
                 if len(scale_shape) > 0 and math.prod(scale_shape) > 1:
                     raise _Gather()  # per-axis activation quantization: keep it simple
-            self.set_out(node, Split(self.st(ins[0]).axis, origins))
+            self.set_out(node, Split(self.st(ins[0]).axis, origins, self.st(ins[0]).sections))
             return
         if op in BINARY_OPS or (op in UNARY_OPS and op == "Clip"):
             self.elementwise(node, split_inputs, origins)
@@ -803,9 +913,17 @@ class _Rewriter:
                 if axes_v is None:
                     raise _Gather()
                 axes = [_norm_axis(int(x), r) for x in np.atleast_1d(axes_v)]
+            if op == "Split" and a in axes and node.name in self.fused_splits and self.st(ins[0]).sections == len(node.outputs):
+                if len(ins) > 1 and ins[1] is not None:  # explicit sizes: each block is tp times smaller
+                    sizes = self.const_array(ins[1])
+                    if sizes is None:
+                        raise _Gather()
+                    node.replace_input_with(1, self.int_const(np.asarray(sizes) // self.tp, "split_sizes"))
+                self.set_out(node, Split(a, origins))
+                return
             if a in axes:
                 raise _Gather()
-            self.set_out(node, Split(a, origins))
+            self.set_out(node, Split(a, origins, self.st(ins[0]).sections))
             return
         if op == "Shape":
             self.set_out(node, None)  # local shapes drive per-rank reshapes
@@ -858,6 +976,10 @@ class _Rewriter:
         if len(axes) != 1:
             raise _Gather()
         a = axes.pop()
+        sections = {self.st(node.inputs[i]).sections for i in split_inputs}
+        if len(sections) != 1:
+            raise _Gather()
+        sections = sections.pop()
         for i, v in enumerate(node.inputs):
             if v is None or i in split_inputs:
                 continue
@@ -867,8 +989,8 @@ class _Rewriter:
             ai = a - (r - len(vs))
             if ai < 0 or vs[ai] == 1:
                 continue
-            self.slice_operand(node, i, ai)
-        self.set_out(node, Split(a, origins))
+            self.slice_operand(node, i, ai, sections)
+        self.set_out(node, Split(a, origins, sections))
 
     def reduce(self, node: ir.Node, origins: frozenset) -> None:
         ins = node.inputs
@@ -895,6 +1017,27 @@ class _Rewriter:
         x = node.inputs[0]
         a = self.st(x).axis
         s_in, s_out = self.shape(x), self.shape(node.outputs[0])
+        # back to the shape of a split tensor, read at run time: Reshape(t, Shape(y)) is split like y
+        shape_src = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        if (
+            shape_src is not None and shape_src.op_type == "Shape" and not shape_src.attributes
+            and self.st(shape_src.inputs[0]) is not None and self.shape(shape_src.inputs[0]) == s_out
+        ):
+            y = self.st(shape_src.inputs[0])
+            self.set_out(node, Split(y.axis, origins | y.origins, y.sections))
+            return
+        # quantization blocks of the split last axis ([..., C] -> [-1, block], MX activations): rows are
+        # per-rank blocks in no global order, fine for row-wise math until a Reshape(.., Shape(y)) above
+        if (
+            s_in is not None and s_out is not None and len(s_out) == 2 and a == len(s_in) - 1
+            and s_out[1] and 1 < s_out[1] < s_in[a] and s_in[a] % s_out[1] == 0
+            and self.shape_elem(node.inputs[1], 0) == ("const", -1)
+        ):
+            if s_in[a] % self.tp or (s_in[a] // self.tp) % s_out[1]:
+                # a rank's slice would cut through a quantization block: keep the producers replicated
+                raise _Demote(origins, f"{node.name}: shards of {s_in[a] // self.tp} split blocks of {s_out[1]}")
+            self.set_out(node, Split(0, origins, BLOCKED_ROWS))
+            return
         if s_in is None or s_out is None or any(d is None for d in s_in) or any(d is None for d in s_out):
             raise _Gather()
         prefix = math.prod(s_in[:a])
@@ -912,8 +1055,11 @@ class _Rewriter:
             raise _Demote(origins, f"{node.name}: reshape of split axis to {s_out[target]} not divisible by {self.tp}")
         if not (s_out[target] % s_in[a] == 0 or s_in[a] % s_out[target] == 0):
             raise _Gather()
+        sections = self.st(x).sections
+        if sections > 1 and s_out[target] != s_in[a]:
+            raise _Gather()
         self.set_shape_dim(node, 1, target, s_out[target], origins)
-        self.set_out(node, Split(target, origins))
+        self.set_out(node, Split(target, origins, sections))
 
     def concat(self, node: ir.Node, split_inputs: list[int], origins: frozenset) -> None:
         r = len(self.shape(node.outputs[0]))
@@ -1071,7 +1217,10 @@ def plan(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None) -> tu
     demoted: set[str] = set()
     for _ in range(MAX_PLAN_ROUNDS):
         try:
-            _Rewriter(model.clone(), tp, 0, shapes, demoted).run()
+            trial = model.clone()
+            rewriter = _Rewriter(trial, tp, 0, shapes, demoted)
+            rewriter.run()
+            plan.last = (trial, rewriter.fragment)  # a finished rank-0 rewrite the caller may reuse
             return demoted, shapes
         except _Demote as exc:
             new = {o for o in exc.origins if not str(o).startswith("input:")}
@@ -1079,6 +1228,9 @@ def plan(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None) -> tu
                 raise UnsupportedModelError(f"tensor parallel --tp {tp}: cannot split {exc}; try a smaller --tp") from exc
             demoted |= new
     raise UnsupportedModelError(f"tensor parallel --tp {tp}: planning did not converge; try a smaller --tp")
+
+
+plan.last = None
 
 
 def rewrite_rank(model: ir.Model, tp: int, rank: int, demoted: set[str], shapes: dict[str, tuple]) -> tuple[ir.Model, TpFragment]:
@@ -1100,11 +1252,14 @@ def split_model(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None
         return [model], {"inputs": {}, "outputs": {}, "collectives": [], "tensors": {}, "demoted": []}
     _name_nodes(model)
     demoted, shapes = plan(model, tp, shapes)
-    ranks, fragment = [], None
-    for rank in range(tp):
-        rank_model, frag = rewrite_rank(model.clone(), tp, rank, demoted, shapes)
+    rank0, fragment = plan.last
+    plan.last = None
+    fragment.demoted = sorted(demoted)
+    _finalize(rank0)
+    ranks = [rank0]
+    for rank in range(1, tp):
+        rank_model, _ = rewrite_rank(model.clone(), tp, rank, demoted, shapes)
         ranks.append(rank_model)
-        fragment = fragment or frag
     if not fragment.tensors:
         raise InvalidOptionError(
             f"--tp {tp} divides none of this model's heads, hidden sizes, channels or vocab: choose a --tp that divides them"
@@ -1131,6 +1286,7 @@ class TensorParallelPass(onnx_ir.passes.FunctionalPass):
         model = model.clone()
         _name_nodes(model)
         demoted, shapes = plan(model, self.tp)
+        plan.last = None
         rank_model, frag = rewrite_rank(model.clone(), self.tp, self.rank, demoted, shapes)
         self.fragment = frag.as_dict()
         return onnx_ir.passes.PassResult(rank_model, True)

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from maia_onnx.errors import MaiaOnnxError, UserError
 # numpy dtypes that travel as themselves; anything else (bf16, fp8) travels as raw bytes
 _WIRE_DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int8, np.uint8, np.bool_, np.int16]
 _MAX_DIMS = 8
+_DTYPE_NAME_BYTES = 32
 FAULT_ENV = "MAIA_ONNX_FAULT"  # test hook: "rank=R,at=STEP[,mode=hang]" kills (or hangs) rank R before step STEP
 
 
@@ -80,6 +81,12 @@ class RankTiming:
 
 
 # ------------------------------------------------------------------------------------------ wire
+def _c_order(arr) -> np.ndarray:
+    """C-contiguous view or copy that keeps 0-d arrays 0-d (np.ascontiguousarray makes them 1-d)."""
+    arr = np.asarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
 def _header(arr: np.ndarray):
     import torch
 
@@ -94,15 +101,19 @@ def _send_array(arr: np.ndarray, dst: int) -> int:
     import torch
     import torch.distributed as dist
 
-    arr = np.ascontiguousarray(arr)
-    dist.send(_header(arr), dst)
-    payload = arr if any(arr.dtype == np.dtype(d) for d in _WIRE_DTYPES) else arr.view(np.uint8)
+    arr = _c_order(arr)
+    head = _header(arr)
+    dist.send(head, dst)
+    if int(head[1]) < 0:  # ml_dtypes (bfloat16, float8...): name the dtype, then ship the raw bytes
+        name = np.frombuffer(arr.dtype.name.encode().ljust(_DTYPE_NAME_BYTES), dtype=np.uint8)
+        dist.send(torch.from_numpy(name.copy()), dst)
+    payload = arr if int(head[1]) >= 0 else arr.reshape(-1).view(np.uint8)
     if arr.size:
         dist.send(torch.from_numpy(payload.reshape(-1)), dst)
     return arr.nbytes
 
 
-def _recv_array(src: int, dtype_hint: np.dtype | None = None) -> np.ndarray:
+def _recv_array(src: int) -> np.ndarray:
     import torch
     import torch.distributed as dist
 
@@ -115,15 +126,18 @@ def _recv_array(src: int, dtype_hint: np.dtype | None = None) -> np.ndarray:
         dtype = np.dtype(_WIRE_DTYPES[code])
         out = np.empty(n, dtype=dtype)
     else:
-        dtype = dtype_hint
+        import ml_dtypes
+
+        name = torch.empty(_DTYPE_NAME_BYTES, dtype=torch.uint8)
+        dist.recv(name, src)
+        dtype_name = bytes(name.numpy()).rstrip(b" ").decode()
+        if not hasattr(ml_dtypes, dtype_name):
+            raise DistributedRunError(f"received a tensor of unsupported dtype {dtype_name!r} from rank {src}")
+        dtype = np.dtype(getattr(ml_dtypes, dtype_name))
         out = np.empty(n * itemsize, dtype=np.uint8)
     if n:
         dist.recv(torch.from_numpy(out), src)
-    if code < 0:
-        if dtype is None:
-            raise DistributedRunError(f"received a tensor of an unknown {itemsize}-byte dtype from rank {src}")
-        out = out.view(dtype)
-    return out.reshape(shape)
+    return out.view(dtype).reshape(shape)
 
 
 # ------------------------------------------------------------------------------------------ runner
@@ -197,11 +211,11 @@ class RankRunner:
         t0 = time.perf_counter()
         if coll.op == "AllReduce":
             acc_dtype = value.dtype if value.dtype in (np.float32, np.float64) or value.dtype.kind in "iu" else np.float32
-            tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=acc_dtype).copy())
+            tensor = torch.from_numpy(_c_order(value).astype(acc_dtype, copy=True))
             dist.all_reduce(tensor, group=self.group)
             out = tensor.numpy().astype(value.dtype, copy=False)
         else:
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            tensor = torch.from_numpy(_c_order(value))
             parts = [torch.empty_like(tensor) for _ in range(self.tp)]
             dist.all_gather(parts, tensor, group=self.group)
             out = np.concatenate([p.numpy() for p in parts], axis=coll.axis)
@@ -246,8 +260,6 @@ class RankRunner:
                 cache: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """One pipelined forward. ``feeds``: full source inputs (read where needed). Returns this rank's stage
         outputs concatenated over microbatches."""
-        import torch.distributed as dist
-
         m = self.manifest
         axis = m.data.get("microbatch", {}).get("axis", 0)
         chunks = self._split(feeds or {}, microbatches, axis)
@@ -274,7 +286,6 @@ class RankRunner:
                     self.timing.p2p_bytes += _send_array(value, self._global(self.tp_rank, reader))
             self.timing.send_s += time.perf_counter() - t0
             results.append(out)
-        del dist
         if microbatches == 1:
             return results[0]
         return {k: np.concatenate([r[k] for r in results], axis=axis) for k in results[0]}
@@ -312,7 +323,7 @@ class RankRunner:
         import torch
         import torch.distributed as dist
 
-        t = torch.from_numpy(np.ascontiguousarray(token)) if self.rank == 0 else None
+        t = torch.from_numpy(_c_order(token)) if self.rank == 0 else None
         shape = torch.tensor(list(token.shape) if self.rank == 0 else [0, 0], dtype=torch.int64)
         dist.broadcast(shape, 0)
         if t is None:

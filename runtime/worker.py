@@ -9,7 +9,6 @@ which makes torchrun stop the other ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import sys
 import tempfile
@@ -27,6 +26,12 @@ FORMATS = ["mxfp8-e4m3", "mxfp8-e5m2", "mxint8", "mxfp4", "mx9", "mx6"]
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def accuracy(tmp: Path) -> list[dict]:
@@ -110,6 +115,7 @@ def large(tmp: Path) -> list[dict]:
         ("mx9 fake-quant weights (FP32 out, lazy)", lambda: QuantizeMxPass("mx9")),
     ]:
         out = tmp / "large-out.onnx"
+        rss_before = _current_rss_mb()
         t0 = time.perf_counter()
         model = load_model(LARGE)
         p = make()
@@ -118,7 +124,8 @@ def large(tmp: Path) -> list[dict]:
         save_model(model, out, external_data=True)
         total = time.perf_counter() - t0
         size = out.stat().st_size + (out.with_name(out.name + ".data").stat().st_size if out.with_name(out.name + ".data").exists() else 0)
-        rows.append({"run": label, "pass_seconds": round(t_pass, 1), "total_seconds": round(total, 1), "output_bytes": size, "peak_rss_mb_so_far": round(peak_rss_mb())})
+        rows.append({"run": label, "pass_seconds": round(t_pass, 1), "total_seconds": round(total, 1), "output_bytes": size,
+                     "rss_mb_before": round(rss_before), "peak_rss_mb_so_far": round(peak_rss_mb())})
         print(rows[-1], file=sys.stderr)
         del model, p
         gc.collect()
@@ -186,15 +193,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--large", action="store_true", help=f"also convert {LARGE} (3.4 GB; a few minutes)")
     ap.add_argument("--json", help="write all figures here")
+    ap.add_argument("--only", choices=["speed", "accuracy", "decode", "large"], help="run one section")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     results = {}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        results["speed"] = speed()
-        results["accuracy"] = accuracy(tmp)
-        results["decode"] = decode(tmp)
-        if args.large:
+        wanted = {args.only} if args.only else {"speed", "accuracy", "decode"} | ({"large"} if args.large else set())
+        for name, fn in (("speed", speed), ("accuracy", lambda: accuracy(tmp)), ("decode", lambda: decode(tmp))):
+            if name in wanted:
+                results[name] = fn()
+        if "large" in wanted:
             if not LARGE.exists():
                 sys.exit(f"{LARGE} missing: run scripts/make_large_models.py first")
             results["large"] = large(tmp)

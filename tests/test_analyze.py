@@ -286,3 +286,15 @@ def test_hf_llama_export_is_analysed_like_the_builtin(tmp_path):
     per_layer = 2 * tokens * 32 * (32 + 2 * 16 + 32) + 2 * 3 * tokens * 32 * 64 + 4 * batch * 4 * seq * seq * 8
     assert prefill_mm == 2 * per_layer + 2 * tokens * 32 * 128
     assert [c["collectives"] for c in decode["configs"]] == [0, 5]
+
+
+def test_flops_agree_with_inspect_node_flops(llama_tiny_onnx):
+    inspect_mod = pytest.importorskip("maia_onnx.inspect")
+    from maia_onnx.io import load_model
+
+    dims = {"batch": 2, "seq": 8, "past": 24}
+    model = load_model(llama_tiny_onnx)
+    inspect_mod.concretize(model, dims)
+    theirs = sum(inspect_mod.node_flops(n) for n in model.graph if n.op_type == "MatMul")
+    work = build_workload(load_proto(llama_tiny_onnx), "decode", dims["batch"], dims["seq"], dims["past"])
+    assert sum(op.flops for op in work.ops if op.op_type == "MatMul") == theirs > 0

@@ -103,8 +103,21 @@ def test_asymmetric_ranks_are_rejected(handmade_partition):
         """
     )
     ir.save(bare, out / "rank1_stage0.onnx")
+    from maia_onnx.io import sha256_file
+
+    data = json.loads((out / "manifest.json").read_text())
+    data["ranks"][1]["sha256"] = sha256_file(out / "rank1_stage0.onnx")  # pass the tamper check, hit the symmetry one
+    (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(PartitionError, match="different collectives"):
         PartitionExecutor(out)
+
+
+def test_edited_rank_file_is_detected(handmade_partition):
+    out, _, _ = handmade_partition
+    with open(out / "rank0_stage0.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PartitionError, match="sha256"):
+        run_partition(out, {"x": np.ones((1, 4), np.float32)})
 
 
 def test_mismatched_manifest_is_one_line_error(handmade_partition):

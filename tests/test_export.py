@@ -179,6 +179,38 @@ def test_export_releases_the_module_before_ort_loads_the_model(tmp_path, monkeyp
     assert result.max_rel <= REL_TOL
 
 
+def test_failed_parity_keeps_previous_output_and_leaves_no_files(tmp_path, monkeypatch):
+    import maia_onnx.export as export_module
+
+    out = tmp_path / "y.onnx"
+    out.write_bytes(b"previous export")
+
+    def failing_check(*args, **kwargs):
+        raise ValidationError("simulated mismatch")
+
+    monkeypatch.setattr(export_module, "check_parity", failing_check)
+    with pytest.raises(ValidationError, match="simulated mismatch"):
+        export_builtin("yolo-tiny", out)
+    assert out.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y.onnx"]
+
+
+def test_external_data_export_is_published_beside_the_model(tmp_path):
+    out = tmp_path / "y.onnx"
+    export_builtin("yolo-tiny", out, external_data=True)
+    assert (tmp_path / "y.onnx.data").stat().st_size > 100_000
+    feeds = {"images": registry.build("yolo-tiny").example_inputs["images"].numpy()}
+    with_data = _run(out, feeds)
+    export_builtin("yolo-tiny", out, external_data=False)  # re-export inline: the stale side file goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y.onnx"]
+    np.testing.assert_array_equal(_run(out, feeds)["boxes"], with_data["boxes"])
+
+
+def test_output_that_is_a_directory_is_rejected(tmp_path):
+    with pytest.raises(UserError, match="is a directory"):
+        export_builtin("yolo-tiny", tmp_path)
+
+
 @pytest.mark.slow
 def test_llama_large_export_is_multi_gb_with_external_data(tmp_path):
     result = export_builtin("llama-tiny", tmp_path / "large.onnx", size="large")
@@ -224,6 +256,15 @@ FACTORY_SOURCE = textwrap.dedent(
     def boom():
         raise RuntimeError("weights missing")
 
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: torch.export cannot trace it
+                return x * 2
+            return x - 1
+
+    def untraceable():
+        return DataDependent(), (torch.ones(3, 4),)
+
     NOT_CALLABLE = 3
     '''
 )
@@ -256,6 +297,7 @@ def test_factory_tuple_and_dict_inputs(factory_module, tmp_path):
         ("boom", "raised RuntimeError: weights missing"),
         ("NOT_CALLABLE", "is not callable"),
         ("missing", "has no attribute 'missing'"),
+        ("untraceable", "torch.onnx.export cannot export .*data-dependent"),
     ],
 )
 def test_bad_factories_are_user_errors(factory_module, tmp_path, attr, message):

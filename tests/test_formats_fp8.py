@@ -154,3 +154,16 @@ def test_amax_scale_and_errors():
     with pytest.raises(ValueError):
         quantize_fp8(np.ones((4, 4), np.float32), np.ones(3, np.float32), axis=0)
     assert ml_dtypes.float8_e4m3fn(quantize_fp8(np.float32(1000.0), 1.0)) == 448
+
+
+def test_flush_to_zero_mode_does_not_change_codes():
+    # libraries (torch, MKL) may switch the thread to flush-denormals; FP8 subnormals must stay exact
+    torch = pytest.importorskip("torch")
+    x = (np.arange(1, 2000, dtype=np.float32) * np.float32(2.0**-12)).astype(np.float32)
+    expect = fp8_codes_reference(x)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        np.testing.assert_array_equal(float32_to_fp8_codes(x), expect)
+    finally:
+        torch.set_flush_denormal(False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest

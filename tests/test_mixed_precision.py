@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -83,3 +82,15 @@ def test_unreachable_target_reports_not_met(llama_tiny_onnx):
 def test_bad_target():
     with pytest.raises(InvalidOptionError):
         MixedPrecisionPass([], target_cosine=1.5)
+
+
+def test_search_with_fp8_kv_cache_in_the_passes(llama_tiny_onnx):
+    """FP8 cache outputs cannot be compared as NumPy: the search judges the float outputs (logits)."""
+    from maia_onnx.passes.kv_cache import KvCacheFp8Pass
+
+    model = load_model(llama_tiny_onnx)
+    feeds = feeds_for(model, 1)
+    mp = MixedPrecisionPass([QuantizeMxPass("mx9"), KvCacheFp8Pass("fp8-e4m3", calib=feeds)], target_cosine=0.99, feeds=feeds)
+    out = mp(model).model
+    assert mp.result.met and mp.result.kept == []
+    assert any(v.dtype == ir.DataType.FLOAT8E4M3FN for v in out.graph.outputs)

@@ -213,3 +213,15 @@ def test_qat_round_trip_with_inferred_weight_scales(qat_export):
     fp8_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT8E4M3FN)
     assert fp8_bytes == 64 * 96 + 96 * 32
     assert compare(expected, run_model(model, {"x": x})["y"])["max_rel"] < 1e-4
+
+
+def test_has_fake_quant_detects_qat_graphs():
+    from maia_onnx.passes.qat_import import has_fake_quant
+
+    assert has_fake_quant(chain_model())
+    plain = with_inits(
+        """<ir_version: 10, opset_import: ["" : 21]>
+        g (float[2,4] x) => (float[2,4] y) { y = MatMul (x, w) }""",
+        w=np.eye(4, dtype=np.float32),
+    )
+    assert not has_fake_quant(plain)

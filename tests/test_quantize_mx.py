@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -216,3 +215,24 @@ def test_chunked_and_external_data_paths_are_identical(tmp_path, monkeypatch, fm
         np.testing.assert_array_equal(back.graph.initializers[name].const_value.numpy(), v.const_value.numpy(), err_msg=name)
     np.testing.assert_array_equal(run_model(back, feeds())["y"], run_model(whole, feeds())["y"])
     assert len(quantize_mx._chunks((64, 64), 0)) > 1  # the slicing really happened
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8-e4m3", "mxint8", "mxfp4"])
+def test_standard_form_llama_in_reference_evaluator_matches_ort_form(llama_tiny_onnx, fmt):
+    """Whole llama-tiny: E8M0/FP4 form in onnx.reference == float-scale form in ORT (same dequantised operands)."""
+    from onnx.reference import ReferenceEvaluator
+
+    from maia_onnx.io import load_model
+    from maia_onnx.ortutil import make_inputs
+
+    f = make_inputs(load_model(llama_tiny_onnx), seed=0, dims={"batch": 1, "seq": 4, "past": 2})
+    std = load_model(llama_tiny_onnx)
+    QuantizeMxPass(fmt, form="standard")(std)
+    validate_model(std)
+    ref_eval = ReferenceEvaluator(ir.to_proto(std)).run(["logits"], f)[0]
+    ort_form = load_model(llama_tiny_onnx)
+    QuantizeMxPass(fmt, form="ort")(ort_form)
+    got = run_model(ort_form, f)["logits"]
+    assert compare(got, ref_eval)["max_rel"] < 1e-5
+    fp32 = run_model(load_model(llama_tiny_onnx), f)["logits"]
+    assert 0.95 < compare(fp32, ref_eval)["cosine"] < 1.0

@@ -248,7 +248,12 @@ def hf_decoders(tmp_path_factory):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_hf_decoders(hf_decoders, tmp_path, family, tp):
     manifest = _check_partition(hf_decoders[family], tmp_path / "p", tp, {"batch": 2, "seq": 3, "past": 2}, int_high=128)
-    assert sum(1 for c in manifest.collectives if c["op"] == "AllReduce") >= 4  # attention + MLP per layer
+    ops = Counter(c["op"] for c in manifest.collectives)
+    assert ops["AllReduce"] >= 5 and ops["AllGather"] == 1  # embedding(s) + attention + MLP per layer; logits
+    if family == "gpt2":  # fused Q|K|V (c_attn) is cut per block, so the Split after it needs no gather
+        c_attn = manifest.tensors["transformer.h.0.attn.c_attn.weight"]
+        assert c_attn["sections"] == 3 and c_attn["kind"] == "column"
+        assert c_attn["shards"]["1"][0] == [64 // tp, 2 * 64 // tp]
     _decode_steps(hf_decoders[family], tmp_path / "p", vocab=128, steps=1)
 
 
@@ -274,3 +279,34 @@ def test_fp8_llama_shards_fp8_weights_and_scales(llama_fp8, tmp_path, tp):
     full_scale = src["model.layers.0.mlp.up_proj.weight_scale"].const_value.numpy()
     np.testing.assert_array_equal(scale.numpy(), full_scale[: 128 // tp])
     assert read_manifest(tmp_path / "p").tp == tp
+
+
+@pytest.fixture(scope="module")
+def llama_quantized(llama_tiny_onnx, tmp_path_factory):
+    quantize = pytest.importorskip("maia_onnx.quantize")
+    root = tmp_path_factory.mktemp("quantized")
+    made = {}
+
+    def get(fmt):
+        if fmt not in made:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # random calibration warning
+                quantize.quantize_model(llama_tiny_onnx, root / f"{fmt}.onnx", format=fmt, show_progress=False, evaluate=False)
+            made[fmt] = root / f"{fmt}.onnx"
+        return made[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt, tp", [("bf16", 2), ("mxfp8-e4m3", 2), ("mxfp8-e4m3", 4), ("mxint8", 4)])
+def test_bf16_and_mx_llama(llama_quantized, tmp_path, fmt, tp):
+    manifest = _check_partition(llama_quantized(fmt), tmp_path / "p", tp, {"batch": 2, "seq": 3, "past": 4}, rtol=1e-3)
+    mlp = next(k for k in manifest.tensors if "layers.0.mlp.up_proj" in k and manifest.tensors[k]["kind"] == "column")
+    assert manifest.tensors[mlp]["full_shape"][-1] == 128
+    if fmt.startswith("mx") and tp == 4:
+        # 64-wide attention shards of 16 would cut MX blocks of 32: attention stays replicated, the MLP splits
+        assert "model.layers.0.self_attn.q_proj.weight" not in {k.split("_quantized")[0] for k in manifest.tensors
+                                                              if manifest.tensors[k]["kind"] == "column"}
+        assert sum(1 for c in manifest.collectives if c["op"] == "AllReduce") == 3

@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+        # click turns Ctrl-C into Abort; outputs are written atomically, so nothing partial is left
+        click.echo("error: interrupted (no output was written)", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()

@@ -33,10 +33,32 @@ def load_feeds(model, inputs_path: str | None, random: bool, dims: Mapping[str, 
             missing = [n for n in names if n not in feeds]
             if missing:
                 raise UserError(f"{path} lacks inputs {', '.join(missing)} (has {', '.join(feeds) or 'none'}): add them")
+            check_feeds(model, feeds, path)
         return feeds
     if model is None:
         raise InvalidOptionError("partition directories need --inputs x.npz")
     return make_inputs(model, seed=seed, dims=dims)
+
+
+def check_feeds(model, feeds: Mapping[str, np.ndarray], source) -> None:
+    """Refuse feeds whose dtype, rank or fixed dims differ from the graph inputs (one line naming the input)."""
+    from maia_onnx.errors import UserError
+
+    for value in model.graph.inputs:
+        if value.name not in feeds or value.dtype is None:
+            continue
+        arr = feeds[value.name]
+        want = value.dtype.numpy()
+        if arr.dtype != want:
+            raise UserError(f"input {value.name!r} in {source} is {arr.dtype}, the model expects {np.dtype(want).name}: "
+                            f"save it as {np.dtype(want).name}")
+        if value.shape is None:
+            continue
+        expected = [d if isinstance(d, int) else str(d) for d in value.shape]
+        fixed_ok = all(not isinstance(d, int) or d == n for d, n in zip(value.shape, arr.shape))
+        if arr.ndim != len(expected) or not fixed_ok:
+            raise UserError(f"input {value.name!r} in {source} has shape {list(arr.shape)}, the model expects {expected}: "
+                            f"fix the array's shape")
 
 
 def run_model_file(model_path: str, feeds, providers, device: str, cpu_ops, repeat: int = 1):

@@ -6,7 +6,8 @@ A plain ``ml_dtypes`` ``astype`` turns out-of-range values into NaN and is slow,
 the FPU do the rounding: with ``|x|`` clamped to the format max and ``E = max(exponent(|x|), emin)``, the
 float32 sum ``2^(E + 23 - m) + |x|`` rounds ``|x|`` to nearest-even on the FP8 grid of binade ``E`` (m
 mantissa bits; subnormals included, since ``E`` stops at emin), and the difference of the two bit patterns
-counts FP8 steps, from which the FP8 code follows with one shift and one add.  About 16 SIMD ufunc passes
+counts FP8 steps, from which the FP8 code follows with one shift and one add (integer steps, so no float
+subnormal is ever produced and flush-to-zero modes cannot change the result).  About 16 SIMD ufunc passes
 per cache-sized chunk, on a small thread pool (numpy releases the GIL).  ``fp8_codes_reference`` is an
 independent exact (float64 nearest-value search) implementation used to test it bit for bit.
 """
@@ -130,7 +131,8 @@ _local = threading.local()
 class _Scratch:
     """Per-thread chunk buffers (and constant vectors: numpy's min/max against a scalar is not vectorized)."""
 
-    def __init__(self, fmt: Fp8Format, n: int = _CHUNK):
+    def __init__(self, fmt: Fp8Format, n: int | None = None):
+        n = n or _CHUNK
         self.abs_bits = np.empty(n, np.uint32)
         self.base = np.empty(n, np.uint32)
         self.code = np.empty(n, np.uint32)
@@ -169,6 +171,7 @@ def _codes_chunk(values: np.ndarray, out: np.ndarray, fmt: Fp8Format) -> None:
     np.add(base, sc.step_bits, out=base)  # 2^(E + 23 - m): its ulp is the FP8 step of binade E
     with np.errstate(invalid="ignore", over="ignore"):
         np.add(base_f, a_f, out=code.view(np.float32))  # the FPU rounds |x| to nearest-even here
+    # integer steps, not a float rescale onto subnormals: stays exact under flush-to-zero modes
     np.subtract(code, base, out=code)  # FP8 steps above zero within binade E
     np.right_shift(base, sc.step_shift, out=base)
     np.add(code, base, out=code)
@@ -184,6 +187,9 @@ _pool: ThreadPoolExecutor | None = None
 
 
 def _threads() -> int:
+    # inside one of our own workers run inline: waiting on the pool from the pool could deadlock
+    if threading.current_thread().name.startswith("maia-fp8"):
+        return 1
     return max(1, min(int(os.environ.get("MAIA_ONNX_THREADS", os.cpu_count() or 1)), 16))
 
 

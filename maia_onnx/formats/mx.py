@@ -70,23 +70,27 @@ def mx_format(fmt: str | MxFormat) -> MxFormat:
 
 
 def _blocked(x: np.ndarray, axis: int, block_size: int) -> tuple[np.ndarray, int]:
-    """Move ``axis`` last, zero-pad it to a multiple of ``block_size`` and split it into blocks.
+    """Split ``axis`` into ``(nblocks, block_size)`` in place (zero-padding a short last block).
 
-    Returns an array of shape ``[..., nblocks, block_size]`` (other axes first, in order) and the
-    original length of ``axis``.
+    Returns an array of shape ``shape[:axis] + (nblocks, block_size) + shape[axis+1:]`` -- a view when no
+    padding is needed, so no transpose copies -- and the original length of ``axis``.  Reducing over
+    ``axis + 1`` gives the ONNX blocked-scale layout directly.
     """
-    x = np.moveaxis(x, axis, -1)
-    length = x.shape[-1]
+    length = x.shape[axis]
     nblocks = -(-length // block_size)
     pad = nblocks * block_size - length
     if pad:
-        x = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), dtype=x.dtype)], axis=-1)
-    return x.reshape(x.shape[:-1] + (nblocks, block_size)), length
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        x = np.pad(x, widths)
+    return x.reshape(x.shape[:axis] + (nblocks, block_size) + x.shape[axis + 1 :]), length
 
 
 def _unblocked(xb: np.ndarray, axis: int, length: int) -> np.ndarray:
-    x = xb.reshape(xb.shape[:-2] + (-1,))[..., :length]
-    return np.moveaxis(x, -1, axis)
+    x = xb.reshape(xb.shape[:axis] + (-1,) + xb.shape[axis + 2 :])
+    if x.shape[axis] != length:
+        x = np.take(x, np.arange(length), axis=axis)
+    return x
 
 
 def floor_log2(amax: np.ndarray) -> np.ndarray:
@@ -119,12 +123,12 @@ def mx_shared_exponents(x: np.ndarray, fmt: str | MxFormat, axis: int = -1, bloc
     x = np.asarray(x, dtype=np.float32)
     axis = axis % x.ndim
     xb, _ = _blocked(x, axis, block_size)
-    return np.moveaxis(_exps_of_blocks(xb, f), -1, axis)
+    return _exps_of_blocks(xb, f, axis + 1)
 
 
-def _exps_of_blocks(xb: np.ndarray, f: MxFormat) -> np.ndarray:
+def _exps_of_blocks(xb: np.ndarray, f: MxFormat, in_block_axis: int) -> np.ndarray:
     with np.errstate(invalid="ignore"):
-        amax = np.max(np.abs(xb), axis=-1)
+        amax = np.max(np.abs(xb), axis=in_block_axis)
     finite = np.isfinite(amax)
     positive = finite & (amax > 0)
     unbiased = np.full(amax.shape, -E8M0_BIAS, dtype=np.int64)  # all-zero block: smallest scale
@@ -147,13 +151,13 @@ def mx_quantize(
     x = np.asarray(x, dtype=np.float32)
     axis = axis % x.ndim
     xb, length = _blocked(x, axis, block_size)
-    exps = _exps_of_blocks(xb, f)
+    exps = _exps_of_blocks(xb, f, axis + 1)
     # Dividing by a power of two is exact in float32 (results stay below 2^(emax+1); anything that lands
     # in float32's subnormal range is far below the element's smallest step), so the only rounding is the
     # single saturating cast into the element type.
     inv_scale = np.ldexp(np.float32(1.0), (E8M0_BIAS - exps.astype(np.int32))).astype(np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
-        v = xb * inv_scale[..., None]
+        v = xb * np.expand_dims(inv_scale, axis + 1)
         if f.implicit_scale != 1.0:
             v *= np.float32(1.0 / f.implicit_scale)  # separately: 2^127 * 2^6 would overflow float32
     if f.is_int:
@@ -165,13 +169,29 @@ def mx_quantize(
         elems = cast_fp8_saturate(v, "e4m3fn" if f.element_dtype == ml_dtypes.float8_e4m3fn else "e5m2")
     else:
         elems = saturate_cast(v, f.element_dtype, f.max_value)
-    return _unblocked(elems, axis, length), np.moveaxis(exps, -1, axis)
+    return _unblocked(elems, axis, length), exps
 
 
 def mx_scale_float(exps: np.ndarray, fmt: str | MxFormat, dtype=np.float32) -> np.ndarray:
     """Float scales that DequantizeLinear multiplies the stored elements by (2^-6 folded in for mxint8)."""
     f = mx_format(fmt)
     return (e8m0_to_float(exps, np.float64) * f.implicit_scale).astype(dtype)
+
+
+_DECODE_TABLES: dict[np.dtype, np.ndarray] = {}
+
+
+def _elements_to_float32(elements: np.ndarray) -> np.ndarray:
+    """Element values as float32; FP8/FP4 through a 256-entry table (ml_dtypes' astype is slow on big tensors)."""
+    dt = elements.dtype
+    if dt.itemsize == 1 and dt in (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2), np.dtype(ml_dtypes.float4_e2m1fn)):
+        if dt not in _DECODE_TABLES:
+            codes = np.arange(256 if dt != np.dtype(ml_dtypes.float4_e2m1fn) else 16, dtype=np.uint8)
+            table = np.zeros(256, np.float32)
+            table[: codes.size] = codes.view(dt).astype(np.float32)
+            _DECODE_TABLES[dt] = table
+        return np.take(_DECODE_TABLES[dt], elements.view(np.uint8))
+    return elements.astype(np.float32)
 
 
 def mx_dequantize(
@@ -186,9 +206,10 @@ def mx_dequantize(
     f = mx_format(fmt)
     elements = np.asarray(elements)
     axis = axis % elements.ndim
-    eb, length = _blocked(elements.astype(np.float64), axis, block_size)
-    scale = np.moveaxis(mx_scale_float(exps, f, np.float64), axis, -1)[..., None]
-    return _unblocked(eb * scale, axis, length).astype(dtype)
+    # float32 is exact here: element (<= 8 significant bits) times a power of two stays in float32 range
+    eb, length = _blocked(_elements_to_float32(elements), axis, block_size)
+    scale = np.expand_dims(mx_scale_float(exps, f, np.float32), axis + 1)
+    return _unblocked(eb * scale, axis, length).astype(dtype, copy=False)
 
 
 def fake_quant_mx(x: np.ndarray, fmt: str | MxFormat, axis: int = -1, block_size: int = MX_BLOCK_SIZE) -> np.ndarray:
@@ -216,25 +237,29 @@ def fake_quant_smx(
     x = np.asarray(x, dtype=np.float32)
     axis = axis % x.ndim
     xb, length = _blocked(x, axis, block_size)
-    xs = xb.reshape(xb.shape[:-1] + (block_size // sub_block, sub_block)).astype(np.float64)
+    nsub = block_size // sub_block
+    xs = xb.reshape(xb.shape[: axis + 1] + (nsub, sub_block) + xb.shape[axis + 2 :])
+    # float32 throughout: every step is a power of two (>= 2^-134, a float32 subnormal at worst), so
+    # |x| / step and M * step are exact and np.rint is the only rounding
+    mag_in = np.abs(xs)
     with np.errstate(invalid="ignore"):
-        block_amax = np.max(np.abs(xs), axis=(-2, -1))
-        sub_amax = np.max(np.abs(xs), axis=-1)
+        sub_amax = np.max(mag_in, axis=axis + 2)  # shape[:axis] + (nblocks, nsub) + rest
+        block_amax = np.max(sub_amax, axis=axis + 1)  # shape[:axis] + (nblocks,) + rest
     finite = np.isfinite(block_amax)
-    positive = finite & (block_amax > 0)
-    shared = np.zeros(block_amax.shape, dtype=np.int64)
-    shared[positive] = floor_log2(block_amax[positive])
-    shared = np.clip(shared, -E8M0_BIAS, E8M0_BIAS)[..., None]
+    _, e = np.frexp(np.where(finite & (block_amax > 0), block_amax, np.float32(1.0)))
+    shared = np.clip(e.astype(np.int32) - 1, -E8M0_BIAS, E8M0_BIAS)
+    shared = np.expand_dims(np.where(block_amax > 0, shared, 0), axis + 1)
     with np.errstate(invalid="ignore"):
-        micro = (np.nan_to_num(sub_amax, nan=np.inf) < np.ldexp(1.0, shared)).astype(np.int64)
-    step = np.ldexp(1.0, shared - micro - (mantissa_bits - 1))[..., None]
-    max_mag = float(2**mantissa_bits - 1)
-    with np.errstate(invalid="ignore"):
-        mag = np.minimum(np.rint(np.abs(xs) / step), max_mag)
-    out = np.sign(xs) * mag * step
-    out[~finite] = np.nan
+        # micro-exponent 1 when the sub-block sits below 2^E (NaN sub-block: 1, the block is NaN anyway)
+        micro = (~(sub_amax >= np.ldexp(np.float32(1.0), shared))).astype(np.int32)
+    step = np.expand_dims(np.ldexp(np.float32(1.0), shared - micro - (mantissa_bits - 1)).astype(np.float32), axis + 2)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mag = np.minimum(np.rint(mag_in / step), np.float32(2**mantissa_bits - 1))
+        out = np.copysign(mag * step, xs)
+    if not finite.all():
+        out = np.where(np.expand_dims(finite, (axis + 1, axis + 2)), out, np.float32(np.nan))
     out = out.reshape(xb.shape)
-    return _unblocked(out, axis, length).astype(np.float32)
+    return _unblocked(out, axis, length).astype(np.float32, copy=False)
 
 
 def fake_quant_mx9(x: np.ndarray, axis: int = -1) -> np.ndarray:
