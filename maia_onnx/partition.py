@@ -650,7 +650,7 @@ def partition_file(
     try:
         from maia_onnx.passes.tensor_parallel import _SourceCache
 
-        partition_model(
+        _, plan = partition_model(
             model, out_dir, tp=tp, pp=pp, balance=balance, source_path=str(model_path),
             source_hash=source_fingerprint(model_path), progress=advance if progress else None,
         )
@@ -658,7 +658,9 @@ def partition_file(
         _SourceCache.release_buffers()
         if bar is not None:
             bar.close()
-    return read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
+    manifest.plan = plan  # the PP plan (stage loads, imbalance) for reports; not persisted beyond the manifest
+    return manifest
 
 
 def _prefetch(model_path: str | os.PathLike) -> None:

@@ -85,7 +85,9 @@ INLINE_BYTES = 4096
 
 def _fold_weight_dequantize(proto, specs: dict, arrays: dict[str, np.ndarray]) -> None:
     """Replace DequantizeLinear(FP8 weight, scale[, zero]) by its FP32 value, computed by the formats reference."""
-    from maia_onnx.formats.fp8 import dequantize_fp8
+    from maia_onnx.runtime.kernels import select
+
+    dequantize_fp8 = select("dequantize_fp8")  # the Triton kernel on a CUDA device, else the NumPy reference
 
     keep = []
     for node in proto.graph.node:

@@ -147,3 +147,17 @@ def test_export_is_deterministic(llama_tiny_onnx, tmp_path):
     assert sorted(first) == sorted(second)
     for name in first:
         assert first[name] == second[name], f"{name} differs between two identical exports"
+
+
+def test_reshard_is_deterministic(tmp_path, monkeypatch, capsys):
+    """TP 2 -> TP 1 x PP 2 twice from the same partition: identical directories."""
+    source = write_model(tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    assert main(["partition", str(source), "-o", "part", "--tp", "2", "--json"]) == 0
+    results = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        assert main(["reshard", "part", "-o", str(out), "--tp", "1", "--pp", "2", "--json"]) == 0
+        results.append(_files(out))
+    capsys.readouterr()
+    assert results[0] and results[0] == results[1]

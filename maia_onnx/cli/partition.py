@@ -14,17 +14,40 @@ from maia_onnx.cli.options import echo_json, json_option, model_argument
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree (stages).")
 @click.option("--balance", type=click.Choice(["flops", "params", "memory"]), default="flops", show_default=True,
               help="What pipeline stages are balanced on.")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(), default=None,
+              help="Also write every rank's weights as safetensors (rank{r}_stage{s}.safetensors) into this directory.")
+@click.option("--annotate-only", is_flag=True,
+              help="Do not split: write the model to -o (an .onnx file) with IR v11 sharding annotations.")
 @json_option
-def command(model, output, tp, pp, balance, as_json):
+def command(model, output, tp, pp, balance, checkpoint_dir, annotate_only, as_json):
     """Split MODEL for tensor (--tp) and pipeline (--pp) parallelism into a partition directory."""
     from maia_onnx.partition import partition_file, summary_rows
     from maia_onnx.report import human_bytes, print_table
 
+    if annotate_only:
+        from maia_onnx.passes.sharding_annotations import annotate_file
+
+        report = annotate_file(model, output, tp=tp, pp=pp, balance=balance)
+        if as_json:
+            echo_json(report)
+        else:
+            click.echo(f"wrote {output}: sharding annotations for tp={tp} pp={pp} (model not split)")
+        return
     manifest = partition_file(model, output, tp=tp, pp=pp, balance=balance, progress=not as_json)
     rows = summary_rows(manifest)
+    stages = None
+    if getattr(manifest, "plan", None) is not None and manifest.pp > 1:
+        from maia_onnx.passes.reshard import stage_report
+
+        stages = stage_report(manifest, manifest.plan)
+    checkpoint = None
+    if checkpoint_dir:
+        from maia_onnx.checkpoint import save_checkpoint
+
+        checkpoint = save_checkpoint(output, checkpoint_dir, progress=not as_json)
     if as_json:
-        echo_json({"output": str(output), "mesh": manifest.data["mesh"], "ranks": rows,
-                   "inputs": manifest.inputs, "outputs": manifest.outputs})
+        echo_json({"output": str(output), "mesh": manifest.data["mesh"], "ranks": rows, "stages": stages,
+                   "inputs": manifest.inputs, "outputs": manifest.outputs, "checkpoint": checkpoint})
         return
     for r in rows:
         r["weights"] = human_bytes(r["weight_bytes"])
@@ -33,3 +56,10 @@ def command(model, output, tp, pp, balance, as_json):
     print_table(rows, ["rank", "tp_rank", "stage", "file", "weights", "collectives", "allreduce", "allgather",
                        "coll_bytes/token", "wire_bytes/token"],
                 title=f"partition {output}: tp={manifest.tp} pp={manifest.pp}")
+    if stages:
+        from maia_onnx.cli.reshard import print_stage_report
+
+        click.echo()
+        print_stage_report(stages)
+    if checkpoint:
+        click.echo(f"checkpoint: {len(checkpoint.get('files', {}))} safetensors file(s) in {checkpoint_dir}")

@@ -121,6 +121,17 @@ def command(model, output, fmt, calib, method, percentile, granularity, block_si
                    f"(target {mixed['target_cosine']}, {'met' if mixed['met'] else 'NOT met'})")
     if report.get("kv_cache"):
         click.echo(f"KV cache: {report['kv_cache']['format']} ({len(report['kv_cache']['scales'])} cache tensors)")
+    decode = report.get("decode")
+    if decode:
+        from maia_onnx.decode import step_rows
+        from maia_onnx.report import print_table
+
+        rows = step_rows(decode)
+        cosines = [r["cosine"] for r in rows]
+        click.echo(f"greedy decode, {len(rows)} steps with the quantized cache vs FP32: min logits cosine "
+                   f"{min(cosines):.6f}, mean {sum(cosines) / len(cosines):.6f}, token agreement "
+                   f"{decode['token_agreement']:.3f} (teacher-forced), {decode['free_running_agreement']:.3f} (free-running)")
+        print_table(rows, ["step", "cosine", "max_abs", "fp32_token", "token", "agree"])
     sizes = report.get("sizes", {})
     size_text = human_bytes(sizes.get("output_bytes", 0))
     if sizes.get("input_bytes"):

@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from maia_onnx.cli.options import device_option, echo_json, json_option, model_argument
+from maia_onnx.runtime.distributed import launcher_options
 
 
 def load_feeds(model, inputs_path: str | None, random: bool, dims: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
@@ -89,10 +90,10 @@ def _partition_input_model(directory: Path):
     return ir.Model(ir.Graph(inputs, [], nodes=[]), ir_version=10)
 
 
-def run_directory(directory: str, feeds):
-    from maia_onnx.runtime.executor import run_partition  # the TP engineer's in-process executor
+def run_directory(directory: str, feeds, microbatches: int = 1):
+    from maia_onnx.runtime.executor import run_partition
 
-    return run_partition(directory, feeds)
+    return run_partition(directory, feeds, microbatches=microbatches)
 
 
 @click.command("run")
@@ -109,19 +110,37 @@ def run_directory(directory: str, feeds):
 @click.option("--compare-to", "compare_to", type=click.Path(), default=None, help="Reference model: run it in plain ORT and compare.")
 @click.option("--repeat", default=1, show_default=True, help="Run this many times and report mean latency.")
 @click.option("--report", "show_report", is_flag=True, help="Print the placement report (device vs CPU, reasons, est. time).")
+@launcher_options
 @json_option
 @click.pass_context
 def command(ctx, model, inputs_path, random, dims, seed, providers, device, cpu_ops, save_outputs, compare_to, repeat,
-            show_report, as_json):
-    """Run MODEL (plain, compiled, or a partition directory with manifest.json) and report."""
+            show_report, launcher, nproc_per_node, nnodes, rdzv_endpoint, microbatches, decode_steps, dist_timeout,
+            interconnect, as_json):
+    """Run MODEL (plain, compiled, or a partition directory with manifest.json) and report.
+
+    Partition directories run in this process (one ORT session per rank segment, collectives in NumPy) or,
+    with --launcher torchrun, one process per rank with torch.distributed collectives.
+    """
+    if launcher == "torchrun":
+        from maia_onnx.errors import UserError
+        from maia_onnx.runtime.distributed import print_timing, run_torchrun
+
+        if not Path(model, "manifest.json").is_file():
+            raise UserError(f"--launcher torchrun runs partition directories; {model} has no manifest.json "
+                            "(make one with `maia-onnx partition`)")
+        result = run_torchrun(model, inputs_path, save_outputs, nproc_per_node=nproc_per_node, nnodes=nnodes,
+                              rdzv_endpoint=rdzv_endpoint, microbatches=microbatches, decode_steps=decode_steps,
+                              dist_timeout=dist_timeout, interconnect=interconnect)
+        print_timing(result, as_json)
+        return
     result = run_command(model, inputs_path=inputs_path, random=random, dims=dims, seed=seed, providers=providers,
                          device=device, cpu_ops=cpu_ops, save_outputs=save_outputs, compare_to=compare_to,
-                         repeat=repeat, show_report=show_report)
+                         repeat=repeat, show_report=show_report, microbatches=microbatches)
     print_result(result, as_json)
 
 
 def run_command(model, inputs_path=None, random=False, dims="", seed=0, providers="MaiaExecutionProvider,CPUExecutionProvider",
-                device="maia100", cpu_ops="", save_outputs=None, compare_to=None, repeat=1, show_report=False) -> dict:
+                device="maia100", cpu_ops="", save_outputs=None, compare_to=None, repeat=1, show_report=False, microbatches=1) -> dict:
     """The work behind `maia-onnx run` (importable; options map 1:1)."""
     from maia_onnx.cli.compile import _dims, _split
     from maia_onnx.errors import UserError
@@ -135,7 +154,7 @@ def run_command(model, inputs_path=None, random=False, dims="", seed=0, provider
         if not (path / "manifest.json").is_file():
             raise UserError(f"{path} is a directory without manifest.json: pass a model file or a partition directory")
         feeds = load_feeds(_partition_input_model(path) if random else None, inputs_path, random, dims_map, seed)
-        outputs = run_directory(str(path), feeds)
+        outputs = run_directory(str(path), feeds, microbatches)
         result["kind"] = "partition"
     else:
         ir_model = load_model(path)
