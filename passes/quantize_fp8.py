@@ -7,6 +7,15 @@ have no constant input -- get a ``QuantizeLinear -> DequantizeLinear`` pair with
 calibration.  Norms, softmax, residual adds and everything else stay in the original precision.  Nothing is
 removed: FP8 has no zero-point clipping, so a ReLU before a QDQ pair still matters.
 
+An activation made by ``Relu`` or ``Clip`` is quantized at that op's *input* and the op is re-applied after the
+``DequantizeLinear`` (``x -> Q -> DQ -> Relu -> MatMul``), so no ``Relu``/``Clip`` ever feeds a ``QuantizeLinear``.
+Stock ONNX Runtime's default (Level 2) rewrites ``ReluQuantFusion`` / ``ClipQuantFusion`` match exactly that
+adjacency and assume an integer zero point: the first deletes the Relu (wrong answers for FP8, which does not
+clip at zero), the second aborts session creation on an FP8 zero point.  The reordering is exact, not an
+approximation: saturating round-to-nearest-even Q is monotone and maps 0 to 0, so
+``relu(DQ(Q(x))) == DQ(Q(relu(x)))``, and ``clip(DQ(Q(x)), DQ(Q(lo)), DQ(Q(hi))) == DQ(Q(clip(x, lo, hi)))`` --
+the moved Clip's bounds are the FP8-rounded original bounds.
+
 External (memory-mapped) weights are quantized lazily: the scale is computed now by streaming over the
 tensor, the FP8 bytes are produced when the model is saved, and the mapping is released right after, so a
 multi-GB model is never held twice.
@@ -24,7 +33,7 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError
-from maia_onnx.formats.fp8 import Fp8Format, amax_along, fp8_amax_scale, get_fp8_format, quantize_fp8
+from maia_onnx.formats.fp8 import Fp8Format, amax_along, dequantize_fp8, fp8_amax_scale, get_fp8_format, quantize_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +96,8 @@ def _matches(node: ir.Node, patterns: Sequence[str]) -> bool:
 def _dequantized(value: ir.Value | None) -> bool:
     """Produced by a DequantizeLinear: already quantized (e.g. QAT import, KV cache), leave it alone."""
     producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type in ("Relu", "Clip") and producer.inputs and producer.inputs[0] is not None:
+        producer = producer.inputs[0].producer()  # DQ -> Relu/Clip: this pass's own placement after a clamp
     return producer is not None and producer.op_type == "DequantizeLinear"
 
 
@@ -260,6 +271,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         self._zero_points: dict[ir.DataType, ir.Value] = {}
         self._activation_qdq: dict[str, ir.Value] = {}
         self._weight_dq: dict[str, tuple[ir.Value, LayerRecord]] = {}
+        self._moved_clamps: list[ir.Node] = []
         modified = False
         for target in targets:
             node = target.node
@@ -281,6 +293,15 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
             value = graph.initializers.get(name)
             if value is not None and not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 graph.initializers.pop(name)
+        # a Relu/Clip re-applied after its DQ is dead where every reader now takes the quantized copy
+        for clamp in self._moved_clamps:
+            out = clamp.outputs[0]
+            if not out.uses() and not out.is_graph_output() and clamp.graph is graph:
+                bounds = [v.producer() for v in clamp.inputs[1:] if v is not None and v.producer() is not None]
+                graph.remove(clamp, safe=True)
+                for constant in bounds:  # its Constant bounds too, when nothing else reads them
+                    if constant.op_type == "Constant" and not constant.outputs[0].uses() and not constant.outputs[0].is_graph_output():
+                        graph.remove(constant, safe=True)
         graph.meta.pop("maia_value_names", None)
         graph.meta.pop("maia_node_names", None)
         return onnx_ir.passes.PassResult(model, modified)
@@ -317,18 +338,45 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
             )
             graph.register_initializer(scale_value)
             zero = self._zero_point(graph)
-            q = ir.node("QuantizeLinear", [value, scale_value, zero], name=_unique_node(graph, f"{value.name}_QuantizeLinear"))
+            clamp = _clamp_producer(value)
+            source = clamp.inputs[0] if clamp is not None else value
+            q = ir.node("QuantizeLinear", [source, scale_value, zero], name=_unique_node(graph, f"{value.name}_QuantizeLinear"))
             q.outputs[0].name = _unique_name(graph, f"{value.name}_quantized")
             q.outputs[0].type = ir.TensorType(self.fmt.ir_dtype)
             q.outputs[0].shape = value.shape
             dq = ir.node("DequantizeLinear", [q.outputs[0], scale_value, zero], name=_unique_node(graph, f"{value.name}_DequantizeLinear"))
-            dq.outputs[0].name = _unique_name(graph, f"{value.name}_dequantized")
+            dq.outputs[0].name = _unique_name(graph, f"{value.name}_dequantized" + ("_unclamped" if clamp else ""))
             dq.outputs[0].type = value.type
             dq.outputs[0].shape = value.shape
-            graph.insert_before(node, [q, dq])
-            self._activation_qdq[value.name] = dq.outputs[0]
+            new_nodes = [q, dq]
+            if clamp is not None:  # see the module docstring: Relu/Clip after the DQ, never before the Q
+                new_nodes.append(self._clamp_after(graph, clamp, dq.outputs[0], scale_value, np_dtype, value))
+                self._moved_clamps.append(clamp)
+            graph.insert_before(node, new_nodes)
+            self._activation_qdq[value.name] = new_nodes[-1].outputs[0]
         node.replace_input_with(index, self._activation_qdq[value.name])
         return True
+
+    def _clamp_after(self, graph: ir.Graph, clamp: ir.Node, dequantized: ir.Value, scale_value: ir.Value,
+                     np_dtype, value: ir.Value) -> ir.Node:
+        """The Relu/Clip ``clamp`` re-applied to ``dequantized``; a Clip's bounds rounded to the FP8 grid."""
+        inputs = [dequantized]
+        if clamp.op_type == "Clip":
+            scale = scale_value.const_value.numpy()
+            for k, default in ((1, -np.inf), (2, np.inf)):
+                bound = _constant(clamp.inputs[k]) if len(clamp.inputs) > k and clamp.inputs[k] is not None else None
+                bound = np.asarray(default if bound is None else bound, dtype=np_dtype)
+                rounded = dequantize_fp8(quantize_fp8(bound, scale, self.fmt), scale, dtype=np_dtype).reshape(())
+                name = _unique_name(graph, f"{value.name}_clip_{'min' if k == 1 else 'max'}")
+                bound_value = ir.Value(name=name, type=ir.TensorType(value.dtype or ir.DataType.FLOAT), shape=ir.Shape([]),
+                                       const_value=ir.Tensor(np.asarray(rounded, dtype=np_dtype), name=name))
+                graph.register_initializer(bound_value)
+                inputs.append(bound_value)
+        moved = ir.node(clamp.op_type, inputs, name=_unique_node(graph, f"{value.name}_{clamp.op_type}_after_dq"))
+        moved.outputs[0].name = _unique_name(graph, f"{value.name}_dequantized")
+        moved.outputs[0].type = value.type
+        moved.outputs[0].shape = value.shape
+        return moved
 
     def _weight_scale(self, name: str, data, axis, block_size) -> np.ndarray:
         if name in self.weight_scales:
@@ -410,6 +458,30 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         record.weight_granularity = granularity if not block_size else f"block{block_size}"
         self._weight_dq[weight.name] = (dq.outputs[0], record)
         return True
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """The value of an initializer or ``Constant`` output, else None."""
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _clamp_producer(value: ir.Value) -> ir.Node | None:
+    """The Relu / Clip (constant or absent bounds) that produces ``value``, which the QDQ pair is moved across."""
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return None
+    if node.inputs[0].dtype is not None and node.inputs[0].dtype not in _FLOAT_TYPES:
+        return None
+    if node.op_type == "Relu":
+        return node
+    if node.op_type == "Clip" and "min" not in node.attributes and "max" not in node.attributes:
+        bounds = [node.inputs[k] if len(node.inputs) > k else None for k in (1, 2)]
+        if all(b is None or (_constant(b) is not None and _constant(b).size == 1) for b in bounds):
+            return node
+    return None  # a Clip with run-time bounds: ORT cannot fold it into the Q either, so the plain placement is safe
 
 
 def _layer_name(node: ir.Node, target: QuantTarget) -> str | None:

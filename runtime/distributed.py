@@ -457,6 +457,21 @@ def launch(directory: str | os.PathLike, inputs_path: str | os.PathLike, save_ou
         return json.loads(report.read_text()) if report.exists() else {}
 
 
+_PEER_LOST = __import__("re").compile(r"remote worker|peer|Connection (closed|reset)|Broken pipe|EOF", __import__("re").I)
+
+
+def _silent_ranks(worker_lines: Mapping[str, str], directory) -> list[str]:
+    """Ranks of the partition that printed no error line (candidates for the one that died)."""
+    try:
+        from maia_onnx.partition import read_manifest
+
+        manifest = read_manifest(directory)
+        world = manifest.tp * manifest.pp
+    except Exception:  # the message must still be produced when the directory is unreadable
+        return []
+    return [str(r) for r in range(world) if str(r) not in worker_lines]
+
+
 def _failure_message(log: str, returncode: int, directory) -> str:
     """One line naming the failing rank and the cause, from torchrun's root-cause report and the workers' lines."""
     import re
@@ -467,10 +482,18 @@ def _failure_message(log: str, returncode: int, directory) -> str:
         if m:
             worker_lines.setdefault(m.group(1), m.group(2))
     root = log.split("Root Cause", 1)[1] if "Root Cause" in log else log
-    found = re.search(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)", root)
+    pattern = r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)"
+    found = re.search(pattern, root)
+    # a rank killed by a signal is the cause even when a peer's broken-connection error was reported first
+    killed = [m for m in re.finditer(pattern, log) if int(m.group(2)) < 0]
+    if killed:
+        found = killed[0]
     if found and int(found.group(2)) < 0:
         rank, code = found.group(1), int(found.group(2))
         cause = f"rank {rank} died (signal {-code})"
+    elif (silent := _silent_ranks(worker_lines, directory)) and all(_PEER_LOST.search(v) and "time" not in v.lower() for v in worker_lines.values()):
+        # every rank that spoke only lost a peer: the rank that said nothing is the one that died
+        cause = f"rank {silent[0]} died (no error of its own; its peers lost the connection to it)"
     elif found and found.group(1) in worker_lines:
         rank = found.group(1)
         cause = f"rank {rank}: {worker_lines[rank]}"

@@ -164,11 +164,6 @@ def test_legacy_model_quantizes_within_fp8_bound(tmp_path):
     assert np.all(np.abs(got - want) <= bound)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ONNX Runtime's Level2 rule ReluQuantFusion drops a Relu that feeds an FP8 QuantizeLinear (valid only for "
-    "uint8 with zero point 0): FP8 static-quantized models give wrong answers in stock ORT with default "
-    "optimizations. Workaround for users: ORT_ENABLE_BASIC or disabled_optimizers=['Level2_RuleBasedTransformer']; "
-    "fix on our side: QuantizeFp8Pass could keep the activation QDQ off Relu outputs (FP8 engineer)."))
 def test_fp8_static_model_matches_in_stock_ort_with_default_optimizations(tmp_path):
     from maia_onnx.quantize import quantize_model
 

@@ -130,7 +130,9 @@ def test_dead_or_stuck_rank_fails_the_run_with_its_name(mode, partitions, llama_
     message = str(info.value)
     assert "rank" in message and message.count("\n") == 0
     if mode == "kill":
-        assert "rank 1 died (signal 9)" in message
+        # torchrun's report names the signal when it reaped the killed rank first; otherwise the peers' lost
+        # connections point at the rank that went silent
+        assert "rank 1 died (signal 9)" in message or "rank 1 died (no error of its own" in message, message
     else:
         assert "rank 0" in message and "time" in message.lower()  # the healthy rank timed out waiting for rank 1
     assert elapsed < timeout + 45

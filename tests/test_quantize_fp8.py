@@ -402,3 +402,99 @@ def test_api_on_in_memory_model_leaves_it_untouched(mlp):
     assert sum(n.op_type == "QuantizeLinear" for n in r.model.graph) == 2
     assert r.report["accuracy"]["outputs"]["y"]["cosine"] > 0.995
     assert set(r.activation_scales) == {"x", "r"}
+
+
+# --- stock ONNX Runtime (default ORT_ENABLE_ALL) must compute the same FP8 model as the ONNX semantics -------------
+# Its Level-2 rewrites ReluQuantFusion / ClipQuantFusion match Relu/Clip -> QuantizeLinear and assume an integer
+# zero point: the first deletes the Relu (FP8 has no zero-point clipping), the second aborts on an FP8 zero point.
+
+
+def _stock_and_exact(model: ir.Model, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    data = ir.to_proto(model).SerializeToString()
+    outs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        outs.append(ort.InferenceSession(data, options, providers=["CPUExecutionProvider"]).run(None, feeds)[0])
+    return outs[0], outs[1]
+
+
+CLAMPED = """
+<ir_version: 10, opset_import: ["" : 21]>
+clamped (float[N, 16] x) => (float[N, 8] y) {
+   lo = Constant <value = float {0.0}> ()
+   hi = Constant <value = float {6.0}> ()
+   h = MatMul(x, W1)
+   r = ACTIVATION
+   y = MatMul(r, W2)
+}
+"""
+
+
+@pytest.mark.parametrize("activation,clamp,amax", [
+    ("Relu(h)", lambda h: np.maximum(h, 0), 24.0),
+    ("Clip(h, lo, hi)", lambda h: np.clip(h, 0, 6), 8.0),
+    ("Clip(h, lo)", lambda h: np.maximum(h, 0), 24.0),
+])
+def test_relu_and_clip_before_fp8_qdq_survive_stock_ort_optimizations(activation, clamp, amax):
+    rng = np.random.default_rng(3)
+    w1 = (rng.standard_normal((16, 32)) * 2).astype(np.float32)
+    w2 = rng.standard_normal((32, 8)).astype(np.float32)
+    model = _model(CLAMPED.replace("ACTIVATION", activation), {"W1": w1, "W2": w2})
+    # Clip: 6 / (8/448) = 336 lies halfway between the E4M3 neighbours 320 and 352, so the bound itself rounds
+    sx, sr = 4.0 / 448, amax / 448
+    QuantizeFp8Pass(activation_scales={"x": sx, "r": sr})(model)
+    quantized_inputs = {n.inputs[0].producer().op_type for n in model.graph
+                        if n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None}
+    assert quantized_inputs == {"MatMul"}  # Q reads the clamp's input; the clamp runs after the DQ
+    # the original clamp (and its Constant bounds) are gone, not duplicated
+    assert [n.op_type for n in model.graph if n.op_type in ("Relu", "Clip")] == [activation[:4]]
+    constants = {n.outputs[0].name for n in model.graph if n.op_type == "Constant"}
+    assert not constants & {b for b in ("lo", "hi") if b in activation}
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    h = qdq(x, sx) @ wq(w1, 1)
+    assert (h < 0).any() and (h > 6).any()  # both sides of the clamp are exercised
+    expect = qdq(clamp(h), sr) @ wq(w2, 1)  # the ONNX semantics of the QDQ placed on the clamp's output
+    stock, exact = _stock_and_exact(model, {"x": x})
+    np.testing.assert_allclose(exact, expect, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(stock, exact, rtol=RTOL, atol=ATOL)
+    fp32 = clamp(x @ w1) @ w2
+    assert np.abs(stock - fp32).max() <= 0.1 * np.abs(fp32).max()
+
+
+def test_quantized_conv_relu_net_matches_in_stock_ort_and_fp32(tmp_path):
+    from maia_onnx.ortutil import compare
+    from maia_onnx.quantize import quantize_model
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 17]>
+    net (float[N, 3, 12, 12] img) => (float[N, 4] y) {
+       c1 = Conv <pads = [1, 1, 1, 1]> (img, K1, B1)
+       r1 = Relu(c1)
+       c2 = Conv <pads = [1, 1, 1, 1]> (r1, K2, B2)
+       r2 = Relu(c2)
+       p = GlobalAveragePool(r2)
+       f = Flatten(p)
+       g = Gemm <transB = 1> (f, W, b)
+       y = Relu(g)
+    }
+    """
+    rng = np.random.default_rng(4)
+    weights = {"K1": rng.standard_normal((8, 3, 3, 3)), "B1": rng.standard_normal(8), "K2": rng.standard_normal((8, 8, 3, 3)) / 4,
+               "B2": rng.standard_normal(8), "W": rng.standard_normal((4, 8)), "b": rng.standard_normal(4)}
+    model = _model(text, {k: v.astype(np.float32) for k, v in weights.items()})
+    save_model(model, tmp_path / "net.onnx")
+    np.savez(tmp_path / "calib.npz", img=rng.standard_normal((8, 1, 3, 12, 12)).astype(np.float32))
+    r = quantize_model(str(tmp_path / "net.onnx"), str(tmp_path / "q.onnx"), calib=str(tmp_path / "calib.npz"),
+                       evaluate=False, show_progress=False)
+    assert set(r.activation_scales) == {"img", "r1", "f"}
+    img = rng.standard_normal((4, 3, 12, 12)).astype(np.float32)
+    stock, exact = _stock_and_exact(load_model(tmp_path / "q.onnx"), {"img": img})
+    np.testing.assert_allclose(stock, exact, rtol=RTOL, atol=ATOL)
+    fp32 = run_model(model, {"img": img})["y"]
+    assert (fp32 == 0).any()  # the final Relu clips some outputs
+    assert compare(fp32, stock)["cosine"] >= 0.999

@@ -5,10 +5,11 @@ values beyond the format's max (and +-Inf) become +-max, NaN stays NaN (sign kep
 A plain ``ml_dtypes`` ``astype`` turns out-of-range values into NaN and is slow, so the conversion here lets
 the FPU do the rounding: with ``|x|`` clamped to the format max and ``E = max(exponent(|x|), emin)``, the
 float32 sum ``2^(E + 23 - m) + |x|`` rounds ``|x|`` to nearest-even on the FP8 grid of binade ``E`` (m
-mantissa bits; subnormals included, since ``E`` stops at emin), and the difference of the two bit patterns
-counts FP8 steps, from which the FP8 code follows with one shift and one add (integer steps, so no float
-subnormal is ever produced and flush-to-zero modes cannot change the result).  About 16 SIMD ufunc passes
-per cache-sized chunk, on a small thread pool (numpy releases the GIL).  ``fp8_codes_reference`` is an
+mantissa bits; subnormals included, since ``E`` stops at emin); the sum's mantissa bits count FP8 steps
+and its exponent gives the binade, so the FP8 code is the low byte of the sum plus the sum shifted right by
+23 - m, minus a constant (integer steps: no float subnormal is ever produced, so flush-to-zero modes cannot
+change the result).  About 10 SIMD ufunc passes over 4-byte lanes and 4 over bytes per cache-sized chunk, on
+a small thread pool (numpy releases the GIL).  ``fp8_codes_reference`` is an
 independent exact (float64 nearest-value search) implementation used to test it bit for bit.
 """
 
@@ -134,16 +135,16 @@ class _Scratch:
     def __init__(self, fmt: Fp8Format, n: int | None = None):
         n = n or _CHUNK
         self.abs_bits = np.empty(n, np.uint32)
-        self.base = np.empty(n, np.uint32)
-        self.code = np.empty(n, np.uint32)
-        self.nan = np.empty(n, np.bool_)
+        self.sum = np.empty(n, np.uint32)
+        self.sign = np.empty(n, np.uint8)
+        self.negative = np.empty(n, np.bool_)
         self.max_value = np.full(n, fmt.max, np.float32)
-        self.min_normal = np.full(n, 2.0 ** fmt.min_normal_exponent, np.float32)
+        self.min_normal_bits = np.full(n, 2.0 ** fmt.min_normal_exponent, np.float32).view(np.uint32)
         step_shift = 23 - fmt.mantissa_bits  # float32 exponent offset that makes one ulp one FP8 step
         self.step_bits = step_shift << 23
         self.step_shift = step_shift
-        # code = steps + (E - emin) << m, with E read back from the base's exponent bits
-        self.code_offset = (127 + step_shift + fmt.min_normal_exponent) << fmt.mantissa_bits
+        # code = steps + (E - emin) << m  ==  low byte of (sum + (sum >> step_shift)) - code_offset, see _codes_chunk
+        self.code_offset = np.uint8(((127 + step_shift + fmt.min_normal_exponent) << fmt.mantissa_bits) & 0xFF)
         self.nan_code = fmt.nan_code
 
 
@@ -157,30 +158,40 @@ def _scratch(fmt: Fp8Format) -> _Scratch:
 
 
 def _codes_chunk(values: np.ndarray, out: np.ndarray, fmt: Fp8Format) -> None:
-    """FP8 codes of one chunk (<= _CHUNK) of float32 ``values`` into uint8 ``out`` (see module docstring)."""
+    """FP8 codes of one chunk (<= _CHUNK) of float32 ``values`` into uint8 ``out`` (see module docstring).
+
+    With ``a = min(|x|, max)``, ``base = 2^(E + 23 - m)`` (E = max(exponent(a), emin)) and
+    ``sum = base + a`` rounded by the FPU: base has a zero mantissa and ``sum < 2 * base``, so the mantissa
+    bits of ``sum`` are the FP8 steps above zero within binade E and ``sum >> (23 - m)`` is ``E' << m`` with
+    E' = E + 127 + 23 - m.  The code is ``steps + ((E - emin) << m)``, which fits in 7 bits, so it is the low
+    byte of ``sum + (sum >> (23 - m))`` minus a constant (mod 256; the exponent bits of ``sum`` sit above
+    bit 7) -- no integer subtraction of the base; the offset and the sign are applied on bytes.
+    """
     n = values.size
     sc = _scratch(fmt)
     u = values.view(np.uint32)
-    a, base, code, nan = sc.abs_bits[:n], sc.base[:n], sc.code[:n], sc.nan[:n]
-    a_f, base_f = a.view(np.float32), base.view(np.float32)
+    a, total, sign = sc.abs_bits[:n], sc.sum[:n], sc.sign[:n]
+    a_f, total_f = a.view(np.float32), total.view(np.float32)
     np.bitwise_and(u, 0x7FFFFFFF, out=a)
-    np.greater(a, 0x7F800000, out=nan)
+    has_nan = n and int(a.max()) > 0x7F800000  # a read-only reduction; the NaN mask is built only when needed
     np.minimum(a_f, sc.max_value[:n], out=a_f)  # saturate (+Inf too); NaN lanes are fixed below
-    np.bitwise_and(a, 0x7F800000, out=base)
-    np.maximum(base_f, sc.min_normal[:n], out=base_f)  # below emin the grid is the subnormal one
-    np.add(base, sc.step_bits, out=base)  # 2^(E + 23 - m): its ulp is the FP8 step of binade E
+    np.maximum(a, sc.min_normal_bits[:n], out=total)  # below emin the grid is the subnormal one
+    np.bitwise_and(total, 0x7F800000, out=total)
+    np.add(total, sc.step_bits, out=total)  # 2^(E + 23 - m): its ulp is the FP8 step of binade E
     with np.errstate(invalid="ignore", over="ignore"):
-        np.add(base_f, a_f, out=code.view(np.float32))  # the FPU rounds |x| to nearest-even here
-    # integer steps, not a float rescale onto subnormals: stays exact under flush-to-zero modes
-    np.subtract(code, base, out=code)  # FP8 steps above zero within binade E
-    np.right_shift(base, sc.step_shift, out=base)
-    np.add(code, base, out=code)
-    np.subtract(code, sc.code_offset, out=code)
-    np.copyto(code, sc.nan_code, where=nan)
-    np.right_shift(u, 24, out=a)
-    np.bitwise_and(a, 0x80, out=a)
-    np.bitwise_or(code, a, out=code)
-    np.copyto(out, code, casting="unsafe")
+        np.add(total_f, a_f, out=total_f)  # the FPU rounds |x| to nearest-even here (integer steps: FTZ-proof)
+    np.right_shift(total, sc.step_shift, out=a)
+    np.add(a, total, out=a)
+    np.copyto(out, a, casting="unsafe")  # the low byte
+    np.subtract(out, sc.code_offset, out=out)
+    if has_nan:
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        np.copyto(out, fmt.nan_code, where=nan)
+    # the sign on bytes (a strided read of each float's top byte or a uint8 shift is ~5x slower than this)
+    negative = sc.negative[:n]
+    np.signbit(values, out=negative)  # -0.0 and -NaN included
+    np.multiply(negative.view(np.uint8), np.uint8(0x80), out=sign)
+    np.bitwise_or(out, sign, out=out)
 
 
 _pool: ThreadPoolExecutor | None = None
