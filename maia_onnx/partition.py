@@ -488,6 +488,7 @@ def _write_slices(source: ir.TensorProtocol, axis: int, targets, progress) -> No
     and every target's columns are gathered from that block into its staging buffer.
     """
     shape = [int(d) for d in source.shape]
+    axis = axis % len(shape)
     itemsize = source.dtype.bitwidth // 8
     outer = math.prod(shape[:axis])
     inner = math.prod(shape[axis + 1:]) * itemsize  # bytes per index of the split axis
@@ -528,6 +529,12 @@ def _write_slices(source: ir.TensorProtocol, axis: int, targets, progress) -> No
 
 
 _READ_BLOCK = np.empty(0, np.uint8)
+
+
+def release_buffers() -> None:
+    """Free the writer's reusable read block (kept between tensors of one partition run)."""
+    global _READ_BLOCK
+    _READ_BLOCK = np.empty(0, np.uint8)
 
 
 def _read_block(nbytes: int) -> np.ndarray:
@@ -878,6 +885,7 @@ def partition_file(
         )
     finally:
         _SourceCache.release_buffers()
+        release_buffers()
         if bar is not None:
             bar.close()
     manifest = read_manifest(out_dir)

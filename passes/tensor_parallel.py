@@ -185,24 +185,13 @@ def _ort_shapes(model: ir.Model, dims: dict[str, int], names: list[str]) -> dict
 
 
 class _SourceCache:
-    """The last source weight read in full; the lock-step writer cuts every rank's shard from it in turn.
+    """The last source weight read in full, so the ranks' lazy slices of one tensor read it once, not tp times.
 
-    Reads and cuts go into two reusable buffers (fresh multi-MB arrays per tensor would page-fault their way
-    in); a shard is only alive while the writer copies it out, before the next shard is cut.
+    Each read is a fresh array (never a reused buffer): a slice handed out earlier may still be alive.
     """
 
     key: int | None = None
     array: np.ndarray | None = None
-    _read_buf = np.empty(0, np.uint8)
-    _cut_buf = np.empty(0, np.uint8)
-
-    @classmethod
-    def buffer(cls, which: str, nbytes: int) -> np.ndarray:
-        buf = getattr(cls, which)
-        if buf.nbytes < nbytes:
-            buf = np.empty(nbytes, np.uint8)
-            setattr(cls, which, buf)
-        return buf[:nbytes]
 
     @classmethod
     def get(cls, tensor: ir.TensorProtocol) -> np.ndarray:
@@ -219,17 +208,15 @@ class _SourceCache:
     @classmethod
     def release_buffers(cls) -> None:
         cls.clear()
-        cls._read_buf = np.empty(0, np.uint8)
-        cls._cut_buf = np.empty(0, np.uint8)
 
 
 def _read_whole(tensor: ir.TensorProtocol) -> np.ndarray:
-    """The whole tensor in memory: external data by positional reads into a reused buffer (no mmap faults)."""
-    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8:
+    """The whole tensor in a private array: external data by positional reads (no mmap page faults)."""
+    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0:
         dtype = np.dtype(tensor.dtype.numpy())
         shape = tuple(int(d) for d in tensor.shape)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        raw = _SourceCache.buffer("_read_buf", nbytes)
+        raw = np.empty(nbytes, np.uint8)
         view = memoryview(raw)
         path = os.path.join(str(tensor.base_dir), tensor.location)
         fd = os.open(path, os.O_RDONLY)
@@ -241,6 +228,7 @@ def _read_whole(tensor: ir.TensorProtocol) -> np.ndarray:
                     raise OSError(f"unexpected end of {path} reading {tensor.name!r}")
                 done += n
         finally:
+            view.release()
             os.close(fd)
         return raw.view(dtype).reshape(shape)
     arr = np.array(tensor.numpy(), copy=True)
@@ -253,7 +241,21 @@ def _read_whole(tensor: ir.TensorProtocol) -> np.ndarray:
     return arr
 
 
-def _lazy_slice(tensor: ir.TensorProtocol, axis: int, ranges: list[tuple[int, int]], name: str, last: bool) -> ir.LazyTensor:
+class SlicedTensor(ir.LazyTensor):
+    """A lazy slice of a source weight that says what it is: ``slice_source`` cut along ``slice_axis`` to
+    ``slice_ranges`` (concatenated). The partition writer reads that description and streams the slice from
+    the source file straight to disk; anyone else evaluating it gets a private array."""
+
+    __slots__ = ("slice_axis", "slice_ranges", "slice_source")
+
+    def __init__(self, func, dtype, shape, *, source, axis: int, ranges, name: str | None = None):
+        super().__init__(func, dtype=dtype, shape=shape, name=name)
+        self.slice_source = source
+        self.slice_axis = axis
+        self.slice_ranges = tuple(tuple(r) for r in ranges)
+
+
+def _lazy_slice(tensor: ir.TensorProtocol, axis: int, ranges: list[tuple[int, int]], name: str, last: bool) -> SlicedTensor:
     """Part(s) of ``tensor`` along ``axis`` (concatenated), read only when written; ``last``: the final
     rank's cut, after which the cached source is dropped (it is read once per tensor, not once per rank)."""
     shape = [int(d) for d in tensor.shape]
@@ -268,19 +270,20 @@ def _lazy_slice(tensor: ir.TensorProtocol, axis: int, ranges: list[tuple[int, in
             index[axis] = slice(a, b)
             pieces.append(arr[tuple(index)])
         part = pieces[0]
-        if len(pieces) > 1 or not part.flags["C_CONTIGUOUS"]:  # leading-axis shards are views: no copy
+        if len(pieces) > 1 or not part.flags["C_CONTIGUOUS"]:
             out_shape = list(part.shape)
             out_shape[axis] = shape[axis]
-            # a fresh array: a shared scratch buffer here let the next rank's cut overwrite this rank's weights
-            # (Conv input-channel shards came out identical on every rank -> wrong TP outputs)
+            # a fresh array per slice: a shared scratch buffer here let the next rank's cut overwrite this
+            # rank's weights (Conv input-channel shards came out identical on every rank -> wrong TP outputs)
             out = np.empty(out_shape, dtype=part.dtype)
             np.concatenate(pieces, axis=axis, out=out)
             part = out
+        # (a contiguous leading-axis shard stays a view of the cached source: that array is never reused)
         if last:
             _SourceCache.clear()  # nobody needs this tensor any more
         return ir.Tensor(part, dtype=dtype, name=name)
 
-    return ir.LazyTensor(load, dtype=dtype, shape=ir.Shape(shape), name=name)
+    return SlicedTensor(load, dtype, ir.Shape(shape), source=tensor, axis=axis, ranges=ranges, name=name)
 
 
 def shard_ranges(size: int, tp: int, rank: int, sections: int = 1) -> list[tuple[int, int]]:

@@ -485,10 +485,11 @@ def _failure_message(log: str, returncode: int, directory) -> str:
     pattern = r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)"
     found = re.search(pattern, root)
     # a rank killed by a signal is the cause even when a peer's broken-connection error was reported first
-    killed = [m for m in re.finditer(pattern, log) if int(m.group(2)) < 0]
+    # (SIGTERM is torchrun stopping the survivors, not a cause)
+    killed = [m for m in re.finditer(pattern, log) if int(m.group(2)) < 0 and int(m.group(2)) != -15]
     if killed:
         found = killed[0]
-    if found and int(found.group(2)) < 0:
+    if found and int(found.group(2)) < 0 and int(found.group(2)) != -15:
         rank, code = found.group(1), int(found.group(2))
         cause = f"rank {rank} died (signal {-code})"
     elif (silent := _silent_ranks(worker_lines, directory)) and all(_PEER_LOST.search(v) and "time" not in v.lower() for v in worker_lines.values()):
