@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -125,8 +126,23 @@ def check_model_supported(model: ir.Model, where) -> None:
             )
 
 
+class _BinaryAttributeFilter(logging.Filter):
+    # EPContext nodes keep binary programs in STRING attributes, exactly as ORT's own EPs do; onnx_ir warns
+    # about every such attribute, which is noise here.
+    def filter(self, record):
+        return "UTF-8" not in record.getMessage()
+
+
+def quiet_binary_attribute_warnings() -> None:
+    for name in ("onnx_ir", "onnx_ir.serde", "onnx_ir._core"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _BinaryAttributeFilter) for f in logger.filters):
+            logger.addFilter(_BinaryAttributeFilter())
+
+
 def load_model(path: str | os.PathLike) -> ir.Model:
     """Load an ONNX model as onnx_ir; external weights stay memory-mapped (never read eagerly)."""
+    quiet_binary_attribute_warnings()
     path = Path(path)
     _check_model_path(path)
     try:

@@ -45,7 +45,7 @@ def make_session(model: ir.Model | str | os.PathLike, disable_optimizations: boo
 def run_model(model, feeds: Mapping[str, np.ndarray], disable_optimizations: bool = True) -> dict[str, np.ndarray]:
     sess = make_session(model, disable_optimizations)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, dict(feeds))))
+    return dict(zip(names, ort_run(sess, names, feeds)))
 
 
 _NP_FOR_IR = {
@@ -57,6 +57,13 @@ _NP_FOR_IR = {
     ir.DataType.BOOL: np.bool_,
     ir.DataType.UINT8: np.uint8,
     ir.DataType.INT8: np.int8,
+}
+
+
+_ML_DTYPES = {
+    ir.DataType.BFLOAT16: "bfloat16",
+    ir.DataType.FLOAT8E4M3FN: "float8_e4m3fn",
+    ir.DataType.FLOAT8E5M2: "float8_e5m2",
 }
 
 
@@ -85,10 +92,11 @@ def make_inputs(model: ir.Model, seed: int = 0, dims: Mapping[str, int] | None =
             feeds[value.name] = rng.integers(0, int_high, size=shape).astype(_NP_FOR_IR[dtype])
         elif dtype == ir.DataType.BOOL:
             feeds[value.name] = rng.integers(0, 2, size=shape).astype(bool)
-        elif dtype == ir.DataType.BFLOAT16:
+        elif dtype in _ML_DTYPES:
             import ml_dtypes
 
-            feeds[value.name] = rng.standard_normal(shape).astype(np.float32).astype(ml_dtypes.bfloat16)
+            # values well inside every format's range, so the narrow cast is exact rounding, never overflow
+            feeds[value.name] = rng.standard_normal(shape).astype(np.float32).astype(getattr(ml_dtypes, _ML_DTYPES[dtype]))
         else:
             feeds[value.name] = rng.standard_normal(shape).astype(_NP_FOR_IR.get(dtype, np.float32))
     return feeds
@@ -113,3 +121,37 @@ def compare(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
 
 def compare_outputs(reference: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return {name: compare(reference[name], actual[name]) for name in reference if name in actual}
+
+
+# ORT's Python binding has no NumPy type for bfloat16/float8: inputs go in as typed OrtValues over the same bytes,
+# outputs come back as raw uint8/uint16 and are viewed as the ml_dtypes type again.
+_ORT_TYPE_FOR_NAME = {"bfloat16": 16, "float8_e4m3fn": 17, "float8_e5m2": 19}
+_NAME_FOR_ORT_STRING = {"tensor(bfloat16)": "bfloat16", "tensor(float8e4m3fn)": "float8_e4m3fn", "tensor(float8e5m2)": "float8_e5m2"}
+
+
+def to_ort_feed(array):
+    """A NumPy array ORT can take: ml_dtypes arrays become OrtValues of the matching ONNX type (no copy)."""
+    onnx_type = _ORT_TYPE_FOR_NAME.get(getattr(getattr(array, "dtype", None), "name", ""))
+    if onnx_type is None:
+        return array
+    import onnxruntime as ort
+
+    arr = np.ascontiguousarray(array)
+    bits = arr.view(np.uint16 if arr.dtype.itemsize == 2 else np.uint8)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_type)
+
+
+def ort_run(session, output_names, feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
+    """``session.run`` that accepts and returns bfloat16/float8 arrays (as ml_dtypes)."""
+    output_names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    results = session.run(output_names, {k: to_ort_feed(v) for k, v in feeds.items()}, run_options)
+    types = {o.name: o.type for o in session.get_outputs()}
+    out = []
+    for name, value in zip(output_names, results):
+        ml_name = _NAME_FOR_ORT_STRING.get(types.get(name, ""))
+        if ml_name is not None and isinstance(value, np.ndarray) and value.dtype.kind == "u":
+            import ml_dtypes
+
+            value = value.view(getattr(ml_dtypes, ml_name))
+        out.append(value)
+    return out

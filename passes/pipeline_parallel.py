@@ -513,8 +513,11 @@ def _ensure_types(model: ir.Model, names: set[str]) -> None:
         )
 
 
-def extract_stages(model: ir.Model) -> list[Stage]:
-    """Split a stage-annotated model into standalone models (weights shared with ``model``, not copied)."""
+def extract_stages(model: ir.Model, in_place: bool = False) -> list[Stage]:
+    """Split a stage-annotated model into standalone models (weights shared with ``model``, not copied).
+
+    ``in_place``: a single stage is ``model`` itself, rewritten in place (no clone; the caller gives it up).
+    """
     nodes = list(model.graph)
     stages_of = [_stage_of(n) for n in nodes]
     num_stages = max(stages_of) + 1 if stages_of else 1
@@ -562,7 +565,7 @@ def extract_stages(model: ir.Model) -> list[Stage]:
 
     stages = []
     for s in range(num_stages):
-        clone = model.clone()
+        clone = model if in_place and num_stages == 1 else model.clone()
         cnodes = list(clone.graph)
         keep = [s in consumers_stages[i] for i in range(len(cnodes))]
         values = {v.name: v for n in cnodes for v in n.outputs}
@@ -638,12 +641,13 @@ def extract_stages(model: ir.Model) -> list[Stage]:
     return stages
 
 
-def split_pipeline(model: ir.Model, num_stages: int, balance: str = "flops") -> tuple[PipelinePlan, list[Stage]]:
-    """Plan and extract in one call (the model is annotated in place)."""
+def split_pipeline(model: ir.Model, num_stages: int, balance: str = "flops",
+                   in_place: bool = False) -> tuple[PipelinePlan, list[Stage]]:
+    """Plan and extract in one call (the model is annotated in place; ``in_place``: see ``extract_stages``)."""
     p = PipelineParallelPass(num_stages, balance)
     p(model)
     assert p.plan is not None
-    return p.plan, extract_stages(model)
+    return p.plan, extract_stages(model, in_place=in_place)
 
 
 def run_stages(stages: Sequence[Stage], feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -716,7 +720,7 @@ def _replicated_tensors(stage_models: Sequence[ir.Model]) -> dict[str, dict[str,
 
 
 def _shape_probe_clone(model: ir.Model) -> ir.Model:
-    """A clone for whole-model shape inference that never materialises lazy weights.
+    """The model, or a clone of it, for whole-model shape inference that never materialises lazy weights.
 
     Shape inference serialises the graph; lazily computed weights (e.g. rebuilt from shards by reshard)
     would all be evaluated into one protobuf. Above the size where the TP shape probe skips its ORT run
@@ -724,9 +728,14 @@ def _shape_probe_clone(model: ir.Model) -> ir.Model:
     """
     from maia_onnx.io import initializer_bytes
 
-    clone = model.clone()
     if initializer_bytes(model) < 512 * 1024 * 1024:
-        return clone
+        return model  # shape inference only reads the model
+    if not any(
+        v.const_value is not None and v.const_value.nbytes > 1024 and not isinstance(v.const_value, ir.ExternalTensor)
+        for v in model.graph.initializers.values()
+    ):
+        return model  # all large weights are file references already: nothing would be materialised
+    clone = model.clone()
     for name, value in clone.graph.initializers.items():
         t = value.const_value
         if t is not None and t.nbytes > 1024 and not isinstance(t, ir.ExternalTensor):
@@ -744,11 +753,14 @@ def partition_model(
     source_hash: str | None = None,
     tp_fn: TpSplitFn | None = None,
     progress=None,
+    consume_model: bool = False,
 ) -> tuple[Any, PipelinePlan]:
     """Write a partition directory: PP cut first, then (tp > 1) the TP split of every stage.
 
     Stage s on tp rank t is ``rank{t}_stage{s}.onnx``; the directory also holds ``source_graph.onnx``
     (the unsharded graph without its weights) so it can be re-sharded without the original model.
+    ``consume_model``: the caller gives ``model`` up, so a single stage (pp 1) and the last TP rank are
+    rewritten in place instead of cloned (the output is the same; only ``model`` is left rewritten).
     """
     from pathlib import Path
 
@@ -758,17 +770,18 @@ def partition_model(
 
     if tp < 1:
         raise InvalidOptionError(f"--tp {tp} is invalid: the tensor-parallel degree must be >= 1")
-    source_io = model.clone()  # graph inputs/outputs before PP rewrites anything (tensors are shared)
-    skeleton_model = model.clone()
+    skeleton_model = model.clone()  # the unsharded graph before PP/TP rewrite anything (tensors are shared)
+    source_io = skeleton_model  # its graph inputs/outputs describe the source
     full_shapes = None
-    if tp > 1 and tp_fn is None:
+    default_tp = tp > 1 and tp_fn is None
+    if default_tp:
         # Shapes come from the whole model: a stage alone has boundary inputs (sizes, masks) that a shape
         # probe cannot fill in consistently.
         from maia_onnx.passes import tensor_parallel
 
         tp_fn = tensor_parallel.split_model
         full_shapes = tensor_parallel.infer_full_shapes(_shape_probe_clone(model))
-    plan, stages = split_pipeline(model, pp, balance)
+    plan, stages = split_pipeline(model, pp, balance, in_place=consume_model)
     manifest = part.new_manifest(tp, pp, source_io, source_path, source_hash)
     manifest["stages"] = [{"stage": st.index, "inputs": st.inputs, "outputs": st.outputs} for st in stages]
     out_stage = {name: st.index for st in stages for name in st.outputs if name in {v.name for v in source_io.graph.outputs}}
@@ -795,7 +808,11 @@ def partition_model(
         inputs: dict[str, dict[str, Any]] = {}
         outputs: dict[str, dict[str, Any]] = {}
         for st in stages:
-            ranks, fragment = tp_fn(st.model, tp, shapes=dict(full_shapes)) if full_shapes is not None else tp_fn(st.model, tp)
+            if default_tp:
+                # stage models are ours (clones, or the given-up model): the last rank may rewrite one in place
+                ranks, fragment = tp_fn(st.model, tp, shapes=dict(full_shapes), consume=True)
+            else:
+                ranks, fragment = tp_fn(st.model, tp, shapes=dict(full_shapes)) if full_shapes is not None else tp_fn(st.model, tp)
             for t, rm in enumerate(ranks):
                 rank_models[(t, st.index)] = rm
             for c in fragment.get("collectives", []):

@@ -1245,11 +1245,13 @@ def rewrite_rank(model: ir.Model, tp: int, rank: int, demoted: set[str], shapes:
     return model, fragment
 
 
-def split_model(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None) -> tuple[list[ir.Model], dict[str, Any]]:
+def split_model(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None,
+                consume: bool = False) -> tuple[list[ir.Model], dict[str, Any]]:
     """``tp`` rank models (lazy weight slices, tensors shared with ``model``) and the manifest fragment.
 
     Fragment keys: ``inputs``/``outputs`` (split ones only), ``collectives`` (graph order, identical per
     rank), ``tensors`` (source initializer -> kind, axis, full shape, per-rank ranges), ``demoted``.
+    ``consume``: the caller gives ``model`` up; the last rank is rewritten in it instead of in a clone.
     """
     if tp == 1:
         return [model], {"inputs": {}, "outputs": {}, "collectives": [], "tensors": {}, "demoted": []}
@@ -1261,7 +1263,8 @@ def split_model(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None
     _finalize(rank0)
     ranks = [rank0]
     for rank in range(1, tp):
-        rank_model, _ = rewrite_rank(model.clone(), tp, rank, demoted, shapes)
+        base = model if consume and rank == tp - 1 else model.clone()
+        rank_model, _ = rewrite_rank(base, tp, rank, demoted, shapes)
         ranks.append(rank_model)
     if not fragment.tensors:
         raise InvalidOptionError(

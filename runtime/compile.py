@@ -256,16 +256,9 @@ def _partition_io(graph: ir.Graph, members: list[ir.Node]) -> tuple[list[ir.Valu
 
 
 def _silence_utf8_warnings():
-    # The embedded program is binary in a STRING attribute, exactly like ORT's own EPs embed their contexts;
-    # onnx_ir logs a UTF-8 warning for every such attribute, which is noise for this use.
-    class _Filter(logging.Filter):
-        def filter(self, record):
-            return "UTF-8" not in record.getMessage()
+    from maia_onnx.io import quiet_binary_attribute_warnings
 
-    for name in ("onnx_ir", "onnx_ir.serde", "onnx_ir._core"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _Filter) for f in logger.filters):
-            logger.addFilter(_Filter())
+    quiet_binary_attribute_warnings()
 
 
 def compile_model(

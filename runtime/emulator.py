@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from maia_onnx.errors import ModelLoadError
+from maia_onnx.ortutil import ort_run
 
 PROGRAM_MAGIC = b"MAIAPRG1"
 _ALIGN = 64
@@ -183,12 +184,12 @@ class EmulatedPartition:
     def run(self, feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
         inputs = {n: feeds[n] for n in self.input_names}
         inputs.update(self._weight_feeds)
-        return self.session.run(self.output_names, inputs, run_options)
+        return ort_run(self.session, self.output_names, inputs, run_options)
 
     def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
         feeds = dict(zip(self.input_names, inputs))
         feeds.update(self._weight_feeds)
-        return self.session.run(self.output_names, feeds)
+        return ort_run(self.session, self.output_names, feeds)
 
 
 def _onnx_type(arr: np.ndarray, spec: Mapping | None) -> int:

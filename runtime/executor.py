@@ -26,6 +26,7 @@ import numpy as np
 
 from maia_onnx.errors import UserError
 from maia_onnx.partition import COLLECTIVE_DOMAIN, COLLECTIVE_OPS, Manifest, PartitionError, read_manifest
+from maia_onnx.ortutil import ort_run
 
 
 def _subgraph_inputs(node) -> set[str]:
@@ -302,7 +303,7 @@ class PartitionExecutor:
                         continue
                     if seg.session is None:
                         seg.session = _segment_session(prog, seg, envs[t], self._session_options)
-                    results = seg.session.run(seg.outputs, {k: envs[t][k] for k in seg.inputs})
+                    results = ort_run(seg.session, seg.outputs, {k: envs[t][k] for k in seg.inputs})
                     envs[t].update(zip(seg.outputs, results))
                 for i, coll in enumerate(progs[0].collectives.get(p, [])):
                     parts = [envs[t][progs[t].collectives[p][i].input] for t in range(tp)]

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError
 from maia_onnx.runtime.compile import _silence_utf8_warnings
+from maia_onnx.ortutil import ort_run
 
 _silence_utf8_warnings()  # embedded programs are binary STRING attributes, as in ORT's own EPContext models
 
@@ -161,7 +162,7 @@ class _CpuStage:
         self.session = ort.InferenceSession(proto.SerializeToString(), so, providers=[CPU])
 
     def run(self, feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {n: feeds[n] for n in self.input_names}, run_options)
+        return ort_run(self.session, self.output_names, {n: feeds[n] for n in self.input_names}, run_options)
 
 
 class _ProgramSource:
@@ -357,7 +358,7 @@ class InferenceSession:
 
     def run(self, output_names, input_feed: Mapping[str, Any], run_options=None) -> list[np.ndarray]:
         if self._plain is not None:
-            return self._plain.run(output_names, dict(input_feed), run_options)
+            return ort_run(self._plain, output_names, dict(input_feed), run_options)
         names = output_names or [o.name for o in self._outputs]
         known = {i.name for i in self._inputs}
         missing = [n for n in known if n not in input_feed]

@@ -342,11 +342,32 @@ def test_mx_formats_through_the_api_on_every_family(family, fmt):
 
 
 def test_llama_e4m3_per_channel_weight_ptq_reaches_0999(llama_tiny_onnx, tmp_path):
-    # the FP8 weight recipe (E4M3, per output channel) keeps logits within cosine 0.999 of FP32;
-    # activations in FP8 as well cost another ~0.002 on this random-weight model (see test above)
+    # Issue 3's bar, on the E4M3 per-output-channel weight PTQ recipe (W8A16: every linear incl. lm_head stores
+    # 1-byte E4M3 weights, activations stay FP32): logits cosine >= 0.999 vs FP32 (measured 0.99908 on 8 samples).
     r = _quantize(llama_tiny_onnx, format="fp8-e4m3", weights_only=True, eval_samples=8)
+    assert r.report["accuracy"]["summary"]["quantized_layers"] == 15
     assert r.report["accuracy"]["outputs"]["logits"]["cosine"] >= 0.999
     assert r.report["accuracy"]["outputs"]["logits"]["top1_agree"] >= 0.9
+    # lm_head kept in high precision, as vLLM / ModelOpt FP8 checkpoints do: more margin (measured 0.99936)
+    r = _quantize(llama_tiny_onnx, format="fp8-e4m3", weights_only=True, exclude=["*lm_head*"], eval_samples=8)
+    assert r.report["accuracy"]["summary"]["quantized_layers"] == 14
+    assert r.report["accuracy"]["outputs"]["logits"]["cosine"] >= 0.9992
+
+
+def test_llama_w8a8_error_is_the_e4m3_mantissa_not_the_calibration(llama_tiny_onnx):
+    # W8A8 (activations in FP8 too) does not reach 0.999 on this random-weight model, whatever the calibration:
+    # FP8's error is relative (3 mantissa bits), the scale only sets where saturation starts, and with no
+    # clipping every method leaves the same per-tensor noise; each FP8 tensor costs about as much as its
+    # weight (docs/bench/quantize.md has the per-layer budget).
+    cosines = {m: _quantize(llama_tiny_onnx, format="fp8-e4m3", method=m, eval_samples=8).report["accuracy"]["outputs"]["logits"]["cosine"]
+               for m in ("minmax", "mse")}
+    assert abs(cosines["minmax"] - cosines["mse"]) < 3e-4, cosines
+    assert all(0.996 < c < 0.999 for c in cosines.values()), cosines
+    # the production W8A8 recipe (linears only; attention matmuls and lm_head in high precision) gains ~45%
+    # of the error back, still short of 0.999
+    prod = _quantize(llama_tiny_onnx, format="fp8-e4m3", attention=False, exclude=["*lm_head*"], eval_samples=8)
+    cos = prod.report["accuracy"]["outputs"]["logits"]["cosine"]
+    assert 1 - cos < 0.7 * (1 - cosines["minmax"]) and cos >= 0.998, cos
 
 
 def test_fp8_file_is_about_a_quarter_and_input_untouched(llama_tiny_onnx, tmp_path):
