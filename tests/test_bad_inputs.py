@@ -442,7 +442,7 @@ CASES = [
     Case("partition-tp-zero", _case_model(lambda m: p(m, "--tp", "0"), _mlp), ">= 1"),
     Case("quantize-block-size-zero", lambda d: (_mlp(d), (["quantize", "mlp.onnx", "-o", "q.onnx", "--granularity", "block",
                                                            "--block-size", "0"], ["q.onnx"]))[1], "block-size"),
-    Case("compile-bad-dims", lambda d: (_mlp(d), (["compile", "mlp.onnx", "-o", "c.onnx", "--dims", "batch=many"], ["c.onnx"]))[1], "--dims"),
+    Case("compile-bad-dims", lambda d: (_mlp(d), (["compile", "mlp.onnx", "-o", "c.onnx", "--dims", "batch=many"], ["c.onnx"]))[1], "--dim"),
     Case("analyze-bad-tp-list", lambda d: (_mlp(d), (["analyze", "mlp.onnx", "--tp", "two"], []))[1], "--tp"),
     Case("output-is-a-directory", lambda d: (_mlp(d), (d / "out.onnx").mkdir(),
                                              (["quantize", "mlp.onnx", "-o", "out.onnx", "--no-eval"], []))[2], "out.onnx"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from maia_onnx.cli.options import device_option, echo_json, json_option
+from maia_onnx.cli.options import device_option, dims_option, echo_json, json_option, parse_dims
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
@@ -16,18 +16,6 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise InvalidOptionError(f"--{what} takes comma-separated integers like 1,2,4 (got {text!r})") from None
-
-
-def _dims(values: tuple[str, ...]) -> dict[str, int]:
-    from maia_onnx.errors import InvalidOptionError
-
-    out = {}
-    for item in values:
-        name, sep, value = item.rpartition("=")
-        if not sep or not name or not value.strip().isdigit():
-            raise InvalidOptionError(f"--dim takes NAME=INT (got {item!r}), e.g. --dim batch_size=4")
-        out[name] = int(value)
-    return out
 
 
 @click.command("analyze")
@@ -43,7 +31,7 @@ def _dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--pp", "pps", default="1,2,4", show_default=True, help="PP degrees to consider.")
 @click.option("--microbatches", default=None, type=int, help="Pipeline microbatches (default: the fastest of 1, pp, 2pp, 4pp that the batch allows).")
 @click.option("--phase", type=click.Choice(["both", "prefill", "decode"]), default="both", show_default=True)
-@click.option("--dim", "dims", multiple=True, help="Bind a symbolic input dim: NAME=INT (repeatable).")
+@dims_option("Bind a symbolic input dim: NAME=INT (repeatable).")
 @click.option("--compute-dtype", default=None, help="Precision float matmuls run in on the device (default: per device profile).")
 @click.option("--top", default=15, show_default=True, type=int, help="Ops to list per phase (by roofline time).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(), help="Write a PNG time breakdown vs TP degree (needs matplotlib).")
@@ -58,7 +46,7 @@ def command(model, device, interconnects, batch, seq, past, memory_limit, tps, p
     report = analyze(
         model, device=device, interconnects=links, batch=batch, seq=seq, past=past,
         memory_limit=memory_limit * 1e9 if memory_limit else None,
-        tps=_int_list(tps, "tp"), pps=_int_list(pps, "pp"), microbatches=microbatches, dims=_dims(dims),
+        tps=_int_list(tps, "tp"), pps=_int_list(pps, "pp"), microbatches=microbatches, dims=parse_dims(dims),
         compute_dtype=compute_dtype, phases=phases,
     )
     if plot_path:

@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import click
 
-from maia_onnx.cli.options import device_option, echo_json, external_data_option, json_option, model_argument, output_option, report_option
+from maia_onnx.cli.options import device_option, dims_option, echo_json, parse_dims, external_data_option, json_option, model_argument, output_option, report_option
 
 
 def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def _dims(text: str | None) -> dict[str, int]:
-    from maia_onnx.errors import InvalidOptionError
-
-    dims = {}
-    for item in _split(text):
-        name, _, value = item.partition("=")
-        if not value.strip().isdigit():
-            raise InvalidOptionError(f"--dims item {item!r} is not NAME=INT: write e.g. --dims batch=1,seq=128")
-        dims[name.strip()] = int(value)
-    return dims
+def _dims(values) -> dict[str, int]:
+    return parse_dims(values)
 
 
 @click.command("compile")
@@ -30,7 +22,7 @@ def _dims(text: str | None) -> dict[str, int]:
 @click.option("--embed/--no-embed", default=True, show_default=True,
               help="Embed the Maia programs in the EPContext nodes, or write them to <out>_maia.bin beside the model.")
 @click.option("--cpu-ops", default="", help="Comma-separated op types to keep on the CPU.")
-@click.option("--dims", default="", help="Symbolic dims for the estimates and memory plan, e.g. batch=1,seq=128.")
+@dims_option("Symbolic dims for the estimates and memory plan, e.g. --dim batch=1 --dim seq=128.")
 @external_data_option
 @report_option
 @json_option

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import click
 
-from maia_onnx.cli.options import echo_json, external_data_option, json_option
+from maia_onnx.cli.options import dims_option, echo_json, external_data_option, json_option
+from maia_onnx.cli.options import parse_dims as _parse_dims
 
 
-def parse_dims(values: tuple[str, ...]) -> dict[str, int]:
-    """('batch=2', 'seq=16') -> {'batch': 2, 'seq': 16}; InvalidOptionError on anything else."""
-    from maia_onnx.errors import InvalidOptionError
-
-    dims: dict[str, int] = {}
-    for item in values:
-        name, sep, num = item.partition("=")
-        if not sep or not name.strip() or not num.strip().isdigit() or int(num) < 1:
-            raise InvalidOptionError(f"bad --dim {item!r}: write NAME=POSITIVE_INT, e.g. --dim batch=2 --dim seq=16")
-        dims[name.strip()] = int(num)
-    return dims
+def parse_dims(values) -> dict[str, int]:
+    """Export example sizes must be positive (a zero-length batch/seq cannot be traced)."""
+    return _parse_dims(values, minimum=1)
 
 
 @click.command("export", help="Export MODEL to ONNX and check it against PyTorch (max rel error <= 1e-4).\n\n"
@@ -29,8 +22,7 @@ def parse_dims(values: tuple[str, ...]) -> dict[str, int]:
 @click.option("--dynamic/--static", default=True, show_default=True, help="Symbolic batch/seq/past dims, or fixed to the example shapes.")
 @click.option("--size", type=click.Choice(["tiny", "large"]), default=None, help="Built-in model size (large: multi-GB weights).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights and example inputs.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
-              help="Example-input size, e.g. --dim batch=1 --dim seq=16 --dim past=8 (fixes shapes with --static).")
+@dims_option("Example-input size, e.g. --dim batch=1 --dim seq=16 --dim past=8 (fixes shapes with --static).")
 @click.option("--no-check", is_flag=True, help="Skip the ORT-vs-PyTorch parity check.")
 @external_data_option
 @json_option

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import click
 
-from maia_onnx.cli.options import echo_json, json_option, model_argument
+from maia_onnx.cli.options import dims_option, echo_json, json_option, model_argument
 
 
 @click.command("inspect", help="Opset, inputs/outputs, op histogram, parameters by dtype and estimated FLOPs of MODEL.")
 @model_argument()
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N",
-              help="Value of a symbolic dim for the FLOP estimate (default 1), e.g. --dim batch=1 --dim seq=128.")
+@dims_option("Value of a symbolic dim for the FLOP estimate (default 1), e.g. --dim batch=1 --dim seq=128.")
 @click.option("--top", type=int, default=0, help="Show only the N most frequent ops in the histogram (0: all).")
 @json_option
 def command(model, dims, top, as_json):
-    from maia_onnx.cli.export import parse_dims
+    from maia_onnx.cli.options import parse_dims
     from maia_onnx.inspect import inspect_model
     from maia_onnx.report import format_table, human_bytes
 

@@ -31,3 +31,27 @@ def echo_json(data) -> None:
     from maia_onnx.report import dumps
 
     click.echo(dumps(data))
+
+
+def parse_dims(values, minimum: int = 0) -> dict[str, int]:
+    """Symbolic dim sizes from ``--dim`` options: repeated ``NAME=N`` and/or comma lists ``a=1,b=2`` -> dict."""
+    from maia_onnx.errors import InvalidOptionError
+
+    if isinstance(values, dict):
+        return dict(values)
+    if isinstance(values, str):
+        values = (values,)
+    dims: dict[str, int] = {}
+    for group in values or ():
+        for item in filter(None, (part.strip() for part in group.split(","))):
+            name, sep, num = item.rpartition("=")
+            if not sep or not name.strip() or not num.strip().isdigit() or int(num) < minimum:
+                raise InvalidOptionError(
+                    f"bad --dim {item!r}: write NAME=N (N >= {minimum}), e.g. --dim batch=1 --dim seq=16"
+                )
+            dims[name.strip()] = int(num)
+    return dims
+
+
+def dims_option(help: str = "Size of a symbolic input dim, NAME=N (repeatable, or comma-separated)."):
+    return click.option("--dim", "--dims", "dims", multiple=True, metavar="NAME=N", help=help)

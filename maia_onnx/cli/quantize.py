@@ -4,22 +4,9 @@ from __future__ import annotations
 
 import click
 
-from maia_onnx.cli.options import echo_json, external_data_option, json_option, model_argument, output_option, report_option
+from maia_onnx.cli.options import dims_option, echo_json, parse_dims, external_data_option, json_option, model_argument, output_option, report_option
 
 FORMAT_CHOICES = ["fp8-e4m3", "fp8-e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "mxint8", "mxfp4", "mx9", "mx6", "bf16"]
-
-
-def parse_dims(values) -> dict[str, int]:
-    """('batch=1', 'past=0') -> {'batch': 1, 'past': 0}: sizes for symbolic dims of synthesized inputs."""
-    from maia_onnx.errors import InvalidOptionError
-
-    dims = {}
-    for item in values:
-        name, sep, num = item.partition("=")
-        if not sep or not name.strip() or not num.strip().isdigit():
-            raise InvalidOptionError(f"bad --dim {item!r}: write NAME=N (N >= 0), e.g. --dim batch=1 --dim seq=16")
-        dims[name.strip()] = int(num)
-    return dims
 
 
 @click.command("quantize", help="Quantize MODEL to FP8 (QDQ, 1-byte weights), an MX format or BF16, "
@@ -46,7 +33,7 @@ def parse_dims(values) -> dict[str, int]:
 @click.option("--samples", "num_samples", type=int, default=None, help="Calibration samples to use (default: all; random: 8).")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Samples per calibration batch.")
 @click.option("--eval-samples", type=int, default=4, show_default=True, help="Held-out samples for the accuracy report.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Symbolic dim size for random inputs, e.g. --dim seq=16.")
+@dims_option("Symbolic dim size for random inputs, e.g. --dim seq=16.")
 @click.option("--kv-cache", type=click.Choice(["fp8-e4m3", "fp8-e5m2"]), default=None, help="Quantize the KV cache too.")
 @click.option("--scales", "scales_path", type=click.Path(), default=None, help="Import scales (vLLM / ModelOpt names) from JSON or safetensors.")
 @click.option("--emit-scales", type=click.Path(), default=None, help="Write the scales used, in vLLM / ModelOpt naming.")

@@ -9,7 +9,7 @@ from typing import Mapping
 import click
 import numpy as np
 
-from maia_onnx.cli.options import device_option, echo_json, json_option, model_argument
+from maia_onnx.cli.options import device_option, dims_option, echo_json, json_option, model_argument
 from maia_onnx.runtime.distributed import launcher_options
 
 
@@ -100,7 +100,7 @@ def run_directory(directory: str, feeds, microbatches: int = 1):
 @model_argument()
 @click.option("--inputs", "inputs_path", type=click.Path(), default=None, help="Input feeds (.npz, names = graph inputs).")
 @click.option("--random", is_flag=True, help="Random inputs from the model's input specs (see --dims, --seed).")
-@click.option("--dims", default="", help="Symbolic dims for --random, e.g. batch=1,seq=16.")
+@dims_option("Symbolic dims for --random, e.g. --dim batch=1 --dim seq=16.")
 @click.option("--seed", default=0, show_default=True, help="Seed for --random.")
 @click.option("--providers", default="MaiaExecutionProvider,CPUExecutionProvider", show_default=True,
               help="Comma-separated providers (maia, cpu or the ORT names).")
