@@ -369,7 +369,6 @@ def graph_costs(proto: onnx.ModelProto, types: dict[str, tuple[int, tuple[int, .
     owned: set[str] = set()
     shapes = {k: v[1] for k, v in types.items()}
     costs: list[OpCost] = []
-    consts_from_shape: set[str] = set()
     ops_since_pair = 0  # generic TP: count weight ops to mark every second one as ending a pair
 
     for index, node in enumerate(graph.node):

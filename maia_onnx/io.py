@@ -271,7 +271,6 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
         else:
             proto = ir.to_proto(model)
             # Tensors that were external in the source must be inlined, or the output would point at the input's data.
-            import onnx
 
             from onnx.external_data_helper import uses_external_data
 

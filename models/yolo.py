@@ -129,7 +129,6 @@ class YoloTiny(nn.Module):
 
     @staticmethod
     def _decode(box, cls, centers, stride: float):
-        b = box.shape[0]
         box = box.flatten(2).transpose(1, 2)  # [B, HW, 4] left, top, right, bottom distances
         cls = cls.flatten(2).transpose(1, 2)
         ltrb = F.softplus(box) * stride

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 import struct
 from dataclasses import dataclass, field

@@ -309,7 +309,6 @@ class InferenceSession:
                 node = members[0]
                 stage = EmulatedPartition(source.program(node), self._factory())
                 stage.kind = "maia"
-                produced = {v.name: v for v in node.outputs}
                 # the EPContext node's outputs carry the program's output names
                 stage.output_names = [v.name for v in node.outputs]
                 stage.input_names = [v.name for v in node.inputs]

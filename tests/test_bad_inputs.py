@@ -337,8 +337,6 @@ def _interrupt_write(monkeypatch, directory):
     """Ctrl-C while the output is being written: exit 130, and no partial file."""
     import maia_onnx.io as mio
 
-    real_replace = os.replace
-
     def interrupted(src, dst, *args, **kwargs):
         raise KeyboardInterrupt
 

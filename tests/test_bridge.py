@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -15,21 +14,8 @@ from maia_onnx.runtime.compile import compile_model
 
 
 @pytest.fixture()
-def topk_model(tmp_path):
-    proto = onnx.parser.parse_model("""
-    <ir_version: 10, opset_import: ["" : 21]>
-    g (float[2,8] x, int64[2] idx) => (float[2,3] y, int64[2,3] i, float[2,8] g) {
-      a = MatMul(x, w)
-      v, i = TopK<axis=1>(a, k)
-      y = Softmax<axis=1>(v)
-      g = Gather<axis=0>(a, idx)
-    }""")
-    rng = np.random.default_rng(0)
-    proto.graph.initializer.extend([onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
-                                    onnx.numpy_helper.from_array(np.array([3], np.int64), "k")])
-    path = tmp_path / "topk.onnx"
-    onnx.save(proto, path)
-    return path
+def topk_model(make_topk_model):
+    return make_topk_model("2", gather=True)
 
 
 @pytest.mark.parametrize("embed", [True, False])

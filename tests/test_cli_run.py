@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
 
@@ -14,20 +13,8 @@ from maia_onnx.ortutil import run_model
 
 
 @pytest.fixture()
-def topk_model(tmp_path):
-    proto = onnx.parser.parse_model("""
-    <ir_version: 10, opset_import: ["" : 21]>
-    g (float[batch,8] x) => (float[batch,3] y) {
-      a = MatMul(x, w)
-      v, i = TopK<axis=1>(a, k)
-      y = Softmax<axis=1>(v)
-    }""")
-    rng = np.random.default_rng(0)
-    proto.graph.initializer.extend([onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
-                                    onnx.numpy_helper.from_array(np.array([3], np.int64), "k")])
-    path = tmp_path / "topk.onnx"
-    onnx.save(proto, path)
-    return path
+def topk_model(make_topk_model):
+    return make_topk_model("batch")
 
 
 def test_compile_then_run_with_npz_io_and_compare(topk_model, tmp_path, capsys):

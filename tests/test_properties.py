@@ -13,7 +13,6 @@ from __future__ import annotations
 import hypothesis_profiles  # noqa: F401  (tests/ is on sys.path: registers and loads the profile)
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
