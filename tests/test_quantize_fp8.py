@@ -519,3 +519,21 @@ def test_quantized_conv_relu_net_matches_in_stock_ort_and_fp32(tmp_path):
     fp32 = run_model(model, {"img": img})["y"]
     assert (fp32 == 0).any()  # the final Relu clips some outputs
     assert compare(fp32, stock)["cosine"] >= 0.999
+
+
+def test_emitted_scales_include_the_input_scale_of_a_layer_after_relu(tmp_path):
+    pytest.importorskip("maia_onnx.scales")
+    import json
+
+    from maia_onnx.quantize import quantize_model
+
+    rng = np.random.default_rng(8)
+    model = _model(CLAMPED.replace("ACTIVATION", "Relu(h)"), {"W1": rng.standard_normal((16, 32)).astype(np.float32),
+                                                            "W2": rng.standard_normal((32, 8)).astype(np.float32)})
+    r = quantize_model(model, None, calib="random", num_samples=4, evaluate=False, show_progress=False,
+                       emit_scales=tmp_path / "scales.json")
+    emitted = json.loads((tmp_path / "scales.json").read_text())
+    input_scales = sorted(v for k, v in emitted.items() if k.endswith(".input_scale"))
+    # both layers' static activation scales, the second one read through the DQ -> Relu placement
+    assert len(input_scales) == 2
+    np.testing.assert_allclose(input_scales, sorted(r.activation_scales.values()), rtol=1e-6)
