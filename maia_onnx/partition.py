@@ -213,15 +213,17 @@ class _BufferPool:
 
     BLOCK = 4096
 
-    def __init__(self, nfiles: int, chunk: int | None = None):
+    def __init__(self, nfiles: int, chunk: int | None = None, file_bytes: int | None = None):
         import queue
 
         if chunk is None:
             # 64 MiB writes measured ~1.6x the throughput of 16 MiB ones with O_DIRECT; cap the total near 384 MiB
             chunk = max(8 << 20, min(64 << 20, (384 << 20) // (nfiles + 2)))
-        self.chunk = chunk // self.BLOCK * self.BLOCK
+        if file_bytes is not None:  # small files: no buffer larger than the largest file needs
+            chunk = min(chunk, -(-(file_bytes + ALIGNMENT) // self.BLOCK) * self.BLOCK)
+        self.chunk = max(self.BLOCK, chunk // self.BLOCK * self.BLOCK)
         self.count = nfiles + 2
-        self.free: "queue.SimpleQueue[np.ndarray]" = queue.SimpleQueue()
+        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
         self.made = 0
 
     def get(self) -> np.ndarray:
@@ -232,23 +234,23 @@ class _BufferPool:
                 return self.free.get_nowait()
             except queue.Empty:
                 self.made += 1
-                return self._allocate()
+                return self._allocate(touch=False)  # its pages fault in as it fills
         return self.free.get()
 
-    def _allocate(self) -> np.ndarray:
+    def _allocate(self, touch: bool = True) -> np.ndarray:
         import mmap
 
-        populate = getattr(mmap, "MAP_POPULATE", 0)
-        if populate and hasattr(mmap, "MAP_ANONYMOUS"):
-            # pre-faulted in one call: touching 64 MiB page by page measured up to ~0.2 s per buffer
-            try:
-                mapping = mmap.mmap(-1, self.chunk, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-                return np.frombuffer(mapping, np.uint8)  # page aligned, as O_DIRECT requires
-            except OSError:
-                pass
-        raw = np.empty(self.chunk + self.BLOCK, np.uint8)
-        start = (-raw.ctypes.data) % self.BLOCK  # O_DIRECT needs an aligned user buffer
-        return raw[start:start + self.chunk]
+        try:
+            buf = np.frombuffer(mmap.mmap(-1, self.chunk), np.uint8)  # page aligned, as O_DIRECT requires
+        except (OSError, ValueError):
+            raw = np.empty(self.chunk + self.BLOCK, np.uint8)
+            start = (-raw.ctypes.data) % self.BLOCK  # O_DIRECT needs an aligned user buffer
+            buf = raw[start:start + self.chunk]
+        if touch:
+            # fault the pages in now, one write per page (NumPy drops the GIL; MAP_POPULATE would hold it): this
+            # runs in the writer thread while the graph is rewritten (see prepare_write_buffers)
+            buf.reshape(-1, self.BLOCK)[:, 0] = 0
+        return buf
 
     def put(self, buf: np.ndarray) -> None:
         self.free.put(buf)
@@ -501,7 +503,7 @@ class _RankFileWriter:
         tensor = value.const_value
         if tensor.nbytes <= INLINE_LIMIT_BYTES:
             if not isinstance(tensor, ir.Tensor):
-                # a private copy: lazy shards may be views of a buffer reused for the next cut
+                # a private copy: a lazy shard may be a view that keeps its whole source weight alive
                 value.const_value = ir.Tensor(np.array(tensor.numpy(), copy=True), dtype=tensor.dtype, name=value.name)
             return
         spec = self.streamable(index)
@@ -607,13 +609,23 @@ def _pread_exact(fd: int, out: np.ndarray, offset: int) -> None:
         done += n
 
 
+def _weight_bytes(model: ir.Model) -> int:
+    """Bytes a model's external weights will take (upper bound: alignment padding aside)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and tensor.nbytes > INLINE_LIMIT_BYTES:
+            total += tensor.nbytes + ALIGNMENT
+    return total
+
+
 def write_model_streaming(model: ir.Model, path: Path, progress: Callable[[int], None] | None = None) -> int:
     """Save ``model`` to ``path`` with every initializer over 1 KiB streamed into ``<path>.data``.
 
     Tensors are materialised one at a time (lazy slices are evaluated here) and written straight to disk;
     the in-memory model is left pointing at the new file. Returns the weight bytes written.
     """
-    out = _RankFileWriter(model, path)
+    out = _RankFileWriter(model, path, _BufferPool(1, file_bytes=_weight_bytes(model)))
     try:
         for i in range(len(out.values)):
             out.write(i, progress)
@@ -629,7 +641,8 @@ def write_models_lockstep(models: Mapping[Any, tuple[ir.Model, Path]], progress:
     Rank models made by the same rewrite list their weights in the same order, so the i-th initializers of
     all ranks are usually slices of one source tensor: that tensor is read once and cut for all of them.
     """
-    pool = _BufferPool(len(models))
+    largest = max((_weight_bytes(model) for model, _ in models.values()), default=0)
+    pool = _BufferPool(len(models), file_bytes=largest + ALIGNMENT * 256)
     _take_prepared(pool, len(models))
     writers = {key: _RankFileWriter(model, path, pool) for key, (model, path) in models.items()}
     try:

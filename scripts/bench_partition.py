@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Benchmark: partition the multi-GB llama into TP ranks vs copying its weight files, with peak RSS.
 
-Reference run in the same process: copy model.onnx + model.onnx.data (shutil, the fastest plain copy), then
-partition into ``--tp`` ranks, then copy again (the faster copy is the reference, so page-cache warmth
-favours the reference, not us). RSS is sampled every 10 ms during the partition.
+Reference run in the same process: copy model.onnx + model.onnx.data (shutil, the fastest plain copy), delete
+it and ``sync`` (untimed, so the deleted copy's write-back cannot land inside the next timing), partition into
+``--tp`` ranks, then copy again (the faster copy is the reference, so page-cache warmth favours the
+reference, not us). RSS is sampled every 10 ms during the partition.
 
     python scripts/bench_partition.py [--model .cache/llama-large/model.onnx] [--tp 4] [--keep]
 """
