@@ -51,7 +51,9 @@ def test_interconnects():
     assert load_interconnect("pcie5").bandwidth == 64e9
     assert load_interconnect("maia-eth").bandwidth == 600e9
     loop = load_interconnect("loopback")
-    assert set(loop.estimates) == {"bandwidth_bytes_per_s", "alpha_s"}
+    # calibrated on this host by a gloo sweep: measured figures, not estimates, each naming its source
+    assert loop.estimates == set() or not loop.estimates
+    assert loop.bandwidth == 1.6e9 and loop.alpha == 8.2e-4
     assert {"nvlink4", "pcie5", "maia-eth", "loopback"} <= set(list_interconnects())
 
 
