@@ -3,7 +3,7 @@ against the FP8 reference in the same process, the multi-GB llama-large conversi
 
     python scripts/bench_mx.py [--large] [--json out.json]
 
-Figures go to docs/bench/mx.md.  Speed is reported as ratios to a reference run in this process.
+Figures go to docs/benchmarks.md.  Speed is reported as ratios to a reference run in this process.
 """
 
 from __future__ import annotations

@@ -184,7 +184,7 @@ def test_32_step_greedy_decode_against_fp32(copy_llama, fmt, granularity):
     result = compare_decode(DecoderSession(fp32), DecoderSession(model), prompt, steps=32)
     assert len(result.steps) == 32
     assert result.token_agreement == 1.0 and result.free_running_agreement == 1.0 and result.first_divergence is None
-    # measured (docs/bench/mx.md): e4m3 min/mean 0.9993/0.9999 per tensor, 0.9934/0.9996 per head
+    # measured (docs/benchmarks.md): e4m3 min/mean 0.9993/0.9999 per tensor, 0.9934/0.9996 per head
     # (20-token calibration leaves per-head scales less headroom); e5m2 0.982/0.998
     min_floor, mean_floor = {"fp8-e4m3": (0.99, 0.9995), "fp8-e5m2": (0.97, 0.998)}[fmt]
     assert result.min_cosine > min_floor and result.mean_cosine > mean_floor, result.as_dict()

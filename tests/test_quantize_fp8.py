@@ -358,7 +358,7 @@ def test_llama_w8a8_error_is_the_e4m3_mantissa_not_the_calibration(llama_tiny_on
     # W8A8 (activations in FP8 too) does not reach 0.999 on this random-weight model, whatever the calibration:
     # FP8's error is relative (3 mantissa bits), the scale only sets where saturation starts, and with no
     # clipping every method leaves the same per-tensor noise; each FP8 tensor costs about as much as its
-    # weight (docs/bench/quantize.md has the per-layer budget).
+    # weight (docs/benchmarks.md has the per-layer budget).
     cosines = {m: _quantize(llama_tiny_onnx, format="fp8-e4m3", method=m, eval_samples=8).report["accuracy"]["outputs"]["logits"]["cosine"]
                for m in ("minmax", "mse")}
     assert abs(cosines["minmax"] - cosines["mse"]) < 3e-4, cosines

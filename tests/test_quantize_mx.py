@@ -183,7 +183,7 @@ def test_builtin_families_close_to_fp32(exported_models, family, fmt):
     q = qp(load_model(path)).model
     validate_model(q)
     got = run_model(q, f)
-    # random-init models: floors sit under the measured cosines (docs/bench/mx.md) with margin
+    # random-init models: floors sit under the measured cosines (docs/benchmarks.md) with margin
     floor = {"mxfp8-e4m3": 0.99, "mxint8": 0.999, "mxfp4": 0.9, "mx9": 0.9998, "mx6": 0.985}[fmt]
     for name, r in ref.items():
         c = compare(r, got[name])["cosine"]
