@@ -319,11 +319,11 @@ def render_markdown(results: list[Result], seconds: float) -> str:
         "Legacy encodings are covered explicitly in `tests/test_conformance.py` (initializers listed as graph inputs, "
         "ConstantOfShape weights, opset 9 / IR 3 models, quantised and compiled).",
         "",
-        "Known issue outside this tool: stock ONNX Runtime with default graph optimizations (Level2 rule "
-        "ReluQuantFusion) drops a Relu that feeds an FP8 QuantizeLinear, so FP8 *static* (activation-quantised) "
-        "models can give wrong answers in a default ORT session; maia-onnx runs ORT with ORT_DISABLE_ALL. "
-        "Use `GraphOptimizationLevel.ORT_ENABLE_BASIC` or `disabled_optimizers=['Level2_RuleBasedTransformer']` "
-        "(tracked as a strict xfail in tests/test_conformance.py).",
+        "Stock ONNX Runtime with default graph optimizations rewrites Relu/Clip followed by QuantizeLinear "
+        "(ReluQuantFusion, ClipQuantFusion) as if FP8 had zero-point clipping; maia-onnx's FP8 pass therefore "
+        "quantizes the Relu/Clip input and re-applies it after DequantizeLinear (exactly equivalent), so quantized "
+        "models give the same answers under ORT_ENABLE_ALL and ORT_DISABLE_ALL (checked in tests/test_conformance.py "
+        "and tests/test_quantize_fp8.py).",
         "",
         "| set | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
