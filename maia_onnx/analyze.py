@@ -591,11 +591,13 @@ def _phases_for(proto: onnx.ModelProto, batch: int, seq: int, past: int | None, 
     return plan
 
 
-def _load_links(interconnects: Sequence[str] | None, device: DeviceProfile) -> list[InterconnectProfile]:
-    names = list(interconnects or [])
-    if not names:
-        names = [device.default_interconnect or "nvlink4"]
-    return [load_interconnect(n) for n in names]
+def _device_and_links(
+    device: str | DeviceProfile, interconnects: Sequence[str] | None
+) -> tuple[DeviceProfile, list[InterconnectProfile]]:
+    """The device profile and the interconnects to price (the device's default one when none is named)."""
+    dev = device if isinstance(device, DeviceProfile) else load_device(device)
+    names = list(interconnects or []) or [dev.default_interconnect or "nvlink4"]
+    return dev, [load_interconnect(n) for n in names]
 
 
 def _check_degrees(values: Sequence[int], what: str) -> list[int]:
@@ -623,8 +625,7 @@ def analyze_model(
     """Roofline per op plus the TP x PP x interconnect what-if for one ONNX model (weights not loaded)."""
     if batch < 1 or seq < 1 or (past is not None and past < 0):
         raise InvalidOptionError(f"--batch and --seq must be >= 1 and --past >= 0 (got {batch}, {seq}, {past})")
-    dev = device if isinstance(device, DeviceProfile) else load_device(device)
-    links = _load_links(interconnects, dev)
+    dev, links = _device_and_links(device, interconnects)
     tps, pps = _check_degrees(tps, "TP"), _check_degrees(pps, "PP")
     proto = load_proto(path)
     report = {"model": str(path), "kind": "model", "device": dev.to_dict(),
@@ -698,8 +699,7 @@ def analyze_partition(
     files = _rank_files(directory)
     if not files:
         raise ModelLoadError(f"{directory} has a manifest.json but no rank<r>_stage<s>.onnx files: re-run maia-onnx partition")
-    dev = device if isinstance(device, DeviceProfile) else load_device(device)
-    links = _load_links(interconnects, dev)
+    dev, links = _device_and_links(device, interconnects)
     tp = _manifest_degree(manifest, "tp", len({r for r, _, _ in files}) // max(1, len({s for _, s, _ in files})) or 1)
     pp = _manifest_degree(manifest, "pp", len({s for _, s, _ in files}))
     limit = memory_limit or dev.memory_capacity

@@ -153,16 +153,23 @@ def fold_weight_transposes(model: ir.Model) -> int:
     return folded
 
 
+def _initializer_weighted(graph: ir.Graph, op_types: tuple[str, ...]):
+    """(node, weight) for each node of ``op_types`` whose second input (the weight) is an initializer of ``graph``."""
+    for node in graph:
+        if node.op_type not in op_types or len(node.inputs) < 2:
+            continue
+        weight = node.inputs[1]
+        if weight is None or weight.name not in graph.initializers:
+            continue
+        yield node, weight
+
+
 def untranspose_gemm_weights(model: ir.Model) -> int:
     """Gemm(transB=1) on an initializer -> Gemm(transB=0) on its [in, out] transpose: one weight layout everywhere."""
-    graph = model.graph
     changed = 0
-    for node in graph:
-        if node.op_type != "Gemm" or len(node.inputs) < 2:
-            continue
+    for node, weight in _initializer_weighted(model.graph, ("Gemm",)):
         trans_b = node.attributes.get("transB")
-        weight = node.inputs[1]
-        if trans_b is None or trans_b.as_int() != 1 or weight is None or weight.name not in graph.initializers:
+        if trans_b is None or trans_b.as_int() != 1:
             continue
         if weight.const_value is None or len(weight.shape) != 2 or len(list(weight.uses())) != 1:
             continue
@@ -178,12 +185,7 @@ def rename_linear_weights(model: ir.Model) -> int:
     """Give MatMul/Gemm weights the optimizer folded into anonymous constants their module's name."""
     graph = model.graph
     renamed = 0
-    for node in graph:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
-        if weight is None or weight.name not in graph.initializers:
-            continue
+    for node, weight in _initializer_weighted(graph, ("MatMul", "Gemm")):
         if not (weight.name.startswith("val_") or weight.name.startswith("_val")):
             continue
         module = _name_scope_module(node)

@@ -302,18 +302,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def external_data_files(model: ir.Model) -> list[Path]:
+    """The external data files the model's initializers reference, each once, in first-reference order."""
+    files: dict[Path, None] = {}
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor):
+            files.setdefault(Path(t.base_dir) / t.location)
+    return list(files)
+
+
 def model_content_hash(path: str | os.PathLike) -> str:
     """Hash of a model file and its external data files (content, not names)."""
     path = Path(path)
     h = hashlib.sha256()
     h.update(sha256_file(path).encode())
-    model = ir.load(path)
-    seen = set()
-    for value in model.graph.initializers.values():
-        t = value.const_value
-        if isinstance(t, ir.ExternalTensor):
-            data = Path(t.base_dir) / t.location
-            if data not in seen:
-                seen.add(data)
-                h.update(sha256_file(data).encode())
+    for data in external_data_files(ir.load(path)):
+        h.update(sha256_file(data).encode())
     return h.hexdigest()

@@ -88,36 +88,6 @@ def _check_options(fmt, method, granularity, block_size, kv_cache, target_cosine
         raise InvalidOptionError(f"--target-cosine must be in (0, 1], got {target_cosine}")
 
 
-def _with_clamped_input_scales(model: ir.Model, scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Add ``<layer>.input_scale`` for layers whose input is ``Q -> DQ -> Relu/Clip`` (see QuantizeFp8Pass).
-
-    ``maia_onnx.scales.emit_scales`` looks for the activation DQ right before the layer; QuantizeFp8Pass puts a
-    Relu/Clip after it (stock ORT's ReluQuantFusion would otherwise drop the Relu), so those scales are read here.
-    """
-    from maia_onnx.scales import WEIGHT_OPS, layer_name
-
-    def producer(value, op_types):
-        node = value.producer() if value is not None else None
-        return node if node is not None and node.op_type in op_types else None
-
-    scales = dict(scales)
-    for node in model.graph:
-        if node.op_type not in WEIGHT_OPS or len(node.inputs) < 2:
-            continue
-        weight_dq = producer(node.inputs[1], ("DequantizeLinear",))
-        clamp = producer(node.inputs[0], ("Relu", "Clip"))
-        if weight_dq is None or weight_dq.inputs[0] is None or weight_dq.inputs[0].const_value is None or clamp is None:
-            continue
-        act_dq = producer(clamp.inputs[0], ("DequantizeLinear",))
-        q = producer(act_dq.inputs[0], ("QuantizeLinear",)) if act_dq is not None else None
-        scale = q.inputs[1].const_value if q is not None and q.inputs[1] is not None else None
-        if scale is None or scale.size != 1:
-            continue
-        key = f"{layer_name(node, weight_dq.inputs[0])}.input_scale"
-        scales.setdefault(key, np.asarray(scale.numpy(), dtype=np.float32).reshape(()))
-    return scales
-
-
 def quantize_model(
     model_or_path: ir.Model | str | os.PathLike,
     output: str | os.PathLike | None = None,
@@ -293,7 +263,7 @@ def quantize_model(
         passes = [quant_pass]
     elif fmt in MX_FORMATS:
         if weights_only is False and calib not in (None, "random") and fmt in ("mxfp4", "mx9", "mx6"):
-            logger.info("%s quantizes weights only; calibration data is used for the accuracy report only", fmt)
+            logger.info("%s needs no activation scales (weight-only or dynamic); calibration data is used for the accuracy report only", fmt)
         quant_pass = QuantizeMxPass(fmt, form=mx_form, block_size=block_size, exclude=exclude,
                                     activations=False if weights_only else None)
         passes = [quant_pass]
@@ -364,7 +334,7 @@ def quantize_model(
     if emit_scales is not None:
         emit = _optional("maia_onnx.scales", "emit_scales", "--emit-scales")
         write = _optional("maia_onnx.scales", "write_scales", "--emit-scales")
-        write(emit_scales, _with_clamped_input_scales(model, emit(model)))
+        write(emit_scales, emit(model))
     report["seconds"] = time.perf_counter() - t_start
     if report_path is not None:
         from maia_onnx.report import dumps

@@ -300,15 +300,19 @@ def _const_array(value: ir.Value | None) -> np.ndarray | None:
 
 
 def _scale_float(arr: np.ndarray) -> np.ndarray:
-    import ml_dtypes
-
-    if arr.dtype == np.dtype(ml_dtypes.float8_e8m0fnu):
-        return arr.astype(np.float32)
-    return arr.astype(np.float32)
+    return arr.astype(np.float32)  # E8M0 (ml_dtypes float8_e8m0fnu) converts to its power of two
 
 
-def _dq_of(value: ir.Value | None) -> ir.Node | None:
+# elementwise clamps QuantizeFp8Pass places between an activation's DequantizeLinear and the layer
+# (Q -> DQ -> Relu/Clip -> MatMul: stock ORT's ReluQuantFusion would otherwise drop the Relu)
+CLAMP_OPS = ("Relu", "Clip")
+
+
+def _dq_of(value: ir.Value | None, through: tuple[str, ...] = ()) -> ir.Node | None:
+    """The DequantizeLinear producing ``value``, looking through one node of ``through`` (on its first input)."""
     node = value.producer() if value is not None else None
+    if node is not None and node.op_type in through and node.domain in ("", "ai.onnx") and node.inputs:
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
     return node if node is not None and node.op_type == "DequantizeLinear" else None
 
 
@@ -317,8 +321,8 @@ def emit_scales(model: ir.Model) -> dict[str, np.ndarray]:
 
     Weights read through ``DequantizeLinear(const, const_scale)`` give ``<layer>.weight_scale``
     (per-tensor scalar or per-output-channel vector; blocked scales in torch ``[out, in/block]``
-    layout); activations through a static ``QuantizeLinear -> DequantizeLinear`` give
-    ``<layer>.input_scale``; an FP8 KV cache (``past_key_values.{i}.key/value`` read by
+    layout); activations through a static ``QuantizeLinear -> DequantizeLinear`` (optionally followed by one
+    Relu/Clip) give ``<layer>.input_scale``; an FP8 KV cache (``past_key_values.{i}.key/value`` read by
     DequantizeLinear) gives ``<attn>.k_scale`` / ``<attn>.v_scale``.
     """
     graph = model.graph
@@ -342,7 +346,7 @@ def emit_scales(model: ir.Model) -> dict[str, np.ndarray]:
         idx = decoder_layer_index(layer)
         if idx is not None and layer.endswith(("k_proj", "v_proj", "q_proj")):
             attn_of_layer.setdefault(idx, layer.rsplit(".", 1)[0])
-        act_dq = _dq_of(node.inputs[0])
+        act_dq = _dq_of(node.inputs[0], through=CLAMP_OPS)
         q = act_dq.inputs[0].producer() if act_dq is not None and act_dq.inputs[0] is not None else None
         if q is not None and q.op_type == "QuantizeLinear":
             s = _const_array(q.inputs[1])

@@ -57,38 +57,32 @@ def _build_llama(size: str, seed: int, dims: dict) -> ModelSpec:
     )
 
 
+def _build_batch_model(name: str, family, module_class, size: str, seed: int, dims: dict) -> ModelSpec:
+    """A model without a KV cache (unet / yolo): the ``family`` module's SIZES, init_weights, inputs and names."""
+    cfg = family.SIZES[size]
+    module = module_class(cfg).eval()
+    family.init_weights(module, seed)
+    return ModelSpec(
+        name=name,
+        module=module,
+        example_inputs=family.example_inputs(cfg, seed=seed, batch=dims.get("batch", 2)),
+        input_names=family.INPUT_NAMES,
+        output_names=family.OUTPUT_NAMES,
+        dynamic_shapes=family.dynamic_shapes(),
+        config={**cfg.as_dict(), "size": size},
+    )
+
+
 def _build_unet(size: str, seed: int, dims: dict) -> ModelSpec:
     from maia_onnx.models import unet
 
-    cfg = unet.SIZES[size]
-    module = unet.UNet(cfg).eval()
-    unet.init_weights(module, seed)
-    return ModelSpec(
-        name="unet-tiny",
-        module=module,
-        example_inputs=unet.example_inputs(cfg, seed=seed, batch=dims.get("batch", 2)),
-        input_names=unet.INPUT_NAMES,
-        output_names=unet.OUTPUT_NAMES,
-        dynamic_shapes=unet.dynamic_shapes(),
-        config={**cfg.as_dict(), "size": size},
-    )
+    return _build_batch_model("unet-tiny", unet, unet.UNet, size, seed, dims)
 
 
 def _build_yolo(size: str, seed: int, dims: dict) -> ModelSpec:
     from maia_onnx.models import yolo
 
-    cfg = yolo.SIZES[size]
-    module = yolo.YoloTiny(cfg).eval()
-    yolo.init_weights(module, seed)
-    return ModelSpec(
-        name="yolo-tiny",
-        module=module,
-        example_inputs=yolo.example_inputs(cfg, seed=seed, batch=dims.get("batch", 2)),
-        input_names=yolo.INPUT_NAMES,
-        output_names=yolo.OUTPUT_NAMES,
-        dynamic_shapes=yolo.dynamic_shapes(),
-        config={**cfg.as_dict(), "size": size},
-    )
+    return _build_batch_model("yolo-tiny", yolo, yolo.YoloTiny, size, seed, dims)
 
 
 BUILDERS: dict[str, Callable[[str, int, dict], ModelSpec]] = {

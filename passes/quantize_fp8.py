@@ -499,6 +499,16 @@ def _expand(scale: np.ndarray, shape, axis, block_size) -> np.ndarray:
     return expand_scale(scale, shape, axis, block_size)
 
 
+def _claim_name(taken: set[str], base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``... : the first not in ``taken``, which it is then added to."""
+    name, k = base, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
 def _unique_name(graph: ir.Graph, base: str) -> str:
     """A value name not yet used in the graph (initializers and node outputs)."""
     taken = graph.meta.setdefault("maia_value_names", None)
@@ -508,12 +518,7 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
         for n in graph:
             taken.update(o.name for o in n.outputs if o.name)
         graph.meta["maia_value_names"] = taken
-    name, k = base, 1
-    while name in taken:
-        name = f"{base}_{k}"
-        k += 1
-    taken.add(name)
-    return name
+    return _claim_name(taken, base)
 
 
 def _unique_node(graph: ir.Graph, base: str) -> str:
@@ -521,9 +526,4 @@ def _unique_node(graph: ir.Graph, base: str) -> str:
     if taken is None:
         taken = {n.name for n in graph if n.name}
         graph.meta["maia_node_names"] = taken
-    name, k = base, 1
-    while name in taken:
-        name = f"{base}_{k}"
-        k += 1
-    taken.add(name)
-    return name
+    return _claim_name(taken, base)

@@ -27,10 +27,15 @@ Formats (NumPy reference: ``maia_onnx.formats.mx``):
   type or op expresses per-sub-block micro-exponents, so the pass stores the reference's
   quantise-dequantised weights as FLOAT (bit-exact to ``fake_quant_mx9/mx6``) and tags each such
   initializer with ``maia.format`` / ``maia.block_axis`` metadata; a Maia compiler re-encodes them
-  losslessly.  Activations are left in FP32 for these formats (weight numerics only).
+  losslessly.  Activations (on by default; ``activations=False`` / ``--weights-only`` turns it off):
+  each quantised MatMul/Gemm/Conv's data input goes through ``maia.MxFakeQuant``, a model-local ONNX
+  function of standard ops (ORT inlines it) that is bit-exact to ``fake_quant_smx`` -- blocks along the
+  reduction axis (MatMul: last, Gemm: 0 with transA, Conv: channels, per group) zero-padded to a
+  multiple of the block, floor(log2 amax) from Log corrected exactly against a table of powers of two,
+  micro-exponent per sub-block of 2, Round (half to even), Clip to +-(2^m - 1) steps, NaN/Inf blocks NaN.
 
 ``QuantizeMxPass(fmt, form="ort"|"standard", block_size=None (32 for MX, 16 for mx9/mx6), exclude=(...),
-activations=None (True where the format supports it))``; ``exclude`` takes fnmatch patterns
+activations=None (True where the format supports it: all but mxfp4))``; ``exclude`` takes fnmatch patterns
 matched against checkpoint layer names (``model.layers.0.mlp.*``), node names and weight names.
 After ``call`` the pass's ``layers`` lists, per weight, its layer name, shape, axis, SQNR (dB) and bytes.
 """
@@ -51,7 +56,12 @@ from maia_onnx.formats import mx as mxf
 from maia_onnx.scales import WeightTarget, weight_targets
 
 FORMS = ("ort", "standard")
-ACTIVATION_FORMATS = ("mxfp8-e4m3", "mxfp8-e5m2", "mxint8")
+ACTIVATION_FORMATS = ("mxfp8-e4m3", "mxfp8-e5m2", "mxint8", "mx9", "mx6")
+SMX_FUNCTION_DOMAIN = "maia"
+SMX_FUNCTION_NAME = "MxFakeQuant"
+SMX_MANTISSA_BITS = {"mx9": 7, "mx6": 4}
+SMX_MIN_OPSET = 18  # ReduceMax / ReduceProd take their axes as an input
+_POW2_MIN, _POW2_MAX = -149, 128  # the function's table of 2^k: every float32 subnormal power up to 2^128 = +inf
 ORT_OPSET = 21  # blocked DequantizeLinear / QuantizeLinear with output_dtype
 STANDARD_OPSET = 24  # FLOAT8E8M0 scales
 _ELEMENT_IR = {
@@ -120,6 +130,96 @@ def require_opset(model: ir.Model, version: int) -> None:
 
 def _matches(patterns: Iterable[str], *names: str) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
+
+
+def smx_fake_quant_function(opset: int):
+    """The ``maia.MxFakeQuant`` FunctionProto: shared-microexponent fake quant from standard ONNX ops.
+
+    Attributes: ``axis`` (the block axis, negative allowed), ``mantissa_bits`` (7: mx9, 4: mx6),
+    ``block_size`` (16; even).  Bit-exact to ``maia_onnx.formats.mx.fake_quant_smx``: every step is a
+    power of two taken from a constant table (never Pow/Exp), so ``x / step`` and ``q * step`` are exact
+    and Round is the only rounding; signed zeros survive (Round(-0.3) = -0).
+    """
+    import onnx
+    import onnx.helper as h
+    from onnx import TensorProto
+
+    nodes = []
+    counter = [0]
+
+    def fresh(stem: str) -> str:
+        counter[0] += 1
+        return f"t{counter[0]}_{stem}"
+
+    def op(op_type, inputs, **attrs):
+        out = fresh(op_type.lower())
+        nodes.append(h.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(value, dtype):
+        return op("Constant", [], value=onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype)))
+
+    def attr_const(attr):
+        out = fresh(attr)
+        node = h.make_node("Constant", [], [out])
+        node.attribute.append(h.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attr))
+        nodes.append(node)
+        return op("Unsqueeze", [out, const([0], np.int64)])
+
+    i64, f32 = np.int64, np.float32
+    with np.errstate(over="ignore"):
+        pow2 = np.ldexp(np.float32(1.0), np.arange(_POW2_MIN, _POW2_MAX + 1)).astype(np.float32)
+    table = const(pow2, f32)
+
+    def pow2_of(exponent):  # exact 2^exponent for an int64 exponent in [_POW2_MIN, _POW2_MAX]
+        return op("Gather", [table, op("Add", [exponent, const(-_POW2_MIN, i64)])])
+
+    zero, one, two = const([0], i64), const([1], i64), const([2], i64)
+    axis, block, mbits = attr_const("axis"), attr_const("block_size"), attr_const("mantissa_bits")
+    # view x as [prod(shape[:axis]), D, prod(shape[axis+1:])] and zero-pad D to whole blocks
+    shape = op("Shape", ["x"])
+    rank = op("Size", [shape])
+    ax = op("Mod", [op("Add", [axis, rank]), rank])
+    ax_next = op("Add", [ax, one])
+    pre = op("ReduceProd", [op("Concat", [one, op("Slice", [shape, zero, ax])], axis=0)], keepdims=1)
+    length = op("Slice", [shape, ax, ax_next])
+    post = op("ReduceProd", [op("Concat", [one, op("Slice", [shape, ax_next, const([np.iinfo(i64).max], i64)])], axis=0)], keepdims=1)
+    x3 = op("Reshape", ["x", op("Concat", [pre, length, post], axis=0)])
+    nblocks = op("Div", [op("Sub", [op("Add", [length, block]), one]), block])
+    padded = op("Mul", [nblocks, block])
+    xp = op("Pad", [x3, op("Concat", [zero, zero, zero, zero, op("Sub", [padded, length]), zero], axis=0)])
+    # [pre, blocks, sub-blocks, 2, post]
+    xb = op("Reshape", [xp, op("Concat", [pre, nblocks, op("Div", [block, two]), two, post], axis=0)])
+    # NaN/Inf anywhere in a block makes the whole block NaN (x * 0 is NaN exactly for NaN/Inf); the
+    # rest of the arithmetic runs on the block with those zeroed so no index goes out of range
+    bad = op("IsNaN", [op("Mul", [xb, const(0.0, f32)])])
+    block_bad = op("Cast", [op("ReduceMax", [op("Cast", [bad], to=TensorProto.FLOAT), const([2, 3], i64)], keepdims=1)], to=TensorProto.BOOL)
+    xc = op("Where", [bad, const(0.0, f32), xb])
+    sub_amax = op("ReduceMax", [op("Abs", [xc]), const([3], i64)], keepdims=1)
+    amax = op("ReduceMax", [sub_amax, const([2], i64)], keepdims=1)
+    # floor(log2 amax): Log is good to a few ulp, so its floor is at most one off next to a power of two;
+    # two compares against the exact table fix it.  Log sees amax floored at 2^-126 (subnormal logs are
+    # not trusted); the compares see the true amax, and the shared exponent is clamped to [-127, 127].
+    log2 = op("Mul", [op("Log", [op("Max", [amax, const(2.0**-126, f32)])]), const(1.0 / np.log(2.0), f32)])
+    e0 = op("Cast", [op("Clip", [op("Floor", [log2]), const(-126.0, f32), const(127.0, f32)])], to=TensorProto.INT64)
+    too_big = op("Cast", [op("Greater", [pow2_of(e0), amax])], to=TensorProto.INT64)
+    too_small = op("Cast", [op("LessOrEqual", [pow2_of(op("Add", [e0, one])), amax])], to=TensorProto.INT64)
+    e = op("Add", [op("Sub", [e0, too_big]), too_small])
+    shared = op("Min", [op("Max", [e, const(-127, i64)]), const(127, i64)])
+    # 1-bit micro-exponent: a sub-block whose amax sits below 2^E uses E - 1
+    micro = op("Cast", [op("Less", [sub_amax, pow2_of(shared)])], to=TensorProto.INT64)
+    step = pow2_of(op("Sub", [op("Sub", [shared, micro]), op("Sub", [mbits, one])]))
+    qmax = op("Sub", [pow2_of(mbits), const(1.0, f32)])
+    q = op("Clip", [op("Round", [op("Div", [xc, step])]), op("Neg", [qmax]), qmax])
+    y = op("Where", [block_bad, const(np.nan, f32), op("Mul", [q, step])])
+    y = op("Slice", [op("Reshape", [y, op("Concat", [pre, padded, post], axis=0)]), zero, length, one])
+    nodes.append(h.make_node("Reshape", [y, shape], ["y"]))
+    defaults = [h.make_attribute("axis", -1), h.make_attribute("mantissa_bits", 7), h.make_attribute("block_size", 16)]
+    return h.make_function(
+        SMX_FUNCTION_DOMAIN, SMX_FUNCTION_NAME, ["x"], ["y"], nodes, [h.make_opsetid("", opset)],
+        attribute_protos=defaults,
+        doc_string="Maia shared-microexponent (mx9/mx6) fake quant; bit-exact to maia_onnx.formats.mx.fake_quant_smx",
+    )
 
 
 class _Namer:
@@ -339,6 +439,70 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             graph.insert_before(node, n)
         return out
 
+    def _smx_activations(self, model: ir.Model, targets: list[WeightTarget], namer: _Namer) -> None:
+        """Put ``maia.MxFakeQuant`` on every quantised node's data input, blocked along its reduction axis."""
+        graph = model.graph
+        if model.opset_imports.get("", 0) < SMX_MIN_OPSET:
+            require_opset(model, SMX_MIN_OPSET)
+        key = (SMX_FUNCTION_DOMAIN, SMX_FUNCTION_NAME, "")
+        if key not in model.functions:
+            model.functions[key] = ir.serde.deserialize_function(smx_fake_quant_function(model.opset_imports[""]))
+        model.opset_imports.setdefault(SMX_FUNCTION_DOMAIN, 1)
+        attrs = {"mantissa_bits": SMX_MANTISSA_BITS[self.fmt], "block_size": self.block_size}
+        cache: dict[tuple, ir.Value] = {}
+        for t in targets:
+            node = t.node
+            x = node.inputs[0]
+            if x is None or x.is_initializer() or x.const_value is not None or x.dtype not in (None, ir.DataType.FLOAT):
+                continue
+            groups, per_group = 1, 0
+            if node.op_type == "MatMul":
+                axis = -1
+            elif node.op_type == "Gemm":
+                axis = 0 if node.attributes.get_int("transA", 0) else -1
+            else:  # Conv: channels; a grouped conv's blocks stay inside their group
+                axis = 1
+                groups = node.attributes.get_int("group", 1)
+                per_group = t.weight.shape[1] if t.weight.shape is not None else 0
+                if groups == 1 or not isinstance(per_group, int) or per_group % self.block_size == 0:
+                    groups = 1
+            cache_key = (id(x), axis, groups)
+            if cache_key not in cache:
+                first_use = min((u.node for u in x.uses()), key=lambda n: graph.index(n) if n.graph is graph else 0)
+                base = x.name or "act"
+                nodes: list[ir.Node] = []
+
+                def value(stem, dtype=ir.DataType.FLOAT):
+                    return ir.Value(name=namer(f"{base}_{stem}"), type=ir.TensorType(dtype))
+
+                src, fq_axis = x, axis
+                if groups > 1:  # [N, C, ...] -> [N, groups, C/groups, rest]: block axis 2
+                    grouped_shape = ir.Value(name=namer(f"{base}_groups_shape"), const_value=ir.tensor(np.array([0, groups, per_group, -1], np.int64)))
+                    grouped_shape.const_value.name = grouped_shape.name
+                    grouped_shape.shape, grouped_shape.type = ir.Shape([4]), ir.TensorType(ir.DataType.INT64)
+                    graph.register_initializer(grouped_shape)
+                    src, fq_axis = value("grouped"), 2
+                    nodes.append(ir.node("Reshape", [x, grouped_shape], outputs=[src], name=namer(f"{base}_group_Reshape")))
+                out = value(self.fmt)
+                nodes.append(
+                    ir.node(SMX_FUNCTION_NAME, [src], {"axis": fq_axis, **attrs}, domain=SMX_FUNCTION_DOMAIN,
+                            outputs=[out], name=namer(f"{base}_{SMX_FUNCTION_NAME}"))
+                )
+                if groups > 1:
+                    shape = value("shape", ir.DataType.INT64)
+                    restored = value(f"{self.fmt}_ungrouped")
+                    nodes.append(ir.node("Shape", [x], outputs=[shape], name=namer(f"{base}_Shape")))
+                    nodes.append(ir.node("Reshape", [out, shape], outputs=[restored], name=namer(f"{base}_ungroup_Reshape")))
+                    out = restored
+                out.shape = x.shape
+                for n in nodes:
+                    graph.insert_before(first_use, n)
+                cache[cache_key] = out
+            node.replace_input_with(0, cache[cache_key])
+            for row in self.layers:
+                if row["node"] == node.name:
+                    row["activations"] = True
+
     # ------------------------------------------------------------------ driver
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         graph = model.graph
@@ -371,7 +535,9 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             w = t.weight
             if w.name in graph.initializers and not w.uses() and not w.is_graph_output():
                 graph.initializers.pop(w.name)
-        if self.activations:
+        if self.activations and self.smx:
+            self._smx_activations(model, targets, namer)
+        elif self.activations:
             consts: dict = {}
             cache: dict[int, ir.Value] = {}
             for t in targets:

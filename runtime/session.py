@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError
-from maia_onnx.runtime.compile import _silence_utf8_warnings
+from maia_onnx.runtime.compile import _partition_io, _silence_utf8_warnings
 from maia_onnx.ortutil import ort_run
 
 _silence_utf8_warnings()  # embedded programs are binary STRING attributes, as in ORT's own EPContext models
@@ -295,16 +295,10 @@ class InferenceSession:
                 groups[-1][1].append(node)
             else:
                 groups.append(("cpu", [node]))
-        # values needed after each group: consumed by a later group or a graph output
-        position = {}
-        for g, (_, members) in enumerate(groups):
-            for node in members:
-                position[id(node)] = g
         stages = []
         self._release_after: list[list[str]] = []
         last_use: dict[str, int] = {}
         for g, (kind, members) in enumerate(groups):
-            member_ids = {id(n) for n in members}
             if kind == "maia":
                 node = members[0]
                 stage = EmulatedPartition(source.program(node), self._factory())
@@ -313,20 +307,8 @@ class InferenceSession:
                 stage.output_names = [v.name for v in node.outputs]
                 stage.input_names = [v.name for v in node.inputs]
             else:
-                inputs, outputs, seen = [], [], set()
-                for node in members:
-                    for v in node.inputs:
-                        if v is None or id(v) in seen:
-                            continue
-                        seen.add(id(v))
-                        producer = v.producer()
-                        if (producer is None or id(producer) not in member_ids) and (
-                                v.const_value is None or v in graph.inputs):
-                            inputs.append(v)
-                for node in members:
-                    for v in node.outputs:
-                        if v.is_graph_output() or any(position.get(id(c)) != g for c, _ in v.uses()):
-                            outputs.append(v)
+                # fed: graph inputs and values of other groups; returned: values used after the group or graph outputs
+                inputs, outputs, _weights = _partition_io(graph, members)
                 stage = _CpuStage(model, members, inputs, outputs, self._factory, g)
             for name in stage.input_names:
                 last_use[name] = g

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-LARGE = ROOT / ".cache" / "llama-large" / "model.onnx"
+from _benchutil import LARGE_MODEL as LARGE
+from _benchutil import ROOT
 
 
 def allreduce_sweep_worker() -> None:

@@ -11,27 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _benchutil import LARGE_MODEL as LARGE
+from _benchutil import best_of, current_rss_bytes, max_rss_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-LARGE = ROOT / ".cache" / "llama-large" / "model.onnx"
 FORMATS = ["mxfp8-e4m3", "mxfp8-e5m2", "mxint8", "mxfp4", "mx9", "mx6"]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def accuracy(tmp: Path) -> list[dict]:
@@ -73,13 +62,8 @@ def speed() -> list[dict]:
 
     w = np.random.default_rng(0).standard_normal((2048, 5632)).astype(np.float32)
 
-    def timed(fn, repeat=3):
-        best = float("inf")
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
+    def timed(fn):
+        return best_of(fn, repeat=3)
 
     def fp8_ref():
         scale = fp8_amax_scale(np.abs(w).max(axis=0))
@@ -115,7 +99,7 @@ def large(tmp: Path) -> list[dict]:
         ("mx9 fake-quant weights (FP32 out, lazy)", lambda: QuantizeMxPass("mx9")),
     ]:
         out = tmp / "large-out.onnx"
-        rss_before = _current_rss_mb()
+        rss_before = current_rss_bytes() / 2**20
         t0 = time.perf_counter()
         model = load_model(LARGE)
         p = make()
@@ -125,7 +109,7 @@ def large(tmp: Path) -> list[dict]:
         total = time.perf_counter() - t0
         size = out.stat().st_size + (out.with_name(out.name + ".data").stat().st_size if out.with_name(out.name + ".data").exists() else 0)
         rows.append({"run": label, "pass_seconds": round(t_pass, 1), "total_seconds": round(total, 1), "output_bytes": size,
-                     "rss_mb_before": round(rss_before), "peak_rss_mb_so_far": round(peak_rss_mb())})
+                     "rss_mb_before": round(rss_before), "peak_rss_mb_so_far": round(max_rss_bytes() / 2**20)})
         print(rows[-1], file=sys.stderr)
         del model, p
         gc.collect()
@@ -207,7 +191,7 @@ def main() -> None:
             if not LARGE.exists():
                 sys.exit(f"{LARGE} missing: run scripts/make_large_models.py first")
             results["large"] = large(tmp)
-    results["peak_rss_mb"] = round(peak_rss_mb())
+    results["peak_rss_mb"] = round(max_rss_bytes() / 2**20)
     text = json.dumps(results, indent=1)
     if args.json:
         Path(args.json).write_text(text + "\n")

@@ -13,87 +13,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
-import psutil
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ROOT / ".cache" / "llama-large" / "model.onnx"
-
-
-class PeakRss:
-    """Samples this process's RSS in a thread; ``peak`` is the maximum seen while active."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-def settle() -> None:
-    """Wait (untimed) until no write-back from an earlier step is in flight (sync; Linux/Unix only)."""
-    if hasattr(os, "sync"):
-        os.sync()
-
-
-def copy_model(model: Path, dest_dir: Path) -> float:
-    start = time.perf_counter()
-    for f in (model, model.parent / f"{model.name}.data"):
-        if f.exists():
-            shutil.copyfile(f, dest_dir / f.name)
-    return time.perf_counter() - start
+from _benchutil import PeakRss, add_large_model_args, copy_model, current_rss_bytes, model_missing, scratch_dir, settle
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    add_large_model_args(ap, keep_help="keep the partition directory")
     ap.add_argument("--tp", type=int, default=4)
-    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir beside the model)")
-    ap.add_argument("--keep", action="store_true", help="keep the partition directory")
     args = ap.parse_args(argv)
-    if not args.model.exists():
-        print(f"{args.model} not found: run scripts/make_large_models.py first", file=sys.stderr)
+    if model_missing(args.model):
         return 2
     from maia_onnx.io import initializer_bytes, load_model
     from maia_onnx.partition import partition_file
 
     weight_bytes = initializer_bytes(load_model(args.model))
-    work = Path(tempfile.mkdtemp(prefix="bench_partition.", dir=args.workdir or args.model.parent.parent))
-    try:
+    with scratch_dir("bench_partition.", args.model, args.workdir, args.keep) as work:
         copy_dir = work / "copy"
         copy_dir.mkdir()
         copy1 = copy_model(args.model, copy_dir)
         shutil.rmtree(copy_dir)
         copy_dir.mkdir()
         settle()  # the deleted copy's write-back, if any, must not land inside the partition's timing
-        base_rss = psutil.Process().memory_info().rss
+        base_rss = current_rss_bytes()
         with PeakRss() as rss:
-            start = time.perf_counter()
             manifest = partition_file(args.model, work / f"tp{args.tp}", tp=args.tp)
-            seconds = time.perf_counter() - start
+        seconds = rss.seconds
         copy2 = copy_model(args.model, copy_dir)
         copy = min(copy1, copy2)
         shard_bytes = [r["weight_bytes"] for r in manifest.ranks]
@@ -113,11 +60,6 @@ def main(argv=None) -> int:
             "targets": {"time_ratio_max": 2.0, "peak_rss_ratio_max": 0.25},
         }
         print(json.dumps(result, indent=2))
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}", file=sys.stderr)
     return 0
 
 

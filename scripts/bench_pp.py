@@ -17,61 +17,15 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
-import psutil
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = ROOT / ".cache" / "llama-large" / "model.onnx"
-
-
-class PeakRss:
-    """Samples this process's RSS in a thread; ``peak`` is the maximum seen while active."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self.start = time.perf_counter()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-
-def copy_model(model: Path, dest_dir: Path) -> float:
-    start = time.perf_counter()
-    for f in (model, model.parent / f"{model.name}.data"):
-        if f.exists():
-            shutil.copyfile(f, dest_dir / f.name)
-    return time.perf_counter() - start
+from _benchutil import PeakRss, add_large_model_args, copy_model, current_rss_bytes, model_missing, scratch_dir
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir beside the model)")
-    ap.add_argument("--keep", action="store_true", help="keep the partition directories")
+    add_large_model_args(ap, keep_help="keep the partition directories")
     args = ap.parse_args(argv)
-    if not args.model.exists():
-        print(f"{args.model} not found: run scripts/make_large_models.py first", file=sys.stderr)
+    if model_missing(args.model):
         return 2
     from maia_onnx.checkpoint import load_checkpoint, save_checkpoint
     from maia_onnx.io import initializer_bytes, load_model
@@ -79,14 +33,13 @@ def main(argv=None) -> int:
     from maia_onnx.passes.reshard import reshard
 
     weight_bytes = initializer_bytes(load_model(args.model))
-    work = Path(tempfile.mkdtemp(prefix="bench_pp.", dir=args.workdir or args.model.parent.parent))
     result: dict = {"model": str(args.model), "weight_bytes": weight_bytes}
-    try:
+    with scratch_dir("bench_pp.", args.model, args.workdir, args.keep) as work:
         copy_dir = work / "copy"
         copy_dir.mkdir()
         copy1 = copy_model(args.model, copy_dir)
         shutil.rmtree(copy_dir)
-        result["rss_before_bytes"] = psutil.Process().memory_info().rss
+        result["rss_before_bytes"] = current_rss_bytes()
 
         with PeakRss() as pp_rss:
             _, plan = partition_model(load_model(args.model), work / "pp2", pp=2, balance="flops")
@@ -126,11 +79,6 @@ def main(argv=None) -> int:
             }
         )
         print(json.dumps(result, indent=2))
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"kept {work}", file=sys.stderr)
     return 0
 
 

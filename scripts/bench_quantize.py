@@ -23,16 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def best_of(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from _benchutil import ROOT as REPO
+from _benchutil import best_of
 
 
 def bench_conversion(rows: int = 8192, cols: int = 4096) -> dict:

@@ -4,13 +4,9 @@
 # -> compile for Maia (EPContext) -> run in the Maia shim session -> analyze TP/PP what-if.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-# shellcheck disable=SC1091
-. .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[export,plot]"
+# shellcheck source=scripts/_venv.sh
+. scripts/_venv.sh
+setup_venv "export,plot"
 
 OUT="${DEMO_OUT:-demo_out}"
 MODEL="${DEMO_MODEL:-llama-tiny}"

@@ -4,27 +4,20 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DIR = ROOT / ".cache" / "llama-large"
-
-
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024)  # ru_maxrss is KiB on Linux
+from _benchutil import LARGE_DIR as DEFAULT_DIR
+from _benchutil import current_rss_bytes, max_rss_bytes
 
 
 _T0 = time.perf_counter()
 
 
 def _progress(msg: str) -> None:
-    import psutil
-
-    rss = psutil.Process().memory_info().rss / 2**30
-    print(f"[export {time.perf_counter() - _T0:6.1f}s] {msg} (rss {rss:.1f} GiB, peak {_peak_rss_gib():.1f} GiB)",
+    rss = current_rss_bytes() / 2**30
+    print(f"[export {time.perf_counter() - _T0:6.1f}s] {msg} (rss {rss:.1f} GiB, peak {max_rss_bytes() / 2**30:.1f} GiB)",
           file=sys.stderr, flush=True)
 
 
@@ -47,7 +40,7 @@ def make_llama_large(out_dir: Path = DEFAULT_DIR, force: bool = False, check: bo
     seconds = time.perf_counter() - start
     data_bytes = (out_dir / "model.onnx.data").stat().st_size
     print(
-        f"wrote {model_path}: {data_bytes / 1e9:.2f} GB external data, {seconds:.0f} s, peak RSS {_peak_rss_gib():.1f} GiB, "
+        f"wrote {model_path}: {data_bytes / 1e9:.2f} GB external data, {seconds:.0f} s, peak RSS {max_rss_bytes() / 2**30:.1f} GiB, "
         f"parity max rel {result.max_rel:.2e}",
         file=sys.stderr,
     )

@@ -147,3 +147,41 @@ def test_import_quantize_emit_round_trip(llama_tiny_onnx, tmp_path):
     smap2, unmatched2 = map_scales(load_model(llama_tiny_onnx), back)
     assert unmatched2 == []
     assert set(smap2.weight_scales) == {t.weight.name for t in weight_targets(load_model(llama_tiny_onnx).graph)}
+
+
+
+CLAMPED_LAYER = """
+<ir_version: 10, opset_import: ["" : 21]>
+agraph (float[2, 4] x) => (float[2, 3] y) <
+    float8e4m3fn[4, 3] W1 = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12},
+    float[3] ws = {0.5, 0.25, 0.125},
+    float xs = {0.03},
+    float8e4m3fn zp = {0},
+    float lo = {0.0},
+    float hi = {6.0}
+> {
+    xq = QuantizeLinear <saturate = 1> (x, xs, zp)
+    xd = DequantizeLinear (xq, xs, zp)
+    w = DequantizeLinear <axis = 1> (W1, ws)
+    CLAMPS
+    y = MatMul (LAYER_INPUT, w)
+}
+"""
+
+
+@pytest.mark.parametrize("clamps, layer_input, has_input_scale", [
+    ("", "xd", True),  # the DQ feeds the layer directly
+    ("a = Relu (xd)", "a", True),
+    ("a = Clip (xd, lo, hi)", "a", True),
+    ("r = Relu (xd)\n    a = Relu (r)", "a", False),  # only one clamp is looked through
+    ("a = Sigmoid (xd)", "a", False),  # not a clamp
+])
+def test_emitted_input_scale_looks_through_one_relu_or_clip(clamps, layer_input, has_input_scale):
+    """Q -> DQ -> Relu/Clip -> MatMul (QuantizeFp8Pass's placement after a clamp) still yields <layer>.input_scale."""
+    text = CLAMPED_LAYER.replace("CLAMPS", clamps).replace("LAYER_INPUT", layer_input)
+    emitted = emit_scales(ir.from_onnx_text(text))
+    np.testing.assert_array_equal(emitted["W1.weight_scale"], np.float32([0.5, 0.25, 0.125]))
+    if has_input_scale:
+        assert emitted["W1.input_scale"].shape == () and float(emitted["W1.input_scale"]) == pytest.approx(0.03)
+    else:
+        assert "W1.input_scale" not in emitted
