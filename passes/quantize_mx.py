@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -124,8 +124,7 @@ def require_opset(model: ir.Model, version: int) -> None:
     min_ir = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", model.opset_imports[""])])
     # FLOAT4E2M1 / FLOAT8E8M0 tensors need IR 11
     min_ir = max(min_ir, 11 if version >= STANDARD_OPSET else min_ir)
-    if model.ir_version < min_ir:
-        model.ir_version = min_ir
+    model.ir_version = max(model.ir_version, min_ir)
 
 
 def _matches(patterns: Iterable[str], *names: str) -> bool:
@@ -472,7 +471,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
                 base = x.name or "act"
                 nodes: list[ir.Node] = []
 
-                def value(stem, dtype=ir.DataType.FLOAT):
+                def value(stem, dtype=ir.DataType.FLOAT, base=base):
                     return ir.Value(name=namer(f"{base}_{stem}"), type=ir.TensorType(dtype))
 
                 src, fq_axis = x, axis

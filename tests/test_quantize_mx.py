@@ -6,12 +6,17 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from maia_onnx.passes.quantize_mx import QuantizeMxPass
 
 from maia_onnx.errors import InvalidOptionError
-from maia_onnx.formats.mx import MX_FORMATS, fake_quant_mx, fake_quant_mx6, fake_quant_mx9
+from maia_onnx.formats.mx import (
+    MX_FORMATS,
+    fake_quant_mx,
+    fake_quant_mx6,
+    fake_quant_mx9,
+)
 from maia_onnx.ortutil import compare, run_model
 from maia_onnx.pipeline import validate_model
-from maia_onnx.passes.quantize_mx import QuantizeMxPass
 
 TEXT = """
 <ir_version: 10, opset_import: ["" : 20]>
@@ -192,7 +197,6 @@ def _edge_case_inputs(shape, seed):
 def test_mx_fake_quant_function_bit_exact_in_ort(fmt, fq, shape, axis, optimizations):
     """maia.MxFakeQuant in ORT == fake_quant_mx9/mx6 bit for bit (signed zeros and NaN included)."""
     import onnxruntime as ort
-
     from maia_onnx.passes.quantize_mx import SMX_MANTISSA_BITS
 
     model = _fake_quant_model(len(shape), axis, SMX_MANTISSA_BITS[fmt])
@@ -350,8 +354,9 @@ def test_chunked_and_external_data_paths_are_identical(tmp_path, monkeypatch, fm
     """Large weights are quantised in slices (and, from external data, lazily): same bytes as in one piece."""
     import functools
 
-    from maia_onnx.io import load_model, save_model
     from maia_onnx.passes import quantize_mx
+
+    from maia_onnx.io import load_model, save_model
 
     whole = make_model()
     QuantizeMxPass(fmt)(whole)
@@ -393,12 +398,13 @@ def test_standard_form_llama_in_reference_evaluator_matches_ort_form(llama_tiny_
 
 def test_mx9_llama_compiles_runs_in_shim_and_partitions(llama_tiny_onnx, tmp_path):
     """maia.MxFakeQuant survives the Maia compile + shim session (bit-exact) and the TP partitioner."""
-    from maia_onnx.io import load_model, save_model
-    from maia_onnx.ortutil import make_inputs
-    from maia_onnx.partition import partition_file
     from maia_onnx.runtime import InferenceSession
     from maia_onnx.runtime.compile import compile_model
     from maia_onnx.runtime.executor import run_partition
+
+    from maia_onnx.io import load_model, save_model
+    from maia_onnx.ortutil import make_inputs
+    from maia_onnx.partition import partition_file
 
     model = load_model(llama_tiny_onnx)
     QuantizeMxPass("mx9")(model)
@@ -425,7 +431,6 @@ def test_mx_fake_quant_function_matches_reference_on_any_float32(fmt, fq):
     from hypothesis import given, settings
     from hypothesis import strategies as st
     from hypothesis.extra import numpy as hnp
-
     from maia_onnx.passes.quantize_mx import SMX_MANTISSA_BITS
 
     sess = ort.InferenceSession(
