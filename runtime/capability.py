@@ -114,6 +114,8 @@ def _rules() -> list[OpRule]:
     ).split()
     rules += [OpRule(op, DATA, FLOAT | INDEX | QUANT) for op in data]
     rules += [OpRule(op, QDQ, FLOAT | QUANT) for op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")]
+    # Maia 100's shared-microexponent activation rounding (mx9/mx6), emitted by passes.quantize_mx as a local function
+    rules += [OpRule("MxFakeQuant", QDQ, FLOAT, domain="maia")]
     return rules
 
 

@@ -131,3 +131,21 @@ def test_plain_ort_refuses_compiled_model(tmp_path, llama_tiny_onnx):
     compiled = compile_model(llama_tiny_onnx, tmp_path / "ctx.onnx").path
     with pytest.raises(Exception, match="EPContext|MaiaExecutionProvider|not.*implemented|NOT_IMPLEMENTED"):
         ort.InferenceSession(str(compiled), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("fmt", ["mx9", "mx6"])
+def test_maia100_native_formats_run_whole_on_device(fmt, llama_tiny_onnx, tmp_path):
+    # mx9/mx6 activation rounding (the maia.MxFakeQuant function) is device work: one partition, no CPU fallback
+    import warnings
+
+    from maia_onnx.quantize import quantize_model
+
+    quantized = tmp_path / "q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_model(llama_tiny_onnx, quantized, format=fmt, show_progress=False, evaluate=False)
+    assert any(n.op_type == "MxFakeQuant" for n in ir.load(quantized).graph)
+    compiled = compile_model(quantized, tmp_path / "q_ctx.onnx")
+    summary = compiled.placement.summary()
+    assert summary["nodes_cpu"] == 0 and len(compiled.programs) == 1
+    assert_same_as_plain(quantized, compiled.path)
