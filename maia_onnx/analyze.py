@@ -28,6 +28,7 @@ from maia_onnx.runtime.perfmodel import (
     default_microbatches,
     estimate_rank,
     op_time,
+    p2p_time,
     sweep,
 )
 from maia_onnx.runtime.profiles import DeviceProfile, InterconnectProfile, load_device, load_interconnect
@@ -680,6 +681,36 @@ def _manifest_degree(manifest: dict, key: str, fallback: int) -> int:
     return fallback
 
 
+def stage_sends(manifest: dict, protos: dict[tuple[int, int], onnx.ModelProto], batch: int, seq: int, past: int,
+                dims: dict[str, int] | None = None) -> dict[tuple[int, int], list[tuple[str, int, float]]]:
+    """Pipeline point-to-point sends per (tp_rank, stage): [(tensor, receiving stage, bytes per forward)].
+
+    A boundary tensor is an output of stage s listed among the inputs of a later stage t; tp rank r of
+    stage s sends its own full copy to tp rank r of stage t (manifest ``stages``), once per receiving stage.
+    Shapes and dtypes come from the sending rank file under the bound batch/seq/past dims.
+    """
+    stages = [st for st in manifest.get("stages") or [] if isinstance(st, dict)]
+    consumers: dict[str, list[int]] = defaultdict(list)
+    for st in stages:
+        for name in st.get("inputs") or []:
+            consumers[name].append(int(st.get("stage", 0)))
+    sends: dict[tuple[int, int], list[tuple[str, int, float]]] = {}
+    for (r, st), proto in sorted(protos.items()):
+        out_names = [o.name for o in proto.graph.output if any(t > st for t in consumers.get(o.name, ()))]
+        if not out_names:
+            continue
+        types = infer_types(proto, bind_dims(proto, batch, seq, past, dims))
+        rows = []
+        for name in out_names:
+            if name not in types:
+                raise UnsupportedModelError(f"cannot infer the shape of boundary tensor {name!r} of stage {st}: "
+                                            "pass its symbolic dims with --dim NAME=VALUE")
+            for t in sorted({t for t in consumers[name] if t > st}):
+                rows.append((name, t, _nbytes(*types[name])))
+        sends[(r, st)] = rows
+    return sends
+
+
 def analyze_partition(
     directory: str | Path,
     device: str | DeviceProfile = "maia100",
@@ -711,29 +742,37 @@ def analyze_partition(
         m = microbatches or default_microbatches(b, pp)
         m = max(1, min(m, b))
         works = {key: build_workload(proto, phase, b, s, p, dims, compute_dtype) for key, proto in protos.items()}
+        sends = stage_sends(manifest, protos, b, s, p, dims)
         ranks, configs = [], []
         for link in links:
-            stage_time: dict[int, tuple[float, float]] = {}
+            stage_time: dict[int, tuple[float, float, float, float]] = {}
             for (r, st), work in sorted(works.items()):
                 est = estimate_rank(work.ops, dev, link, r, st)
                 kv = work.kv_io_bytes
                 memory = est.weight_bytes + kv + est.activation_bytes
+                # one send per microbatch per boundary tensor, like the analytic what-if (estimate_config)
+                rank_sends = sends.get((r, st), [])
+                p2p_bytes = sum(size for _, _, size in rank_sends)
+                p2p_s = sum(m * p2p_time(size / m, link.bandwidth, link.alpha) for _, _, size in rank_sends)
+                comm_s = est.comm_s + p2p_s
                 ranks.append({"interconnect": link.name, "rank": r, "stage": st, "compute_s": est.compute_s,
-                              "comm_s": est.comm_s, "collectives": est.collectives,
+                              "comm_s": comm_s, "p2p_s": p2p_s, "p2p_bytes": p2p_bytes,
+                              "p2p_tensors": [name for name, _, _ in rank_sends], "collectives": est.collectives,
                               "collective_bytes": est.collective_bytes, "by_collective": est.by_kind,
                               "weight_bytes": est.weight_bytes, "kv_bytes": kv,
                               "activation_bytes": est.activation_bytes, "memory_bytes": memory,
                               "fits": memory <= limit})
-                prev = stage_time.get(st, (0.0, 0.0))
-                if est.compute_s + est.comm_s > sum(prev):
-                    stage_time[st] = (est.compute_s, est.comm_s)
-            # the whole batch through the slowest stage; GPipe bubble on top
-            compute, comm = max(stage_time.values(), key=sum)
+                prev = stage_time.get(st, (0.0, 0.0, 0.0, 0.0))
+                if est.compute_s + comm_s > prev[0] + prev[1]:
+                    stage_time[st] = (est.compute_s, comm_s, p2p_s, p2p_bytes)
+            # the whole batch through the slowest stage (its sends included); GPipe bubble on top
+            compute, comm, p2p_s, p2p_bytes = max(stage_time.values(), key=lambda v: v[0] + v[1])
             busy = compute + comm
             bubble = busy * (pp - 1) / m if pp > 1 else 0.0
             link_ranks = [x for x in ranks if x["interconnect"] == link.name]
             configs.append({"phase": phase, "interconnect": link.name, "tp": tp, "pp": pp, "microbatches": m,
-                            "compute_s": compute, "comm_s": comm, "bubble_s": bubble, "total_s": busy + bubble,
+                            "compute_s": compute, "comm_s": comm, "p2p_s": p2p_s, "p2p_bytes": p2p_bytes,
+                            "bubble_s": bubble, "total_s": busy + bubble,
                             "bubble_fraction": bubble_fraction(pp, m),
                             "collectives": max(x["collectives"] for x in link_ranks),
                             "collective_bytes": max(x["collective_bytes"] for x in link_ranks),
@@ -797,14 +836,15 @@ def render_text(report: dict, top: int = 15) -> str:
         lines.append(format_table(types, ["op_type", "count", "GFLOP", "MB", "time_us"], title="by op type"))
         cfgs = [{**c, "compute_ms": _ms(c["compute_s"]), "comm_ms": _ms(c["comm_s"]), "bubble_ms": _ms(c["bubble_s"]),
                  "total_ms": _ms(c["total_s"]), "coll_MB": c["collective_bytes"] / 1e6,
+                 "p2p_ms": _ms(c.get("p2p_s", 0.0)), "p2p_MB": c.get("p2p_bytes", 0.0) / 1e6,
                  "mem_GB": c["memory_bytes"] / 1e9, "fits": "yes" if c["fits"] else "NO",
                  "m": c["microbatches"]} for c in s["configs"]]
-        lines.append(format_table(cfgs, ["interconnect", "tp", "pp", "m", "compute_ms", "comm_ms", "bubble_ms",
-                                         "total_ms", "collectives", "coll_MB", "mem_GB", "fits", "note"],
-                                  title="configurations (time per forward, per rank)"))
+        lines.append(format_table(cfgs, ["interconnect", "tp", "pp", "m", "compute_ms", "comm_ms", "p2p_ms", "p2p_MB",
+                                         "bubble_ms", "total_ms", "collectives", "coll_MB", "mem_GB", "fits", "note"],
+                                  title="configurations (time per forward, per rank; comm_ms includes the p2p_ms pipeline sends)"))
         if s.get("ranks"):
-            lines.append(format_table(s["ranks"], ["interconnect", "rank", "stage", "compute_s", "comm_s", "collectives",
-                                                   "collective_bytes", "memory_bytes", "fits"], title="ranks"))
+            lines.append(format_table(s["ranks"], ["interconnect", "rank", "stage", "compute_s", "comm_s", "p2p_s", "p2p_bytes",
+                                                   "collectives", "collective_bytes", "memory_bytes", "fits"], title="ranks"))
         best = s.get("best")
         if best:
             lines.append(f"best: tp={best['tp']} pp={best['pp']} over {best['interconnect']}: {_ms(best['total_s']):.4g} ms "

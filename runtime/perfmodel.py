@@ -188,6 +188,9 @@ class ConfigEstimate:
     fits: bool
     valid: bool = True
     note: str = ""
+    # pipeline point-to-point sends of the slowest stage (already inside comm_s / collective_bytes)
+    p2p_s: float = 0.0
+    p2p_bytes: float = 0.0
 
     @property
     def devices(self) -> int:
@@ -240,6 +243,7 @@ def estimate_config(
         count = m * ar_per_mb
         moved = m * ar_per_mb * hidden_msg
         comm = m * ar_per_mb * ar_time
+        p2p_s = p2p_bytes = 0.0
         if tp > 1 and not transformer:  # generic column/row pairs found by the analyser
             for op in work.ops[a:b]:
                 if op.tp_allreduce_bytes:
@@ -252,12 +256,14 @@ def estimate_config(
             moved += m * logits_msg
         if pp > 1 and index < len(stages) - 1:
             out_bytes = send_bytes or (work.ops[b - 1].act_bytes * frac / 2 if b > a else 0.0)
-            comm += m * p2p_time(out_bytes, link.bandwidth, link.alpha)
+            p2p_s = m * p2p_time(out_bytes, link.bandwidth, link.alpha)
+            p2p_bytes = m * out_bytes
+            comm += p2p_s
             count += m
-            moved += m * out_bytes
+            moved += p2p_bytes
         if best is None or compute + comm > best[0] + best[1]:
-            best = (compute, comm, count, moved)
-    compute, comm, count, moved = best
+            best = (compute, comm, count, moved, p2p_s, p2p_bytes)
+    compute, comm, count, moved, p2p_s, p2p_bytes = best
     busy = compute + comm
     bubble = busy * (pp - 1) / m if pp > 1 else 0.0  # = bubble_fraction(pp, m) of the total
 
@@ -282,6 +288,7 @@ def estimate_config(
         compute_s=compute, comm_s=comm, bubble_s=bubble, total_s=busy + bubble,
         collectives=int(round(count)), collective_bytes=moved, weight_bytes=weights, kv_bytes=kv,
         activation_bytes=act, memory_bytes=memory, fits=memory <= limit, valid=valid, note=note,
+        p2p_s=p2p_s, p2p_bytes=p2p_bytes,
     )
 
 

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from maia_onnx.analyze import analyze, analyze_model, bind_dims, build_workload, infer_types, load_proto, node_flops
 from maia_onnx.cli import main
 from maia_onnx.errors import UserError
-from maia_onnx.runtime.perfmodel import allreduce_time
+from maia_onnx.runtime.perfmodel import allreduce_time, p2p_time
 from maia_onnx.runtime.profiles import load_device, load_interconnect
 
 
@@ -298,3 +298,59 @@ def test_flops_agree_with_inspect_node_flops(llama_tiny_onnx):
     theirs = sum(inspect_mod.node_flops(n) for n in model.graph if n.op_type == "MatMul")
     work = build_workload(load_proto(llama_tiny_onnx), "decode", dims["batch"], dims["seq"], dims["past"])
     assert sum(op.flops for op in work.ops if op.op_type == "MatMul") == theirs > 0
+
+
+def _stage_model(name_in: str, name_out: str, hidden: int = 64) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info(name_in, TensorProto.FLOAT, ["batch", "seq", hidden])
+    y = helper.make_tensor_value_info(name_out, TensorProto.FLOAT, ["batch", "seq", hidden])
+    w = numpy_helper.from_array(np.eye(hidden, dtype=np.float32), name=f"w_{name_out}")
+    node = helper.make_node("MatMul", [name_in, w.name], [name_out])
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_partition_prices_pipeline_send_per_stage_boundary(tmp_path):
+    part = tmp_path / "pp2"
+    part.mkdir()
+    save(_stage_model("h0", "hidden"), part / "rank0_stage0.onnx")
+    save(_stage_model("hidden", "out"), part / "rank0_stage1.onnx")
+    manifest = {"format": "maia-onnx-partition", "mesh": {"tp": 1, "pp": 2, "world_size": 2},
+                "stages": [{"stage": 0, "inputs": ["h0"], "outputs": ["hidden"]},
+                           {"stage": 1, "inputs": ["hidden"], "outputs": ["out"]}]}
+    (part / "manifest.json").write_text(json.dumps(manifest))
+    link = load_interconnect("nvlink4")
+    for batch, m in ((1, 1), (4, 4)):
+        phase = analyze(part, device="maia100", interconnects=["nvlink4"], batch=batch, seq=16, microbatches=m)["phases"]["forward"]
+        size = batch * 16 * 64 * 4  # [batch, seq, hidden] FP32
+        expected = m * (link.alpha + size / m / link.bandwidth)
+        ranks = {r["stage"]: r for r in phase["ranks"]}
+        assert ranks[0]["p2p_bytes"] == size and ranks[0]["p2p_tensors"] == ["hidden"]
+        assert ranks[0]["p2p_s"] == pytest.approx(expected)
+        assert ranks[1]["p2p_bytes"] == 0 and ranks[1]["p2p_s"] == 0
+        assert ranks[0]["comm_s"] == pytest.approx(expected)  # no collectives: comm is the send alone
+        cfg = phase["configs"][0]
+        slowest = max(phase["ranks"], key=lambda r: r["compute_s"] + r["comm_s"])
+        assert cfg["p2p_s"] == pytest.approx(slowest["p2p_s"])
+        busy = slowest["compute_s"] + slowest["comm_s"]
+        assert cfg["total_s"] == pytest.approx(busy + cfg["bubble_s"])
+        assert cfg["bubble_s"] == pytest.approx(busy * (2 - 1) / m)
+
+
+def test_real_pp2_llama_partition_sends_the_hidden_state(tmp_path, llama_tiny_onnx):
+    from maia_onnx.partition import partition_file
+
+    out = tmp_path / "llama-pp2"
+    partition_file(llama_tiny_onnx, out, pp=2)
+    report = analyze(out, device="maia100", interconnects=["nvlink4"], batch=2, seq=8, microbatches=1)
+    link = load_interconnect("nvlink4")
+    for phase_name, seq in (("prefill", 8), ("decode", 1)):
+        phase = report["phases"][phase_name]
+        ranks = {r["stage"]: r for r in phase["ranks"]}
+        size = 2 * seq * 64 * 4  # hidden state [batch, seq, hidden=64] FP32
+        assert ranks[0]["p2p_bytes"] == size and len(ranks[0]["p2p_tensors"]) == 1
+        assert ranks[0]["p2p_s"] == pytest.approx(p2p_time(size, link.bandwidth, link.alpha))
+        assert ranks[1]["p2p_bytes"] == 0
+        cfg = phase["configs"][0]
+        assert cfg["p2p_bytes"] in (0, size)
+        assert cfg["total_s"] >= cfg["compute_s"] + cfg["p2p_s"]
+    from maia_onnx.analyze import render_text
+    assert "p2p_ms" in render_text(report)

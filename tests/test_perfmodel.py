@@ -14,6 +14,7 @@ from maia_onnx.runtime.perfmodel import (
     estimate_config,
     kv_cache_bytes,
     op_time,
+    p2p_time,
     roofline_time,
     split_stages,
     sweep,
@@ -123,3 +124,22 @@ def test_best_config_respects_memory_limit():
     assert not [e for e in small if e.tp == 1 and e.pp == 1][0].fits
     assert best_config(small).memory_bytes <= 0.5e9
     assert best_config(sweep(work, dev, [link], (1,), (1,), memory_limit=1e6)) is None
+
+
+def test_p2p_time_is_alpha_plus_size_over_bandwidth():
+    # 1 MB over 100 GB/s with 3 us latency: 3 us + 10 us
+    assert p2p_time(1e6, 100e9, alpha=3e-6) == pytest.approx(13e-6)
+    assert p2p_time(0, 100e9, alpha=3e-6) == 0.0
+
+
+def test_estimate_config_reports_pipeline_sends_inside_comm():
+    dev = toy_device()
+    link = InterconnectProfile(name="l", description="", bandwidth=100e9, alpha=2e-6)
+    work = transformer_workload()
+    assert estimate_config(work, dev, link, 1, 1).p2p_s == 0.0
+    est = estimate_config(work, dev, link, 1, 2, microbatches=4)
+    # stage 0 (the slowest-or-equal one) sends the [1, 128, 1024] bf16 hidden state once per microbatch
+    msg = 1 * 128 * 1024 * 2
+    assert est.p2p_bytes == pytest.approx(4 * msg)
+    assert est.p2p_s == pytest.approx(4 * (2e-6 + msg / 100e9))
+    assert est.comm_s >= est.p2p_s and est.to_dict()["p2p_bytes"] == est.p2p_bytes
