@@ -351,24 +351,14 @@ def _take(iterable, n: int):
 
 
 def _file_bytes(path: Path) -> int:
+    """Bytes on disk of a model file plus the external data files it references."""
+    from maia_onnx.io import external_data_files
+
     total = path.stat().st_size
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        total += data.stat().st_size
-    else:
-        # external data under other names: sum the files the model references
-        try:
-            model = ir.load(path)
-            seen = set()
-            for v in model.graph.initializers.values():
-                t = v.const_value
-                if isinstance(t, ir.ExternalTensor):
-                    p = Path(t.base_dir) / t.location
-                    if p not in seen and p.exists():
-                        seen.add(p)
-                        total += p.stat().st_size
-        except Exception:  # sizes are informational only
-            pass
+    try:
+        total += sum(p.stat().st_size for p in external_data_files(ir.load(path)) if p.exists())
+    except Exception:  # sizes are informational only
+        pass
     return total
 
 
