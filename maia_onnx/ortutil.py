@@ -140,17 +140,28 @@ def to_ort_feed(array):
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_type)
 
 
+def _narrow_outputs(session) -> dict[str, str]:
+    """Output name -> ml_dtypes name for the session's bfloat16/float8 outputs (computed once per session)."""
+    narrow = getattr(session, "_maia_narrow_outputs", None)
+    if narrow is None:
+        narrow = {o.name: _NAME_FOR_ORT_STRING[o.type] for o in session.get_outputs() if o.type in _NAME_FOR_ORT_STRING}
+        session._maia_narrow_outputs = narrow
+    return narrow
+
+
 def ort_run(session, output_names, feeds: Mapping[str, np.ndarray], run_options=None) -> list[np.ndarray]:
     """``session.run`` that accepts and returns bfloat16/float8 arrays (as ml_dtypes)."""
     output_names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
     results = session.run(output_names, {k: to_ort_feed(v) for k, v in feeds.items()}, run_options)
-    types = {o.name: o.type for o in session.get_outputs()}
+    narrow = _narrow_outputs(session)
+    if not narrow:  # the common case: nothing to reinterpret
+        return results
+    import ml_dtypes
+
     out = []
     for name, value in zip(output_names, results):
-        ml_name = _NAME_FOR_ORT_STRING.get(types.get(name, ""))
+        ml_name = narrow.get(name)
         if ml_name is not None and isinstance(value, np.ndarray) and value.dtype.kind == "u":
-            import ml_dtypes
-
             value = value.view(getattr(ml_dtypes, ml_name))
         out.append(value)
     return out

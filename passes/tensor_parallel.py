@@ -153,7 +153,7 @@ def infer_full_shapes(model: ir.Model, dims: dict[str, int] | None = None) -> di
 
 def _ort_shapes(model: ir.Model, dims: dict[str, int], names: list[str]) -> dict[str, tuple]:
     """Shapes of ``names`` from an ORT run of a copy of the model with those values as extra outputs."""
-    from maia_onnx.ortutil import make_inputs, make_session
+    from maia_onnx.ortutil import make_inputs, make_session, to_ort_feed
 
     probe = model.clone()
     by_name = {o.name: o for n in probe.graph for o in n.outputs}
@@ -161,22 +161,16 @@ def _ort_shapes(model: ir.Model, dims: dict[str, int], names: list[str]) -> dict
     for name in names:
         if name in by_name and name not in existing and name not in probe.graph.initializers:
             probe.graph.outputs.append(by_name[name])
-    import onnxruntime as ort
-
     feeds = make_inputs(probe, seed=0, dims=dims, int_high=2)
     sess = make_session(probe)
     out_names = [o.name for o in sess.get_outputs()]
-    # OrtValues all the way: NumPy has no bfloat16/float8, and only the shapes are wanted
+    # OrtValues all the way (only the shapes are wanted; bfloat16/float8 outputs stay opaque)
+    import onnxruntime as ort
+
     values = {}
-    for value in probe.graph.inputs:
-        if value.name not in feeds:
-            continue
-        arr = feeds[value.name]
-        if value.dtype in (ir.DataType.BFLOAT16, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2):
-            bits = np.ascontiguousarray(arr).view(np.uint16 if value.dtype == ir.DataType.BFLOAT16 else np.uint8)
-            values[value.name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, int(value.dtype))
-        else:
-            values[value.name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr))
+    for name, arr in feeds.items():
+        value = to_ort_feed(arr)
+        values[name] = value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value))
     results = sess.run_with_ort_values(out_names, values)
     return {n: tuple(int(d) for d in r.shape()) for n, r in zip(out_names, results)}
 
