@@ -31,3 +31,11 @@ class ValidationError(MaiaOnnxError):
     """A transform produced an invalid or numerically wrong model (a bug, not the user's fault)."""
 
     exit_code = 3
+
+
+class MissingExtraError(UserError):
+    """An optional dependency is not installed: name the feature and the extra that brings it."""
+
+    def __init__(self, feature: str, extra: str):
+        super().__init__(f"{feature} needs the optional '{extra}' dependencies: pip install 'maia-onnx[{extra}]'")
+        self.extra = extra
