@@ -19,6 +19,7 @@ VERBS = {
     "compile": "compile",
     "run": "run",
     "analyze": "analyze",
+    "eval": "eval",
     "batch": "batch",
 }
 
@@ -31,6 +32,7 @@ _HELP = {
     "compile": "Offline compile for Maia: device subgraphs -> EPContext nodes.",
     "run": "Run a model, compiled model or partition directory and report.",
     "analyze": "Roofline and interconnect what-if for TP/PP configurations.",
+    "eval": "Task metrics of a model vs its reference on real data (perplexity, embeddings, outputs).",
     "batch": "Run a job file of conversions in parallel, resumable, locally or on Ray.",
 }
 
