@@ -55,9 +55,7 @@ class ShardingAnnotationsPass(onnx_ir.passes.InPlacePass):
         from maia_onnx.passes.pipeline_parallel import STAGE_KEY, PipelineParallelPass
 
         layout = dict(self.layout) if self.layout is not None else tp_tensor_layout(model, self.tp, self.tp_fn)
-        pp_pass = PipelineParallelPass(self.pp, self.balance)
-        pp_pass(model)
-        self.plan = pp_pass.plan
+        self.plan = PipelineParallelPass(self.pp, self.balance)(model).plan
         world = self.tp * self.pp
         if any(c.name == self.name for c in model.device_configurations):
             raise InvalidOptionError(f"the model already has a device configuration named {self.name!r}: annotate the unannotated model")

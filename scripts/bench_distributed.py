@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
     from maia_onnx.io import load_model
     from maia_onnx.ortutil import make_inputs
-    from maia_onnx.passes.pipeline_parallel import partition_model
+    from maia_onnx.partition import partition_model
     from maia_onnx.runtime.distributed import launch
 
     results = []

@@ -27,10 +27,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if model_missing(args.model):
         return 2
-    from maia_onnx.checkpoint import load_checkpoint, save_checkpoint
     from maia_onnx.io import initializer_bytes, load_model
-    from maia_onnx.passes.pipeline_parallel import partition_model
-    from maia_onnx.passes.reshard import reshard
+    from maia_onnx.partition import load_checkpoint, partition_model, save_checkpoint
+    from maia_onnx.partition.reshard import reshard
 
     weight_bytes = initializer_bytes(load_model(args.model))
     result: dict = {"model": str(args.model), "weight_bytes": weight_bytes}

@@ -1,4 +1,4 @@
-"""Tests for maia_onnx/checkpoint.py: safetensors shard checkpoints, written and swapped back into partitions."""
+"""Tests for maia_onnx/partition/checkpoint.py: safetensors shard checkpoints, written and swapped back into partitions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from maia_onnx.checkpoint import (
+from maia_onnx.partition.checkpoint import (
     load_checkpoint,
     read_safetensors,
     read_safetensors_header,
@@ -21,7 +21,7 @@ from maia_onnx.checkpoint import (
 from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError
 from maia_onnx.io import load_model, sha256_file
 from maia_onnx.ortutil import run_model
-from maia_onnx.passes.pipeline_parallel import partition_model
+from maia_onnx.partition import partition_model
 from maia_onnx.runtime.executor import run_partition
 from test_pipeline_parallel import feeds_for, toy_decoder  # tests/ is on sys.path (pytest prepend mode)
 

@@ -12,6 +12,7 @@ from maia_onnx.cli import main
 from maia_onnx.io import load_model
 from maia_onnx.partition import (
     PartitionError,
+    PartitionWriter,
     check_source,
     new_manifest,
     read_manifest,
@@ -60,12 +61,10 @@ def test_streaming_writer_puts_large_weights_outside_small_inside(tmp_path):
 
 
 @pytest.mark.parametrize("source_kind", ["external", "in_memory"])
-def test_lockstep_writer_cuts_slices_like_numpy(tmp_path, monkeypatch, source_kind):
+def test_lockstep_writer_cuts_slices_like_numpy(tmp_path, source_kind):
     """Column, row and fused (Q|K|V-style) slices, streamed with tiny staging buffers and read blocks so rows
     straddle buffer ends, come out byte-identical to NumPy slicing; each rank keeps its own bytes."""
-    from maia_onnx.passes.tensor_parallel import _lazy_slice, shard_ranges
-
-    from maia_onnx import partition as part
+    from maia_onnx.passes.tensor_parallel import lazy_slice, shard_ranges
 
     rng = np.random.default_rng(0)
     full = rng.standard_normal((37, 24, 3)).astype(np.float32)  # 288-byte rows of the axis-1 split
@@ -75,9 +74,6 @@ def test_lockstep_writer_cuts_slices_like_numpy(tmp_path, monkeypatch, source_ki
                                    name="w", base_dir=tmp_path)
     else:
         source = ir.Tensor(full, name="w")
-    original_pool = part._BufferPool.__init__
-    monkeypatch.setattr(part._BufferPool, "__init__", lambda self, n, chunk=None, file_bytes=None: original_pool(self, n, 8192))
-    monkeypatch.setattr(part, "READ_BLOCK_BYTES", 1000)
     layouts = {"column": (1, 1), "row": (0, 1), "fused": (1, 3)}  # axis, sections
     tp = 2
     models, expected = {}, {}
@@ -85,7 +81,7 @@ def test_lockstep_writer_cuts_slices_like_numpy(tmp_path, monkeypatch, source_ki
         values = []
         for kind, (axis, sections) in layouts.items():
             ranges = shard_ranges(full.shape[axis], tp, t, sections)
-            values.append(ir.Value(name=kind, const_value=_lazy_slice(source, axis, ranges, kind, last=False)))
+            values.append(ir.Value(name=kind, const_value=lazy_slice(source, axis, ranges, kind, last=False)))
             index = [slice(None)] * 3
             pieces = []
             for a, b in ranges:
@@ -94,7 +90,8 @@ def test_lockstep_writer_cuts_slices_like_numpy(tmp_path, monkeypatch, source_ki
             expected[(t, kind)] = np.concatenate(pieces, axis=axis)
         graph = ir.Graph([], values, nodes=[], initializers=values, opset_imports={"": 18})
         models[t] = (ir.Model(graph, ir_version=9), tmp_path / f"rank{t}.onnx")
-    sizes = part.write_models_lockstep(models)
+    with PartitionWriter(chunk=8192, read_block_bytes=1000) as writer:
+        sizes = writer.write_lockstep(models)
     for t in range(tp):
         reloaded = load_model(tmp_path / f"rank{t}.onnx")
         assert sizes[t] == sum(e.nbytes for (r, _), e in expected.items() if r == t)  # weight bytes, no padding
@@ -106,17 +103,17 @@ def test_lockstep_writer_cuts_slices_like_numpy(tmp_path, monkeypatch, source_ki
 
 def test_lazy_slices_evaluated_outside_the_writer_stay_private(tmp_path):
     """A slice held by the caller is not overwritten by reading the next source weight (no shared buffers)."""
-    from maia_onnx.passes.tensor_parallel import _lazy_slice
+    from maia_onnx.passes.tensor_parallel import lazy_slice
 
     a = np.arange(64 * 8, dtype=np.float32).reshape(64, 8)
     b = -a
     (tmp_path / "w.data").write_bytes(a.tobytes() + b.tobytes())
     sources = [ir.ExternalTensor("w.data", i * a.nbytes, a.nbytes, ir.DataType.FLOAT, shape=ir.Shape(a.shape),
                                  name=f"s{i}", base_dir=tmp_path) for i in range(2)]
-    rows_a = _lazy_slice(sources[0], 0, [(0, 32)], "a0", last=False).numpy()  # leading axis: may be a view
-    cols_a = _lazy_slice(sources[0], 1, [(4, 8)], "a1", last=True).numpy()
-    _lazy_slice(sources[1], 0, [(0, 32)], "b0", last=False).numpy()
-    _lazy_slice(sources[1], 1, [(0, 4)], "b1", last=True).numpy()
+    rows_a = lazy_slice(sources[0], 0, [(0, 32)], "a0", last=False).numpy()  # leading axis: may be a view
+    cols_a = lazy_slice(sources[0], 1, [(4, 8)], "a1", last=True).numpy()
+    lazy_slice(sources[1], 0, [(0, 32)], "b0", last=False).numpy()
+    lazy_slice(sources[1], 1, [(0, 4)], "b1", last=True).numpy()
     np.testing.assert_array_equal(rows_a, a[:32])
     np.testing.assert_array_equal(cols_a, a[:, 4:8])
 

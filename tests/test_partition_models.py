@@ -16,7 +16,7 @@ import pytest
 
 from maia_onnx.io import load_model
 from maia_onnx.ortutil import compare, make_inputs, run_model
-from maia_onnx.passes.pipeline_parallel import partition_model
+from maia_onnx.partition import partition_model
 from maia_onnx.runtime.executor import PartitionExecutor
 
 LAYOUTS = [(2, 1), (4, 1), (1, 2), (1, 3), (2, 2)]

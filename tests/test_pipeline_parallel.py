@@ -1,4 +1,5 @@
-"""Tests for passes/pipeline_parallel.py: balanced cuts, explicit boundaries, KV cache placement, partition dirs."""
+"""Tests for passes/pipeline_plan.py and passes/pipeline_parallel.py: balanced cuts, explicit boundaries, KV cache
+placement; stages are run as partition directories by the one executor (runtime/executor.py)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from maia_onnx.errors import InvalidOptionError
+from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.ortutil import run_model
-from maia_onnx.passes.pipeline_parallel import (
-    STAGE_KEY,
-    PipelineParallelPass,
-    crossing_bytes,
-    extract_stages,
-    microbatch_run,
-    partition_model,
-    plan_pipeline,
-    run_stages,
-    split_pipeline,
-)
+from maia_onnx.partition import partition_model, read_manifest
+from maia_onnx.passes.pipeline_parallel import STAGE_KEY, PipelineParallelPass, PipelineResult, extract_stages, split_pipeline
+from maia_onnx.passes.pipeline_plan import _min_max_partition, crossing_bytes, plan_pipeline
+from maia_onnx.runtime.executor import run_partition
 
 HIDDEN = 8
 
@@ -71,14 +65,21 @@ def layer_of(name: str) -> int | None:
     return int(digits) if digits else None
 
 
+def run_pipeline(tmp_path, model: ir.Model, stages: int, feeds, balance: str = "flops", microbatches: int = 1):
+    """Write ``model`` cut into ``stages`` as a partition directory and run it in the executor."""
+    out = tmp_path / f"pp{stages}_{balance}_{len(list(tmp_path.iterdir()))}"
+    partition_model(model, out, pp=stages, balance=balance)
+    return run_partition(out, feeds, microbatches=microbatches)
+
+
 @pytest.mark.parametrize("stages", [2, 3, 4])
-def test_stages_equal_unsplit_model_and_cut_between_layers(stages):
+def test_stages_equal_unsplit_model_and_cut_between_layers(tmp_path, stages):
     proto = toy_decoder(6 if stages == 3 else 4)
     feeds = feeds_for(6 if stages == 3 else 4)
     reference = run_model(ir.from_proto(proto), feeds)
     plan, parts = split_pipeline(ir.from_proto(proto), stages, "flops")
     assert len(parts) == stages
-    got = run_stages(parts, feeds)
+    got = run_pipeline(tmp_path, ir.from_proto(proto), stages, feeds)
     for name, value in reference.items():
         np.testing.assert_array_equal(got[name], value)  # same ops, same order: bit-exact
     # The only tensor crossing each cut is a layer's residual output y{i}: cuts sit between layers.
@@ -128,8 +129,6 @@ def test_balance_minimises_the_largest_stage():
 
 
 def test_even_spread_when_min_max_ties():
-    from maia_onnx.passes.pipeline_parallel import _min_max_partition
-
     # 4 unit loads and a free tail on 3 stages: [1][2][1] beats [2][2][tail] at the same max load of 2.
     loads = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
     max_load, cuts = _min_max_partition(loads, [0, 1, 2, 3], 3)
@@ -155,28 +154,32 @@ def test_crossing_bytes_minimal_between_layers():
     assert crossing[5] == 16 * 16 * HIDDEN * 4  # symbolic B, S at 16, float32
 
 
-def test_pass_annotates_nodes_and_extract_uses_annotations():
+def test_pass_annotates_nodes_and_extract_uses_annotations(tmp_path):
     model = ir.from_proto(toy_decoder(2))
-    p = PipelineParallelPass(2, "params")
-    result = p(model)
-    assert result.modified
+    result = PipelineParallelPass(2, "params")(model)
+    assert isinstance(result, PipelineResult) and result.modified and result.model is model
     stages = [int(n.metadata_props[STAGE_KEY]) for n in model.graph]
     assert stages == sorted(stages) and set(stages) == {0, 1}
+    assert result.plan.node_stage == stages and result.plan.balance == "params"
     parts = extract_stages(model)
-    got = run_stages(parts, feeds_for(2))
+    assert [p.index for p in parts] == [0, 1]
+    got = run_pipeline(tmp_path, ir.from_proto(toy_decoder(2)), 2, feeds_for(2), balance="params")
     ref = run_model(ir.from_proto(toy_decoder(2)), feeds_for(2))
     np.testing.assert_array_equal(got["out"], ref["out"])
 
 
-def test_microbatches_equal_full_batch():
-    _, parts = split_pipeline(ir.from_proto(toy_decoder(4)), 2)
+def test_microbatches_equal_full_batch(tmp_path):
     feeds = feeds_for(4, batch=4)
-    full = run_stages(parts, feeds)
-    mb = microbatch_run(parts, feeds, 2)
-    for k in full:
-        np.testing.assert_allclose(mb[k], full[k], rtol=1e-6, atol=1e-6)
-    with pytest.raises(InvalidOptionError, match="does not divide"):
-        microbatch_run(parts, feeds, 3)
+    out = tmp_path / "pp2"
+    partition_model(ir.from_proto(toy_decoder(4)), out, pp=2)
+    full = run_partition(out, feeds)
+    # the executor's contract: inputs split along the manifest's microbatch axis (uneven chunks allowed)
+    for micro in (2, 3, 4):
+        mb = run_partition(out, feeds, microbatches=micro)
+        for k in full:
+            np.testing.assert_allclose(mb[k], full[k], rtol=1e-6, atol=1e-6)
+    with pytest.raises(UserError, match="5 microbatches for batch size 4"):
+        run_partition(out, feeds, microbatches=5)
 
 
 def test_impossible_requests_are_one_line_errors():
@@ -192,9 +195,6 @@ def test_impossible_requests_are_one_line_errors():
 
 
 def test_partition_directory_runs_in_executor(tmp_path):
-    from maia_onnx.partition import read_manifest
-    from maia_onnx.runtime.executor import run_partition
-
     proto = toy_decoder(4)
     feeds = feeds_for(4, batch=4)
     reference = run_model(ir.from_proto(proto), feeds)
@@ -235,7 +235,7 @@ def _kv_named(proto: onnx.ModelProto) -> ir.Model:
     return model
 
 
-def test_kv_cache_output_never_crosses_a_stage_boundary():
+def test_kv_cache_output_never_crosses_a_stage_boundary(tmp_path):
     """When attention reads the present KV cache (a graph output), no cut separates the cache from its readers."""
     layers = 3
     lines, prev = [], "x"
@@ -268,6 +268,6 @@ kv ({ins}) => ({outs}) <int64[1] axis1 = {{1}}>
             readers = {n.inputs[0].name for n in part.model.graph if n.op_type == "ReduceMean"}
             assert readers == present  # the cache is read where it is produced
         feeds = feeds_for(layers)
-        got = run_stages(parts, feeds)
+        got = run_pipeline(tmp_path, ir.from_proto(proto), stages, feeds)
         for name, value in run_model(ir.from_proto(proto), feeds).items():
             np.testing.assert_array_equal(got[name], value)

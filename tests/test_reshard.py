@@ -1,4 +1,4 @@
-"""Tests for passes/reshard.py and `maia-onnx reshard`: re-split a partition from its shards alone."""
+"""Tests for maia_onnx/partition/reshard.py and `maia-onnx reshard`: re-split a partition from its shards alone."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from maia_onnx.errors import UserError
 from maia_onnx.io import load_model, sha256_file
 from maia_onnx.ortutil import compare, make_inputs, run_model
-from maia_onnx.passes.pipeline_parallel import partition_model
-from maia_onnx.passes.reshard import SOURCE_GRAPH, rebuild_source, reshard, reshard_directory
+from maia_onnx.partition import SOURCE_GRAPH, partition_model, rebuild_source, reshard_directory
+from maia_onnx.partition.reshard import reshard
 from maia_onnx.runtime.executor import run_partition
 from test_pipeline_parallel import feeds_for, toy_decoder  # tests/ is on sys.path (pytest prepend mode)
 

@@ -36,13 +36,13 @@ def command(model, output, tp, pp, balance, checkpoint_dir, annotate_only, as_js
     manifest = partition_file(model, output, tp=tp, pp=pp, balance=balance, progress=not as_json)
     rows = summary_rows(manifest)
     stages = None
-    if getattr(manifest, "plan", None) is not None and manifest.pp > 1:
-        from maia_onnx.passes.reshard import stage_report
+    if manifest.plan is not None and manifest.pp > 1:
+        from maia_onnx.partition import stage_report
 
         stages = stage_report(manifest, manifest.plan)
     checkpoint = None
     if checkpoint_dir:
-        from maia_onnx.checkpoint import save_checkpoint
+        from maia_onnx.partition import save_checkpoint
 
         checkpoint = save_checkpoint(output, checkpoint_dir, progress=not as_json)
     if as_json:

@@ -21,7 +21,7 @@ from maia_onnx.cli.options import echo_json, json_option
 @json_option
 def command(partition_dir, output, tp, pp, balance, load_ckpt, save_ckpt, as_json):
     """Re-shard PARTITION_DIR (from its shards alone, no original model needed) into -o."""
-    from maia_onnx.passes.reshard import reshard_directory
+    from maia_onnx.partition import reshard_directory
 
     result = reshard_directory(partition_dir, output, tp=tp, pp=pp, balance=balance, load_checkpoint=load_ckpt,
                                save_checkpoint=save_ckpt, progress=True)

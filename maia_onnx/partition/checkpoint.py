@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -22,9 +22,11 @@ import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError
 from maia_onnx.io import atomic_dir, atomic_write, load_model, sha256_file, write_text_atomic
+from maia_onnx.partition.manifest import MANIFEST, read_manifest
+from maia_onnx.partition.writer import write_model_streaming
+from maia_onnx.report import dumps
 
 CHECKPOINT_INDEX = "checkpoint.json"
-SHARD_FILE_RE = re.compile(r"^rank(\d+)_stage(\d+)\.onnx$")
 _ALIGN = 8
 
 # ONNX dtype -> safetensors dtype tag (the tags safetensors itself writes)
@@ -66,20 +68,9 @@ class ShardFile:
 
 
 def partition_shards(partition_dir: str | os.PathLike) -> list[ShardFile]:
-    """The ``rank{r}_stage{s}.onnx`` files of a partition directory, checked to have a manifest."""
-    d = Path(partition_dir)
-    if not d.is_dir():
-        raise ModelLoadError(f"partition directory {d} not found: pass the directory written by 'maia-onnx partition'")
-    if not (d / "manifest.json").is_file():
-        raise ModelLoadError(f"{d} has no manifest.json: it is not a partition directory (re-run 'maia-onnx partition')")
-    shards = []
-    for p in sorted(d.iterdir()):
-        m = SHARD_FILE_RE.match(p.name)
-        if m:
-            shards.append(ShardFile(int(m.group(1)), int(m.group(2)), p))
-    if not shards:
-        raise ModelLoadError(f"{d} holds no rank*_stage*.onnx shard files: the partition is incomplete, re-run the partition")
-    return sorted(shards, key=lambda s: (s.stage, s.rank))
+    """The rank files of a partition directory, as its manifest lists them (stage-major)."""
+    manifest = read_manifest(partition_dir, check_models=False)
+    return sorted((ShardFile(t, s, path) for t, s, path in manifest.rank_files()), key=lambda f: (f.stage, f.rank))
 
 
 # ---------------------------------------------------------------- safetensors writer / reader
@@ -220,7 +211,7 @@ def save_checkpoint(partition_dir: str | os.PathLike, checkpoint_dir: str | os.P
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(shards, desc="checkpoint", unit="shard", file=__import__("sys").stderr)
+        iterator = tqdm(shards, desc="checkpoint", unit="shard", file=sys.stderr)
     with atomic_dir(checkpoint_dir) as tmp:
         for shard in iterator:
             model = load_model(shard.path)
@@ -300,19 +291,17 @@ def load_checkpoint(partition_dir: str | os.PathLike, checkpoint_dir: str | os.P
             f"checkpoint {checkpoint_dir} holds {len(have)} shard file(s) but the partition has {len(wanted)} "
             f"(e.g. {sorted(wanted ^ have)[:2]}): use a checkpoint written for this TP/PP layout"
         )
-    from maia_onnx.partition import MANIFEST, write_model_streaming
-    from maia_onnx.report import dumps
-
     manifest = json.loads((partition_dir / MANIFEST).read_text())
     swapped = 0
     iterator: Iterable[ShardFile] = shards
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(shards, desc="load checkpoint", unit="shard", file=__import__("sys").stderr)
+        iterator = tqdm(shards, desc="load checkpoint", unit="shard", file=sys.stderr)
     with atomic_dir(output_dir) as tmp:
+        shard_names = {s.path.name for s in shards}
         for p in partition_dir.iterdir():
-            if p.is_file() and p.name != MANIFEST and not SHARD_FILE_RE.match(p.name) and not p.name.endswith(".onnx.data"):
+            if p.is_file() and p.name != MANIFEST and p.name not in shard_names and not p.name.endswith(".onnx.data"):
                 shutil.copy2(p, tmp / p.name)
         for shard in iterator:
             name = f"{shard.stem}.safetensors"

@@ -9,48 +9,27 @@ tensor at a time, concatenating the tp shards along the axis the manifest record
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError, UserError
-
-SOURCE_GRAPH = "source_graph.onnx"
-PLACEHOLDER_LOCATION = "__maia_sharded__"  # marks a weight stored in the shards, not in source_graph.onnx
-INLINE_LIMIT_BYTES = 1024  # the same limit the partition writer keeps inline
-
-
-def write_source_graph(model: ir.Model, path: str | os.PathLike, in_shards: set[str] | frozenset = frozenset()) -> Path:
-    """Save ``model``'s graph with placeholders for the weights that live in the shards.
-
-    ``in_shards``: initializer names some shard file holds (as is or sliced); those and every large
-    tensor become placeholders, so swapping a checkpoint into the shards cannot leave stale copies here.
-    """
-    skeleton = model.clone()
-    for name, value in skeleton.graph.initializers.items():
-        t = value.const_value
-        if t is None:
-            continue
-        if t.nbytes > INLINE_LIMIT_BYTES or name in in_shards:
-            value.const_value = ir.ExternalTensor(
-                PLACEHOLDER_LOCATION, 0, t.nbytes, t.dtype, shape=t.shape, name=name, base_dir=""
-            )
-        elif not isinstance(t, ir.Tensor):
-            value.const_value = ir.Tensor(t.numpy(), dtype=t.dtype, name=name)
-    path = Path(path)
-    with open(path, "wb") as f:
-        f.write(ir.to_proto(skeleton).SerializeToString())
-    return path
+from maia_onnx.io import check_output_path, load_model
+import maia_onnx.partition.checkpoint as ckpt
+from maia_onnx.partition.manifest import PLACEHOLDER_LOCATION, SOURCE_GRAPH, Manifest, read_manifest
+from maia_onnx.partition.plan import partition_model
+from maia_onnx.passes.pipeline_parallel import PipelinePlan
 
 
 class _ShardReader:
     """Lazy access to every rank file's initializers of a partition (memory-mapped; nothing read eagerly)."""
 
-    def __init__(self, manifest):
-        import onnx
-
+    def __init__(self, manifest: Manifest):
         self.manifest = manifest
         self.where: dict[str, list[tuple[int, int]]] = {}
         for entry in manifest.ranks:
@@ -62,8 +41,6 @@ class _ShardReader:
     def model(self, tp_rank: int, stage: int) -> ir.Model:
         key = (tp_rank, stage)
         if key not in self._models:
-            from maia_onnx.io import load_model
-
             self._models[key] = load_model(self.manifest.rank_path(tp_rank, stage))
         return self._models[key]
 
@@ -134,8 +111,6 @@ def _full_tensor(reader: _ShardReader, name: str, placeholder: ir.TensorProtocol
 
 def rebuild_source(partition_dir: str | os.PathLike) -> ir.Model:
     """The unsharded model of a partition, weights rebuilt lazily from its shards (no original model needed)."""
-    from maia_onnx.partition import read_manifest
-
     manifest = read_manifest(partition_dir)
     graph_path = Path(partition_dir) / SOURCE_GRAPH
     if not graph_path.is_file():
@@ -152,11 +127,8 @@ def rebuild_source(partition_dir: str | os.PathLike) -> ir.Model:
 
 
 def reshard(partition_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int | None = None, pp: int | None = None,
-            balance: str | None = None, progress=None) -> tuple[Any, Any]:
+            balance: str | None = None, progress=None) -> tuple[Manifest, PipelinePlan]:
     """Write ``out_dir``: the partition at ``partition_dir`` re-split to ``tp`` x ``pp`` (defaults: unchanged)."""
-    from maia_onnx.partition import read_manifest
-    from maia_onnx.passes.pipeline_parallel import partition_model
-
     partition_dir = Path(partition_dir)
     out_dir = Path(out_dir)
     manifest = read_manifest(partition_dir)
@@ -176,7 +148,7 @@ def reshard(partition_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: in
     )
 
 
-def stage_report(manifest, plan) -> dict[str, Any]:
+def stage_report(manifest: Manifest, plan: PipelinePlan) -> dict[str, Any]:
     """JSON-able summary of a written partition: mesh, per-stage load/boundaries/weights, imbalance."""
     weights: dict[int, int] = {}
     for entry in manifest.ranks:
@@ -209,11 +181,6 @@ def reshard_directory(partition_dir: str | os.PathLike, out_dir: str | os.PathLi
                       pp: int | None = None, balance: str | None = None, load_checkpoint: str | os.PathLike | None = None,
                       save_checkpoint: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
     """The `reshard` verb: optional checkpoint swap, re-split, optional checkpoint of the result; returns a report."""
-    import tempfile
-
-    from maia_onnx import checkpoint as ckpt
-    from maia_onnx.io import check_output_path
-
     partition_dir = Path(partition_dir)
     out_dir = Path(out_dir)
     check_output_path(out_dir, partition_dir)
@@ -226,7 +193,6 @@ def reshard_directory(partition_dir: str | os.PathLike, out_dir: str | os.PathLi
         callback = None
         if progress:
             from tqdm import tqdm
-            import sys
 
             bar = tqdm(desc="write shards", unit="B", unit_scale=True, file=sys.stderr)
             callback = bar.update
@@ -245,4 +211,4 @@ def reshard_directory(partition_dir: str | os.PathLike, out_dir: str | os.PathLi
     return report
 
 
-__all__ = ["SOURCE_GRAPH", "rebuild_source", "reshard", "reshard_directory", "stage_report", "write_source_graph"]
+__all__ = ["rebuild_source", "reshard", "reshard_directory", "stage_report"]
