@@ -35,7 +35,7 @@ def test_gptq_beats_round_to_nearest_and_stays_on_the_grid(make, seed):
     codes = q / elements
     # every value is an FP4 element times its group's scale (up to the float32 product's last bit)
     np.testing.assert_allclose(codes.astype(ml_dtypes.float4_e2m1fn).astype(np.float32), codes, rtol=1e-6, atol=0)
-    assert np.abs(codes).max() <= 6.0
+    assert np.abs(codes).max() <= 6.0 * (1 + 1e-6)
 
 
 def test_hessian_streams_and_skips_padding():
