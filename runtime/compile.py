@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from maia_onnx.errors import ModelLoadError, UserError
+from maia_onnx.graph.costs import ANY_DIM, value_numel
 from maia_onnx.runtime.capability import Placement, get_capability
 
 PROVIDER = "MaiaExecutionProvider"
@@ -71,10 +72,9 @@ def _value_spec(value: ir.Value) -> dict:
 
 
 def _numel(value: ir.Value, dims: Mapping[str, int]) -> int:
-    total = 1
-    for d in value.shape or ():
-        total *= d if isinstance(d, int) else int(dims.get(str(d), dims.get("*", 1)))
-    return total
+    """Elements of ``value`` at ``dims`` (symbolic dims nobody named count as 1; unknown rank as a scalar)."""
+    n = value_numel(value, {ANY_DIM: 1, **dims})
+    return 1 if n is None else n
 
 
 def _memory_plan(nodes: list[ir.Node], outputs: set[str], dims: Mapping[str, int]) -> dict:

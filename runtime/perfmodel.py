@@ -219,7 +219,9 @@ def estimate_config(
     Per rank: sharded ops cost 1/tp, replicated ops full; ops are split into pp contiguous stages of
     ~equal cost and the slowest stage sets the pace. TP collectives per microbatch per stage: two
     all-reduces of (microbatch x seq x hidden) per layer it holds, plus the logits all-gather on the
-    last stage. PP adds one activation send per microbatch per stage boundary and the bubble.
+    last stage. PP adds the bubble and one send per microbatch per stage boundary: every tp rank sends
+    the full (microbatch x seq x hidden) activation to its peer of the next stage, as partition
+    directories do (the hidden state is replicated over tp after the row-parallel all-reduce).
     """
     m = microbatches or default_microbatches(work.batch, pp)
     m = max(1, min(m, work.batch))
@@ -235,7 +237,7 @@ def estimate_config(
     ar_per_mb = 2 * work.layers / pp if (tp > 1 and transformer) else 0.0
     ag_last = 1 if (tp > 1 and transformer and work.vocab) else 0
     ar_time = allreduce_time(hidden_msg, tp, link.bandwidth, link.alpha)
-    send_bytes = hidden_msg / tp if transformer else 0.0
+    send_bytes = hidden_msg if transformer else 0.0
 
     best = None
     for index, (a, b) in enumerate(stages):

@@ -9,7 +9,8 @@ import onnx_ir as ir
 import pytest
 
 from maia_onnx.cli import main
-from maia_onnx.inspect import concretize, inspect_model, node_flops, node_flops_or_none
+from maia_onnx.graph.costs import node_flops, node_flops_or_none
+from maia_onnx.inspect import concretize, inspect_model
 from maia_onnx.io import save_model
 
 

@@ -143,3 +143,15 @@ def test_estimate_config_reports_pipeline_sends_inside_comm():
     assert est.p2p_bytes == pytest.approx(4 * msg)
     assert est.p2p_s == pytest.approx(4 * (2e-6 + msg / 100e9))
     assert est.comm_s >= est.p2p_s and est.to_dict()["p2p_bytes"] == est.p2p_bytes
+
+
+def test_pipeline_send_is_the_full_hidden_state_on_every_tp_rank():
+    # tp rank r of stage s sends its replicated [microbatch, seq, hidden] copy to tp rank r of stage s+1,
+    # as partition directories do (tests/test_analyze.py checks a real TP2 x PP2 partition sends this much)
+    dev = toy_device()
+    link = InterconnectProfile(name="l", description="", bandwidth=100e9, alpha=2e-6)
+    work = transformer_workload(vocab=0)  # no logits all-gather: stage 0 (compute + its send) is the slowest
+    est = estimate_config(work, dev, link, 2, 2, microbatches=4)
+    msg = 1 * 128 * 1024 * 2
+    assert est.p2p_bytes == 4 * msg
+    assert est.p2p_s == pytest.approx(4 * (2e-6 + msg / 100e9))
