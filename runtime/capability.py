@@ -18,6 +18,8 @@ from typing import Callable, Iterable, Mapping
 import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError
+from maia_onnx.graph.costs import ANY_DIM, node_flops, value_numel
+from maia_onnx.graph.shapes import infer_shapes
 
 # ONNX element type -> canonical dtype name used by the device profiles (runtime/profiles.py DTYPE_BYTES).
 CANONICAL_DTYPE = {
@@ -229,51 +231,18 @@ def node_reason(node: ir.Node, profile, excluded_ops: Iterable[str] = ()) -> tup
     return None
 
 
+def _sized(dims: Mapping[str, int]) -> dict[str, int]:
+    """Placement estimates size every symbolic dim nobody named at 1."""
+    return {ANY_DIM: 1, **dims}
+
+
 def _numel(value: ir.Value | None, dims: Mapping[str, int]) -> float:
-    if value is None or value.shape is None:
-        return 0.0
-    total = 1.0
-    for d in value.shape:
-        total *= d if isinstance(d, int) else dims.get(str(d), dims.get("*", 1))
-    return total
-
-
-def _fallback_flops(node: ir.Node, dims: Mapping[str, int]) -> float:
-    out = node.outputs[0] if node.outputs else None
-    if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2 and node.inputs[0] is not None:
-        a = node.inputs[0]
-        if a.shape is None or len(a.shape) == 0:
-            return 0.0
-        k = a.shape[-1] if node.op_type == "MatMul" or not _attr(node, "transA", 0) else a.shape[0]
-        k = k if isinstance(k, int) else dims.get(str(k), 1)
-        return 2.0 * _numel(out, dims) * k
-    if node.op_type in ("Conv", "ConvTranspose") and len(node.inputs) >= 2 and node.inputs[1] is not None:
-        w = node.inputs[1]
-        if w.shape is None:
-            return 0.0
-        per_out = 1.0
-        for d in list(w.shape)[1:]:
-            per_out *= d if isinstance(d, int) else 1
-        if node.op_type == "ConvTranspose":  # weight [Cin, Cout/group, k...]: every input element feeds Cout/group*k outputs
-            return 2.0 * _numel(node.inputs[0], dims) * per_out
-        return 2.0 * _numel(out, dims) * per_out
-    rule = CAPABILITY_TABLE.get((node.domain or "", node.op_type))
-    if rule is not None and rule.kind == DATA:
-        return 0.0
-    return _numel(out, dims)
+    return float(value_numel(value, _sized(dims)) or 0)
 
 
 def _node_flops(node: ir.Node, dims: Mapping[str, int]) -> float:
-    """The models engineer's count (maia_onnx.inspect) for concrete shapes; our estimate at ``dims`` otherwise."""
-    try:
-        from maia_onnx.inspect import node_flops_or_none
-    except ImportError:
-        return _fallback_flops(node, dims)
-    try:
-        value = node_flops_or_none(node)
-    except Exception:  # an op their counter does not know: our estimate
-        value = None
-    return float(value) if value is not None else _fallback_flops(node, dims)
+    """The project's one FLOP count (maia_onnx.graph.costs) at ``dims``."""
+    return node_flops(node, _sized(dims))
 
 
 def _compute_dtype(node: ir.Node) -> str:
@@ -313,26 +282,9 @@ def _unique_names(graph: ir.Graph) -> None:
 
 
 def ensure_shapes(model: ir.Model) -> None:
-    """Run ONNX shape inference when a small model lacks value shapes (exported models already carry them)."""
-    missing = sum(1 for node in model.graph for v in node.outputs if v.type is None or v.shape is None)
-    if missing == 0:
-        return
-    from maia_onnx.io import initializer_bytes
-
-    if initializer_bytes(model) > 1_000_000_000:
-        return  # too big to round-trip through protobuf; unknown-rank nodes fall back to the CPU with that reason
-    import onnx
-
-    proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
-    inferred = {vi.name: vi for vi in list(proto.graph.value_info) + list(proto.graph.output)}
-    for node in model.graph:
-        for value in node.outputs:
-            if (value.type is None or value.shape is None) and value.name in inferred:
-                vi = ir.serde.deserialize_value_info_proto(inferred[value.name], None)
-                if value.type is None:
-                    value.type = vi.type
-                if value.shape is None:
-                    value.shape = vi.shape
+    """Infer the shapes a model lacks (exported models already carry them); weights are never read."""
+    if any(v.type is None or v.shape is None for node in model.graph for v in node.outputs):
+        infer_shapes(model)
 
 
 def get_capability(
