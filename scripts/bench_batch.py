@@ -14,6 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from maia_onnx.batch import run_batch
+from maia_onnx.export import export_builtin
+
 JOBS = """
 defaults:
   verify: {{min_cosine: 0.95}}
@@ -41,14 +44,10 @@ def main() -> None:
                         help="convert: quantize/partition/compile an exported model; export: 8 exports from PyTorch")
     args = parser.parse_args()
 
-    from maia_onnx.batch import run_batch
-
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
         root = Path(tmp)
         model = Path(args.model) if args.model else root / "llama-tiny.onnx"
         if not args.model and args.kind == "convert":
-            from maia_onnx.export import export_builtin
-
             export_builtin("llama-tiny", model)
         jobs = root / "jobs.yaml"
         jobs.write_text(JOBS.format(m=model.resolve()) if args.kind == "convert" else EXPORT_JOBS)
@@ -57,7 +56,7 @@ def main() -> None:
             for workers in (1, 2):
                 t0 = time.perf_counter()
                 report = run_batch(jobs, workers=workers, cache_dir=str(root / f"cache-{r}-{workers}"),
-                                   output_dir=str(root / f"out-{r}-{workers}"), show_progress=False)
+                                   output_dir=str(root / f"out-{r}-{workers}"))
                 elapsed = time.perf_counter() - t0
                 assert not report.failed, [j["error"] for j in report.failed]
                 assert all(s["status"] == "done" for j in report.jobs for s in j["steps"])
