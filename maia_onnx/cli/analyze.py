@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
+from maia_onnx.analyze import analyze, plot_breakdown, render_text
 from maia_onnx.cli.options import device_option, dims_option, echo_json, json_option, parse_dims
+from maia_onnx.errors import InvalidOptionError
 
 
 def _int_list(text: str | None, what: str) -> list[int] | None:
-    from maia_onnx.errors import InvalidOptionError
-
     if text is None:
         return None
     try:
@@ -39,8 +39,6 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 def command(model, device, interconnects, batch, seq, past, memory_limit, tps, pps, microbatches, phase, dims,
             compute_dtype, top, plot_path, as_json):
     """Roofline per op and the best TP x PP layout for MODEL (.onnx file or partition directory)."""
-    from maia_onnx.analyze import analyze, render_text
-
     phases = ("prefill", "decode") if phase == "both" else (phase,)
     links = [v.strip() for v in interconnects.split(",") if v.strip()] if interconnects else None
     report = analyze(
@@ -50,8 +48,6 @@ def command(model, device, interconnects, batch, seq, past, memory_limit, tps, p
         compute_dtype=compute_dtype, phases=phases,
     )
     if plot_path:
-        from maia_onnx.analyze import plot_breakdown
-
         plot_breakdown(report, plot_path)
         report["plot"] = str(plot_path)
     if as_json:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from maia_onnx.cli.options import dims_option, echo_json, json_option, model_argument
+from maia_onnx.cli.options import dims_option, echo_json, json_option, model_argument, parse_dims
+from maia_onnx.inspect import inspect_model
+from maia_onnx.report import format_table, human_bytes
 
 
 @click.command("inspect", help="Opset, inputs/outputs, op histogram, parameters by dtype and estimated FLOPs of MODEL.")
@@ -13,10 +15,6 @@ from maia_onnx.cli.options import dims_option, echo_json, json_option, model_arg
 @click.option("--top", type=int, default=0, help="Show only the N most frequent ops in the histogram (0: all).")
 @json_option
 def command(model, dims, top, as_json):
-    from maia_onnx.cli.options import parse_dims
-    from maia_onnx.inspect import inspect_model
-    from maia_onnx.report import format_table, human_bytes
-
     info = inspect_model(model, parse_dims(dims))
     if as_json:
         echo_json(info)
