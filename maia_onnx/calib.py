@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.formats.fp8 import Fp8Format, cast_fp8_saturate, fp8_amax_scale, get_fp8_format
+from maia_onnx.inputs import make_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +37,6 @@ MIN_KL_BINS = 128
 def _feed_inputs(model: ir.Model) -> list[ir.Value]:
     inits = set(model.graph.initializers)
     return [v for v in model.graph.inputs if v.name not in inits]
-
-
-def _token_range(model: ir.Model, input_name: str) -> int | None:
-    """Vocabulary size for an integer input that indexes an embedding (Gather on a constant table)."""
-    for value in model.graph.inputs:
-        if value.name != input_name:
-            continue
-        for node, idx in value.uses():
-            if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None and node.inputs[0].const_value is not None:
-                return int(node.inputs[0].const_value.shape[0])
-    return None
 
 
 @dataclass
@@ -110,31 +100,12 @@ class CalibrationSource:
         yield from self._npz_batches(inputs)
 
     def _random_batches(self, model: ir.Model, inputs: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
-        from maia_onnx.ortutil import input_shape
-
         n = self.num_samples or 8
         rng = np.random.default_rng(self.seed)
         dims = {"*": 8, **self.dims}
         for start in range(0, n, self.batch_size):
-            batch = min(self.batch_size, n - start)
-            feeds = {}
-            for value in inputs:
-                shape_dims = dict(dims)
-                shape = list(input_shape(value, shape_dims))
-                # the first symbolic dim is taken as the batch dim
-                if value.shape is not None and len(value.shape) and not isinstance(value.shape[0], int):
-                    shape[0] = batch
-                dtype = value.dtype
-                if dtype in (ir.DataType.INT64, ir.DataType.INT32):
-                    high = _token_range(model, value.name) or 8
-                    feeds[value.name] = rng.integers(0, high, size=shape).astype(np.int64 if dtype == ir.DataType.INT64 else np.int32)
-                elif dtype == ir.DataType.BOOL:
-                    feeds[value.name] = rng.integers(0, 2, size=shape).astype(bool)
-                elif dtype == ir.DataType.FLOAT16:
-                    feeds[value.name] = rng.standard_normal(shape).astype(np.float16)
-                else:
-                    feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
-            yield feeds
+            # the first symbolic dim of every input is taken as the batch dim
+            yield make_inputs(model, dims=dims, rng=rng, batch=min(self.batch_size, n - start), inputs=inputs)
 
     def _npz_batches(self, inputs: Sequence[ir.Value]) -> Iterator[dict[str, np.ndarray]]:
         counts = self._file_sample_counts()

@@ -13,14 +13,17 @@ float or FP8 (an FP8 cache stays an ORT value between steps, never converted).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 
-from maia_onnx.ortutil import compare
+from maia_onnx.formats.fp8 import quantize_fp8
+from maia_onnx.ortutil import compare, make_session
 
 _ONNX_TYPE = {
     "tensor(float)": (np.float32, 1),
@@ -34,8 +37,6 @@ class DecoderSession:
     """An ORT session plus the cache plumbing of one decoder model."""
 
     def __init__(self, model: ir.Model | str | os.PathLike):
-        from maia_onnx.ortutil import make_session
-
         self.session = make_session(model)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -53,8 +54,6 @@ class DecoderSession:
         return total
 
     def empty_cache(self, batch: int) -> dict[str, Any]:
-        import onnxruntime as ort
-
         cache = {}
         for name in self.past_names:
             info = self.inputs[name]
@@ -67,8 +66,6 @@ class DecoderSession:
 
     def step(self, input_ids: np.ndarray, cache: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         """Run one forward; returns (logits of the last position [batch, vocab], next cache)."""
-        import onnxruntime as ort
-
         feeds = dict(cache)
         feeds["input_ids"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
         outs = dict(zip(self.output_names, self.session.run_with_ort_values(self.output_names, feeds)))
@@ -166,8 +163,6 @@ def decode_report(reference, candidate, prompt: np.ndarray | None = None, steps:
         vocab = None
         model = reference if isinstance(reference, ir.Model) else None
         if model is not None and "maia_onnx.config" in model.metadata_props:
-            import json
-
             vocab = json.loads(model.metadata_props["maia_onnx.config"]).get("vocab_size")
         if not vocab:
             out = next(o for o in ref_dec.session.get_outputs() if o.name == "logits")
@@ -198,10 +193,6 @@ def step_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def ort_feeds(model: ir.Model, session, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     """OrtValues for ``feeds``; float arrays fed to FP8 inputs (an FP8 KV cache) are quantised first with the
     scale of the DequantizeLinear that reads the input, so FP32 feeds work on both models."""
-    import onnxruntime as ort
-
-    from maia_onnx.formats.fp8 import quantize_fp8
-
     types = {i.name: i.type for i in session.get_inputs()}
     graph_inputs = {v.name: v for v in model.graph.inputs}
     out = {}

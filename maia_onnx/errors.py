@@ -39,3 +39,7 @@ class MissingExtraError(UserError):
     def __init__(self, feature: str, extra: str):
         super().__init__(f"{feature} needs the optional '{extra}' dependencies: pip install 'maia-onnx[{extra}]'")
         self.extra = extra
+
+
+class InputError(UserError):
+    """Input feeds the model cannot take (dtype, shape or values): name the input and how to fix it."""

@@ -12,7 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import onnx
 import onnx_ir as ir
+from onnx.external_data_helper import uses_external_data
 
 from maia_onnx.errors import ModelLoadError, UnsupportedModelError, UserError
 
@@ -58,7 +60,6 @@ MIN_OPSET = 6  # oldest opset ONNX Runtime still has kernels for (ONNX's legacy 
 
 def check_opsets(opset_imports, where) -> None:
     """Refuse ai.onnx opsets ONNX Runtime cannot run (< 7) or newer than the installed onnx package knows."""
-    import onnx
 
     newest = onnx.defs.onnx_opset_version()
     version = opset_imports.get("", opset_imports.get("ai.onnx"))
@@ -78,7 +79,6 @@ def check_opsets(opset_imports, where) -> None:
 
 def _check_standard_ops(model: ir.Model, where) -> None:
     """Every ai.onnx node must be an op of the model's opset with a legal number of inputs (as onnx.checker requires)."""
-    import onnx
 
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if version is None:
@@ -271,9 +271,6 @@ def save_model(model: ir.Model, path: str | os.PathLike, external_data: bool | N
         else:
             proto = ir.to_proto(model)
             # Tensors that were external in the source must be inlined, or the output would point at the input's data.
-
-            from onnx.external_data_helper import uses_external_data
-
             if any(uses_external_data(t) for t in proto.graph.initializer):
                 for value in model.graph.initializers.values():
                     if isinstance(value.const_value, ir.ExternalTensor):

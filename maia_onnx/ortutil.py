@@ -1,19 +1,27 @@
-"""Shared helpers to run onnx_ir models in ONNX Runtime, synthesize inputs from input specs and compare outputs."""
+"""Shared helpers to run onnx_ir models in ONNX Runtime (bfloat16/float8 feeds and outputs included) and compare outputs.
+
+Random feeds come from ``maia_onnx.inputs``; ``make_inputs`` and ``input_shape`` are re-exported here for the
+callers that run what they synthesize.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Mapping
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
+from onnx.external_data_helper import load_external_data_for_model
 
-DEFAULT_DIM = 2  # value used for a symbolic dim nobody named
+from maia_onnx.inputs import DEFAULT_DIM, input_shape, make_inputs
+
+__all__ = ["DEFAULT_DIM", "compare", "compare_outputs", "input_shape", "make_inputs", "make_session", "ort_run",
+           "run_model", "session_options", "to_ort_feed"]
 
 
 def session_options(disable_optimizations: bool = True):
-    import onnxruntime as ort
-
     so = ort.SessionOptions()
     if disable_optimizations:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -23,8 +31,6 @@ def session_options(disable_optimizations: bool = True):
 
 def make_session(model: ir.Model | str | os.PathLike, disable_optimizations: bool = True, sess_options=None):
     """An ORT CPU session for a model file or an in-memory onnx_ir model (weights stay where they are)."""
-    import onnxruntime as ort
-
     so = sess_options or session_options(disable_optimizations)
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
@@ -32,8 +38,6 @@ def make_session(model: ir.Model | str | os.PathLike, disable_optimizations: boo
     has_external = any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
     if has_external:
         # ORT resolves external data relative to a path; add_external_initializers would copy, so save beside.
-        from onnx.external_data_helper import load_external_data_for_model
-
         base = next(
             v.const_value.base_dir for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
         )
@@ -45,60 +49,6 @@ def run_model(model, feeds: Mapping[str, np.ndarray], disable_optimizations: boo
     sess = make_session(model, disable_optimizations)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, ort_run(sess, names, feeds)))
-
-
-_NP_FOR_IR = {
-    ir.DataType.FLOAT: np.float32,
-    ir.DataType.DOUBLE: np.float64,
-    ir.DataType.FLOAT16: np.float16,
-    ir.DataType.INT64: np.int64,
-    ir.DataType.INT32: np.int32,
-    ir.DataType.BOOL: np.bool_,
-    ir.DataType.UINT8: np.uint8,
-    ir.DataType.INT8: np.int8,
-}
-
-
-_ML_DTYPES = {
-    ir.DataType.BFLOAT16: "bfloat16",
-    ir.DataType.FLOAT8E4M3FN: "float8_e4m3fn",
-    ir.DataType.FLOAT8E5M2: "float8_e5m2",
-}
-
-
-def input_shape(value: ir.Value, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:
-    dims = dims or {}
-    shape = []
-    for d in value.shape or ():
-        if isinstance(d, int):
-            shape.append(d)
-        else:
-            shape.append(int(dims.get(str(d), dims.get("*", DEFAULT_DIM))))
-    return tuple(shape)
-
-
-def make_inputs(model: ir.Model, seed: int = 0, dims: Mapping[str, int] | None = None, int_high: int = 8) -> dict[str, np.ndarray]:
-    """Random feeds for every graph input (symbolic dims from ``dims``; ints drawn in [0, int_high))."""
-    rng = np.random.default_rng(seed)
-    init_names = set(model.graph.initializers)
-    feeds = {}
-    for value in model.graph.inputs:
-        if value.name in init_names:
-            continue
-        shape = input_shape(value, dims)
-        dtype = value.dtype
-        if dtype in (ir.DataType.INT64, ir.DataType.INT32):
-            feeds[value.name] = rng.integers(0, int_high, size=shape).astype(_NP_FOR_IR[dtype])
-        elif dtype == ir.DataType.BOOL:
-            feeds[value.name] = rng.integers(0, 2, size=shape).astype(bool)
-        elif dtype in _ML_DTYPES:
-            import ml_dtypes
-
-            # values well inside every format's range, so the narrow cast is exact rounding, never overflow
-            feeds[value.name] = rng.standard_normal(shape).astype(np.float32).astype(getattr(ml_dtypes, _ML_DTYPES[dtype]))
-        else:
-            feeds[value.name] = rng.standard_normal(shape).astype(_NP_FOR_IR.get(dtype, np.float32))
-    return feeds
 
 
 def compare(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
@@ -133,8 +83,6 @@ def to_ort_feed(array):
     onnx_type = _ORT_TYPE_FOR_NAME.get(getattr(getattr(array, "dtype", None), "name", ""))
     if onnx_type is None:
         return array
-    import onnxruntime as ort
-
     arr = np.ascontiguousarray(array)
     bits = arr.view(np.uint16 if arr.dtype.itemsize == 2 else np.uint8)
     return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx_type)
@@ -156,8 +104,6 @@ def ort_run(session, output_names, feeds: Mapping[str, np.ndarray], run_options=
     narrow = _narrow_outputs(session)
     if not narrow:  # the common case: nothing to reinterpret
         return results
-    import ml_dtypes
-
     out = []
     for name, value in zip(output_names, results):
         ml_name = narrow.get(name)

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
 from maia_onnx.errors import ValidationError
 from maia_onnx.io import EXTERNAL_DATA_THRESHOLD_BYTES, initializer_bytes
+from maia_onnx.ortutil import compare_outputs, run_model
 
 
 def model_summary(model: ir.Model) -> dict[str, Any]:
@@ -43,7 +45,6 @@ def summary_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[s
 
 def validate_model(model: ir.Model, shape_inference: bool = True) -> None:
     """ONNX checker + strict shape inference; skipped above the protobuf limit (checked per file then)."""
-    import onnx
 
     if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
         return
@@ -74,6 +75,7 @@ class PipelineResult:
     model: ir.Model
     modified: bool
     reports: list[PassReport] = field(default_factory=list)
+    results: list[onnx_ir.passes.PassResult] = field(default_factory=list)  # each pass's own (typed) result
 
     def rows(self) -> list[dict[str, Any]]:
         out = []
@@ -114,10 +116,9 @@ class Pipeline:
         self.progress = progress
 
     def __call__(self, model: ir.Model) -> PipelineResult:
-        from maia_onnx.ortutil import compare_outputs, run_model
-
         reference = run_model(model, self.check_inputs) if self.check_inputs is not None else None
         reports = []
+        results = []
         any_modified = False
         for p in self.passes:
             name = type(p).__name__
@@ -126,6 +127,7 @@ class Pipeline:
             before = model_summary(model)
             t0 = time.perf_counter()
             result = p(model)
+            results.append(result)
             seconds = time.perf_counter() - t0
             model = result.model
             any_modified |= result.modified
@@ -146,4 +148,4 @@ class Pipeline:
                                 f"after {name}: output {out!r} cosine {m['cosine']:.6f} < {self.min_cosine}"
                             )
             reports.append(PassReport(name, result.modified, seconds, summary_delta(before, model_summary(model)), numeric))
-        return PipelineResult(model, any_modified, reports)
+        return PipelineResult(model, any_modified, reports, results)

@@ -22,17 +22,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import ml_dtypes
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
 
 from maia_onnx.errors import UserError
-from maia_onnx.partition import COLLECTIVE_DOMAIN, COLLECTIVE_OPS, Manifest, PartitionError, read_manifest
-from maia_onnx.ortutil import ort_run
+from maia_onnx.partition.manifest import COLLECTIVE_DOMAIN, COLLECTIVE_OPS, Manifest, PartitionError, read_manifest
+from maia_onnx.ortutil import ort_run, session_options
 
 
 def _subgraph_inputs(node) -> set[str]:
     """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope."""
-    import onnx
-
     names: set[str] = set()
     for attr in node.attribute:
         graphs = []
@@ -99,8 +101,6 @@ class RankProgram:
 
 def build_program(path: Path, tp_rank: int, stage: int) -> RankProgram:
     """Parse a rank model (weights stay on disk) and cut it into phases."""
-    import onnx
-
     proto = onnx.load(str(path), load_external_data=False)
     graph = proto.graph
     init_names = {t.name for t in graph.initializer}
@@ -164,10 +164,6 @@ def build_program(path: Path, tp_rank: int, stage: int) -> RankProgram:
 
 
 def _np_to_elem_type(arr: np.ndarray) -> int:
-    from onnx import helper
-
-    import ml_dtypes
-
     special = {
         np.dtype(ml_dtypes.bfloat16): 16,
         np.dtype(ml_dtypes.float8_e4m3fn): 17,
@@ -178,11 +174,8 @@ def _np_to_elem_type(arr: np.ndarray) -> int:
     return helper.np_dtype_to_tensor_dtype(arr.dtype)
 
 
-def _segment_session(program: RankProgram, segment: Segment, feeds: Mapping[str, np.ndarray], sess_options_factory):
+def segment_session(program: RankProgram, segment: Segment, feeds: Mapping[str, np.ndarray], sess_options_factory):
     """Build (once) the ORT session for one segment; input types come from the actual feeds."""
-    import onnx
-    from onnx import helper
-
     graph = program.proto.graph
     used = {x for n in segment.nodes for x in _node_inputs(n)}
     inits = [t for t in graph.initializer if t.name in used]
@@ -210,8 +203,6 @@ def _segment_session(program: RankProgram, segment: Segment, feeds: Mapping[str,
         if t is not None:
             vi.type.tensor_type.elem_type = t.tensor_type.elem_type
         model.graph.output.append(vi)
-    import onnxruntime as ort
-
     so = sess_options_factory()
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(program.path.parent))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -257,8 +248,6 @@ class PartitionExecutor:
                     )
 
     def _session_options(self):
-        from maia_onnx.ortutil import session_options
-
         so = session_options(self.disable_optimizations)
         if self.threads_per_session:
             # many small segment sessions: one thread pool each would oversubscribe the host
@@ -302,7 +291,7 @@ class PartitionExecutor:
                     if seg is None or not seg.nodes:
                         continue
                     if seg.session is None:
-                        seg.session = _segment_session(prog, seg, envs[t], self._session_options)
+                        seg.session = segment_session(prog, seg, envs[t], self._session_options)
                     results = ort_run(seg.session, seg.outputs, {k: envs[t][k] for k in seg.inputs})
                     envs[t].update(zip(seg.outputs, results))
                 for i, coll in enumerate(progs[0].collectives.get(p, [])):

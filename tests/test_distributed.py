@@ -1,9 +1,12 @@
 """Real multi-process runs of partition directories under torchrun (gloo, loopback): outputs equal the
 single-process model within 1e-5 relative (prefill + 4 greedy decode steps through each stage's own KV
-cache), and a rank that dies or hangs ends the run with an error naming it, within the timeout."""
+cache), also when two torchrun agents on this machine play two nodes (c10d rendezvous on 127.0.0.1), and a
+rank that dies or hangs ends the run with an error naming it, within the timeout."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import numpy as np
@@ -15,7 +18,11 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 from maia_onnx.io import load_model  # noqa: E402
 from maia_onnx.ortutil import compare, make_inputs, run_model  # noqa: E402
-from maia_onnx.runtime.distributed import FAULT_ENV, DistributedRunError, launch  # noqa: E402
+from maia_onnx.cli import main  # noqa: E402
+from maia_onnx.cli.run import print_timing  # noqa: E402
+from maia_onnx.errors import InvalidOptionError, UserError  # noqa: E402
+from maia_onnx.run import run_distributed  # noqa: E402
+from maia_onnx.runtime.distributed import FAULT_ENV, DistributedRunError, launch, rendezvous_args  # noqa: E402
 
 REL = 1e-5
 DECODE_STEPS = 4
@@ -23,7 +30,7 @@ DECODE_STEPS = 4
 
 @pytest.fixture(scope="module")
 def partitions(exported_models, tmp_path_factory):
-    from maia_onnx.passes.pipeline_parallel import partition_model
+    from maia_onnx.partition import partition_model
 
     root = tmp_path_factory.mktemp("dist")
     cache = {}
@@ -88,13 +95,11 @@ def test_llama_tiny_torchrun_matches_single_process(tp, pp, partitions, llama_ti
 
 
 def test_yolo_tiny_tp2_torchrun_matches_single_process(partitions, yolo_tiny_onnx, tmp_path, capsys):
-    from maia_onnx.runtime.distributed import print_timing, run_torchrun
-
     directory = partitions("yolo-tiny", 2, 1)
     model = load_model(yolo_tiny_onnx)
     feeds = make_inputs(model, seed=1, dims={"batch": 2})
     np.savez(tmp_path / "in.npz", **feeds)
-    result = run_torchrun(directory, tmp_path / "in.npz", tmp_path / "out.npz", dist_timeout=60)
+    result = run_distributed(directory, tmp_path / "in.npz", tmp_path / "out.npz", dist_timeout=60)
     with np.load(tmp_path / "out.npz") as data:
         got = {k: data[k] for k in data.files}
     assert_step_close(run_model(model, feeds), got, "", "yolo tp2")
@@ -109,11 +114,68 @@ def test_yolo_tiny_tp2_torchrun_matches_single_process(partitions, yolo_tiny_onn
 
 
 def test_torchrun_needs_inputs(partitions):
-    from maia_onnx.errors import UserError
-    from maia_onnx.runtime.distributed import run_torchrun
-
     with pytest.raises(UserError, match="--inputs"):
-        run_torchrun(partitions("llama-tiny", 2, 1), None)
+        run_distributed(partitions("llama-tiny", 2, 1), None)
+
+
+def test_rendezvous_options_are_checked():
+    assert rendezvous_args() == ["--nnodes=1", "--standalone"]
+    assert rendezvous_args(2, 1, master_addr="10.0.0.1") == [
+        "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400"]
+    with pytest.raises(InvalidOptionError, match="--master-addr"):
+        rendezvous_args(2, 0)
+    with pytest.raises(InvalidOptionError, match="--node-rank 2"):
+        rendezvous_args(2, 2, master_addr="127.0.0.1")
+    with pytest.raises(InvalidOptionError, match="pass one"):
+        rendezvous_args(2, 0, rdzv_endpoint="127.0.0.1:1", master_addr="127.0.0.1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_tp2pp2_match_single_process(partitions, llama_tiny_onnx, tmp_path, capsys):
+    """Two torchrun agents (--nnodes 2, node ranks 0 and 1, 2 processes each, c10d rendezvous on 127.0.0.1)
+    run a TP2 x PP2 partition: node 0 holds stage 0 and the outputs, node 1 stage 1; the outputs equal the
+    unsharded model's. Node 1 starts first, so the rendezvous most likely numbers its processes 0 and 1:
+    the roles still follow --node-rank."""
+    directory = partitions("llama-tiny", 2, 2)
+    feeds = make_inputs(load_model(llama_tiny_onnx), seed=3, dims={"batch": 2, "seq": 5, "past": 0})
+    np.savez(tmp_path / "in.npz", **feeds)
+    port = _free_port()
+    node1: dict = {}
+
+    def second_node():
+        try:
+            node1["report"] = launch(directory, tmp_path / "in.npz", tmp_path / "out1.npz", nnodes=2, node_rank=1,
+                                     master_addr="127.0.0.1", master_port=port, microbatches=2, decode_steps=2,
+                                     timeout=60)
+        except Exception as exc:  # reported by the main thread
+            node1["error"] = exc
+
+    thread = threading.Thread(target=second_node)
+    thread.start()
+    time.sleep(1.0)
+    code = main(["run", str(directory), "--launcher", "torchrun", "--inputs", str(tmp_path / "in.npz"),
+                 "--save-outputs", str(tmp_path / "out0.npz"), "--nnodes", "2", "--node-rank", "0",
+                 "--master-addr", "127.0.0.1", "--master-port", str(port), "--microbatches", "2",
+                 "--decode-steps", "2", "--timeout", "60", "--json"])
+    thread.join(timeout=120)
+    assert code == 0, capsys.readouterr().err
+    assert "error" not in node1, node1.get("error")
+    assert not (tmp_path / "out1.npz").exists() and "ranks" not in node1["report"]  # node 1 holds no outputs
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert [(r["rank"], r["tp_rank"], r["stage"]) for r in result["ranks"]] == [(0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)]
+    assert sorted(r["process_rank"] for r in result["ranks"]) == [0, 1, 2, 3]
+    assert all(r["collectives"] > 0 for r in result["ranks"])
+    with np.load(tmp_path / "out0.npz") as data:
+        got = {k: data[k] for k in data.files}
+    for step, ref in enumerate(reference_decode(llama_tiny_onnx, feeds, 2)):
+        assert_step_close(ref, got, f"step{step}.", f"two nodes step {step}")
 
 
 @pytest.mark.parametrize("mode", ["kill", "hang"])
@@ -149,17 +211,17 @@ def test_dead_or_stuck_rank_fails_the_run_with_its_name(mode, partitions, llama_
 
 WIRE_SCRIPT = '''
 import datetime, sys, numpy as np, ml_dtypes, torch.distributed as dist
-from maia_onnx.runtime.distributed import _send_array, _recv_array
+from maia_onnx.runtime.dist_protocol import send_array, recv_array
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
 arrays = [np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2], np.array([[True, False]]),
           np.arange(5).astype(ml_dtypes.bfloat16), np.linspace(-3, 3, 7).astype(ml_dtypes.float8_e4m3fn).reshape(7, 1),
           np.zeros((0, 4), np.float32), np.asarray(np.int64(5)), np.arange(4, dtype=np.int64)]
 if dist.get_rank() == 0:
     for a in arrays:
-        _send_array(a, 1)
+        send_array(a, 1)
 else:
     for a in arrays:
-        b = _recv_array(0)
+        b = recv_array(0)
         if not (b.dtype == a.dtype and b.shape == a.shape and b.tobytes() == np.ascontiguousarray(a).tobytes()):
             sys.exit(f"mismatch {a!r} -> {b!r}")
     print("WIRE-OK")
