@@ -3,17 +3,22 @@
 Per quantized layer: SQNR (dB) and max abs error of the layer's output (quantized model vs original, same
 value names since QDQ only rewires inputs), the scales used, and the fraction of the layer's input
 activations that the static scale clips.  End to end, per graph output: cosine, relative error
-(||q - ref|| / ||ref||), max abs error and top-1 agreement (argmax over the last axis).
+(||q - ref|| / ||ref||), max abs error and top-1 agreement (argmax over the last axis).  The result is an
+``AccuracyReport`` (typed rows; ``to_dict()`` is the ``accuracy`` section of ``quantize --report`` JSON).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+
+from maia_onnx.calib import _session_with_outputs
+from maia_onnx.passes.quantize_fp8 import LayerRecord
+from maia_onnx.report import format_table
 
 LAYER_COLUMNS = ["layer", "op", "sqnr_db", "max_abs_err", "act_scale", "weight_scale", "clipped"]
 OUTPUT_COLUMNS = ["output", "cosine", "rel_err", "max_abs_err", "top1_agree"]
@@ -67,6 +72,72 @@ class _Accumulator:
     @property
     def top1(self) -> float | None:
         return self.top1_match / self.top1_total if self.top1_total else None
+
+
+@dataclass
+class LayerAccuracy:
+    """One quantized layer's output error against the original, plus the scales it used."""
+
+    layer: str
+    node: str
+    op: str
+    output: str
+    sqnr_db: float
+    max_abs_err: float
+    act_scale: float | None
+    activation_scales: dict[str, float]
+    weight: str | None
+    weight_scale: float | None
+    weight_scale_min: float | None
+    weight_granularity: str | None
+    weight_sqnr_db: float | None
+    clipped: float  # share of the layer's input activations beyond the static scale's range
+
+
+@dataclass
+class OutputAccuracy:
+    """One graph output of the quantized model against the original's."""
+
+    cosine: float
+    rel_err: float
+    max_abs_err: float
+    sqnr_db: float
+    top1_agree: float | None
+
+
+@dataclass
+class AccuracySummary:
+    samples_batches: int
+    min_output_cosine: float
+    max_output_rel_err: float
+    worst_layer_sqnr_db: float | None
+    quantized_layers: int
+    top1_agree: float | None = None  # of the first graph output
+    source: str | None = None  # where the held-out samples came from (set by the caller)
+    seconds: float | None = None
+
+
+@dataclass
+class AccuracyReport:
+    layers: list[LayerAccuracy] = field(default_factory=list)
+    outputs: dict[str, OutputAccuracy] = field(default_factory=dict)
+    summary: AccuracySummary | None = None
+
+    @property
+    def min_output_cosine(self) -> float | None:
+        return self.summary.min_output_cosine if self.summary else None
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = {k: v for k, v in asdict(self.summary).items() if k not in ("top1_agree", "source", "seconds")} if self.summary else {}
+        if self.summary is not None:
+            if self.outputs:
+                summary["top1_agree"] = self.summary.top1_agree
+            summary.update({k: getattr(self.summary, k) for k in ("source", "seconds") if getattr(self.summary, k) is not None})
+        return {
+            "layers": [asdict(row) for row in self.layers],
+            "outputs": {name: asdict(o) for name, o in self.outputs.items()},
+            "summary": summary,
+        }
 
 
 _FP8_TYPES = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2)
@@ -126,16 +197,10 @@ def evaluate_accuracy(
     reference: ir.Model,
     quantized: ir.Model,
     batches: Iterable[Mapping[str, np.ndarray]],
-    layers: Sequence[Any] = (),
+    layers: Sequence[LayerRecord] = (),
     fmt_max: float = 448.0,
-) -> dict[str, Any]:
-    """Run both models on ``batches`` and return {"layers": [...], "outputs": {...}, "summary": {...}}.
-
-    ``layers`` are records with ``node``, ``op_type``, ``outputs``, ``activation_scales`` (value -> scale),
-    ``weight_scale_max`` (e.g. ``passes.quantize_fp8.LayerRecord``).
-    """
-    from maia_onnx.calib import _session_with_outputs
-
+) -> AccuracyReport:
+    """Run both models on ``batches``; per-layer rows for the ``layers`` the FP8 pass quantized, per-output rows."""
     quantized = float_io_model(quantized)
     layer_outputs = [r.outputs[0] for r in layers if r.outputs]
     act_inputs = sorted({name for r in layers for name in r.activation_scales})
@@ -169,7 +234,7 @@ def evaluate_accuracy(
                 clipped[name][1] += x.size
         n_batches += 1
 
-    names = [getattr(r, "layer", None) or r.node for r in layers if r.outputs]
+    names = [r.layer or r.node for r in layers if r.outputs]
     repeated = {n for n in names if names.count(n) > 1}  # e.g. the two attention matmuls of one module
     layer_rows = []
     for r in layers:
@@ -179,61 +244,54 @@ def evaluate_accuracy(
         n_clip = sum(clipped[a][0] for a in r.activation_scales)
         n_tot = sum(clipped[a][1] for a in r.activation_scales)
         act_scale = max(r.activation_scales.values()) if r.activation_scales else None
+        name = r.layer or r.node
         layer_rows.append(
-            {
-                "layer": (getattr(r, "layer", None) or r.node) + (f" ({r.node})" if (getattr(r, "layer", None) or r.node) in repeated else ""),
-                "node": r.node,
-                "op": r.op_type,
-                "output": r.outputs[0],
-                "sqnr_db": acc.sqnr_db,
-                "max_abs_err": acc.max_abs,
-                "act_scale": act_scale,
-                "activation_scales": dict(r.activation_scales),
-                "weight": r.weight,
-                "weight_scale": r.weight_scale_max,
-                "weight_scale_min": r.weight_scale_min,
-                "weight_granularity": r.weight_granularity,
-                "weight_sqnr_db": r.weight_sqnr_db,
-                "clipped": (n_clip / n_tot) if n_tot else 0.0,
-            }
+            LayerAccuracy(
+                layer=name + (f" ({r.node})" if name in repeated else ""),
+                node=r.node,
+                op=r.op_type,
+                output=r.outputs[0],
+                sqnr_db=acc.sqnr_db,
+                max_abs_err=acc.max_abs,
+                act_scale=act_scale,
+                activation_scales=dict(r.activation_scales),
+                weight=r.weight,
+                weight_scale=r.weight_scale_max,
+                weight_scale_min=r.weight_scale_min,
+                weight_granularity=r.weight_granularity,
+                weight_sqnr_db=r.weight_sqnr_db,
+                clipped=(n_clip / n_tot) if n_tot else 0.0,
+            )
         )
     outputs = {
-        name: {
-            "cosine": acc.cosine,
-            "rel_err": acc.rel_err,
-            "max_abs_err": acc.max_abs,
-            "sqnr_db": acc.sqnr_db,
-            "top1_agree": acc.top1,
-        }
+        name: OutputAccuracy(acc.cosine, acc.rel_err, acc.max_abs, acc.sqnr_db, acc.top1)
         for name, acc in per_output.items()
     }
-    finite_sqnr = [row["sqnr_db"] for row in layer_rows if math.isfinite(row["sqnr_db"])]
-    summary = {
-        "samples_batches": n_batches,
-        "min_output_cosine": min((o["cosine"] for o in outputs.values()), default=1.0),
-        "max_output_rel_err": max((o["rel_err"] for o in outputs.values()), default=0.0),
-        "worst_layer_sqnr_db": min(finite_sqnr) if finite_sqnr else None,
-        "quantized_layers": len(layer_rows),
-    }
+    finite_sqnr = [row.sqnr_db for row in layer_rows if math.isfinite(row.sqnr_db)]
     first = next(iter(outputs.values()), None)
-    if first is not None:
-        summary["top1_agree"] = first["top1_agree"]
-    return {"layers": layer_rows, "outputs": outputs, "summary": summary}
+    summary = AccuracySummary(
+        samples_batches=n_batches,
+        min_output_cosine=min((o.cosine for o in outputs.values()), default=1.0),
+        max_output_rel_err=max((o.rel_err for o in outputs.values()), default=0.0),
+        worst_layer_sqnr_db=min(finite_sqnr) if finite_sqnr else None,
+        quantized_layers=len(layer_rows),
+        top1_agree=first.top1_agree if first is not None else None,
+    )
+    return AccuracyReport(layer_rows, outputs, summary)
 
 
-def format_report(report: Mapping[str, Any], max_layers: int | None = 40) -> str:
+def format_report(report: AccuracyReport, max_layers: int | None = 40) -> str:
     """Terminal tables: per-layer rows (worst SQNR first when truncated) then per-output rows."""
-    from maia_onnx.report import format_table
-
+    data = report.to_dict()
     parts = []
-    rows = list(report.get("layers", []))
+    rows = list(data["layers"])
     title = f"per-layer accuracy ({len(rows)} quantized layers)"
     if max_layers is not None and len(rows) > max_layers:
         rows = sorted(rows, key=lambda r: r["sqnr_db"])[:max_layers]
         title += f", worst {max_layers} by SQNR"
     if rows:
         parts.append(format_table(rows, LAYER_COLUMNS, title))
-    out_rows = [{"output": k, **v} for k, v in report.get("outputs", {}).items()]
+    out_rows = [{"output": k, **v} for k, v in data["outputs"].items()]
     if out_rows:
         parts.append(format_table(out_rows, OUTPUT_COLUMNS, "end-to-end accuracy vs the unquantized model"))
     return "\n\n".join(parts)

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from maia_onnx.errors import UserError
+from maia_onnx.io import atomic_write
 
 WEIGHT_OPS = ("MatMul", "Gemm", "Conv")
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -188,8 +189,6 @@ def load_scales(path: str | Path) -> dict[str, np.ndarray]:
 
 def write_scales(path: str | Path, scales: Mapping[str, np.ndarray | float]) -> Path:
     """Write scales atomically as JSON (numbers / lists) or safetensors (float32 tensors) by extension."""
-    from maia_onnx.io import atomic_write
-
     path = Path(path)
     suffix = path.suffix.lower()
     arrays = {k: np.array(v, dtype=np.float32, order="C") for k, v in sorted(scales.items())}  # keeps 0-d scalars 0-d

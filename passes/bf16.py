@@ -5,18 +5,27 @@ boundaries: each converted weight feeds ``Cast(to=FLOAT)``, and each activation 
 Conv / ConvTranspose (attention matmuls included) goes through ``Cast(to=BFLOAT16) -> Cast(to=FLOAT)``
 (round-to-nearest-even).  The result runs anywhere and measures exactly the BF16 rounding error, the
 non-FP8 baseline.  Scalar initializers (epsilons, constants) stay float32.
+
+``nodes`` restricts the pass to the named nodes (mixed precision keeps its chosen layers in BF16 this way);
+``call`` returns a ``Bf16PassResult`` naming the weights it converted.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Collection, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 
-from maia_onnx.passes.quantize_fp8 import DEFAULT_OP_TYPES, _unique_name, _unique_node, find_targets
+from maia_onnx.passes.quantize_fp8 import DEFAULT_OP_TYPES, _matches, _unique_name, _unique_node, find_targets
+
+
+@dataclass
+class Bf16PassResult(onnx_ir.passes.PassResult):
+    converted_weights: list[str] = field(default_factory=list)  # float32 initializers now stored as bfloat16
 
 
 def to_bfloat16(x: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
@@ -37,21 +46,23 @@ class Bf16Pass(onnx_ir.passes.InPlacePass):
         op_types: ops whose activation inputs are rounded to bfloat16.
         exclude: fnmatch patterns on node name or op type to leave in float32.
         activations: round activations too (False: weight-only bfloat16).
+        nodes: node names to convert (None: every node not excluded).
     """
 
-    def __init__(self, op_types: Iterable[str] = DEFAULT_OP_TYPES, exclude: Sequence[str] = (), activations: bool = True):
+    def __init__(self, op_types: Iterable[str] = DEFAULT_OP_TYPES, exclude: Sequence[str] = (), activations: bool = True,
+                 nodes: Collection[str] | None = None):
         super().__init__()
         self.op_types = tuple(op_types)
         self.exclude = tuple(exclude)
         self.activations = activations
-        self.converted_weights: list[str] = []
+        self.nodes = frozenset(nodes) if nodes is not None else None
 
-    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+    def call(self, model: ir.Model) -> Bf16PassResult:
         graph = model.graph
         modified = False
-        self.converted_weights = []
-        targets = find_targets(model, self.op_types, self.exclude, attention=True)
-        excluded_nodes = {id(n) for n in graph if _excluded(n, self.exclude)}
+        converted: list[str] = []
+        targets = [t for t in find_targets(model, self.op_types, self.exclude, attention=True) if self._in_scope(t.node)]
+        excluded_nodes = {id(n) for n in graph if not self._in_scope(n) or _excluded(n, self.exclude)}
         # 1. weights: every float32 initializer with > 1 element used only by non-excluded nodes
         for value in list(graph.initializers.values()):
             tensor = value.const_value
@@ -63,6 +74,7 @@ class Bf16Pass(onnx_ir.passes.InPlacePass):
             if any(id(node) in excluded_nodes or node.graph is not graph for node, _ in uses):
                 continue
             self._convert_weight(graph, value, uses)
+            converted.append(value.name)
             modified = True
         # 2. activations entering the target ops
         if self.activations:
@@ -90,7 +102,10 @@ class Bf16Pass(onnx_ir.passes.InPlacePass):
                     modified = True
         graph.meta.pop("maia_value_names", None)
         graph.meta.pop("maia_node_names", None)
-        return onnx_ir.passes.PassResult(model, modified)
+        return Bf16PassResult(model, modified, converted)
+
+    def _in_scope(self, node: ir.Node) -> bool:
+        return self.nodes is None or (node.name or "") in self.nodes
 
     def _convert_weight(self, graph: ir.Graph, value: ir.Value, uses) -> None:
         tensor = value.const_value
@@ -119,12 +134,9 @@ class Bf16Pass(onnx_ir.passes.InPlacePass):
         graph.insert_before(first_user, [cast])
         value.replace_all_uses_with(cast.outputs[0])
         graph.initializers.pop(value.name, None)
-        self.converted_weights.append(value.name)
 
 
 def _excluded(node: ir.Node, patterns: Sequence[str]) -> bool:
-    from maia_onnx.passes.quantize_fp8 import _matches
-
     return bool(patterns) and _matches(node, patterns)
 
 

@@ -18,7 +18,8 @@ Scales (dequantisation multipliers, ``real = fp8 * scale``): per tensor (scalar)
 (``calib``: feed dicts run through the FP32 model; scale = amax(present) / fmt max).  Imported scales
 win; layers they miss fall back to calibration, else the pass fails with the layers it lacks.
 
-The model gets ``maia_onnx.kv_cache`` metadata (JSON: dtype, granularity, per-layer scales) so a runtime
+``call`` returns a ``KvCachePassResult`` whose ``record`` (``KvCacheRecord``) holds the scale used for every
+cache tensor.  The model gets ``maia_onnx.kv_cache`` metadata (JSON: dtype, granularity, per-layer scales) so a runtime
 knows how to allocate and read the cache.  ``maia_onnx.decode`` runs greedy decoding over such models.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -33,12 +35,27 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError
-from maia_onnx.formats.fp8 import get_fp8_format
+from maia_onnx.formats.registry import kv_cache_format
+from maia_onnx.ortutil import make_session
+from maia_onnx.passes.quantize_mx import ORT_OPSET, require_opset
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 PRESENT = "present.{}.{}"
 GRANULARITIES = ("tensor", "head")
-KV_FORMATS = {"fp8-e4m3": "e4m3fn", "fp8-e5m2": "e5m2", "e4m3fn": "e4m3fn", "e4m3": "e4m3fn", "e5m2": "e5m2"}
+
+
+@dataclass
+class KvCacheRecord:
+    """What the pass did: the FP8 element format, the scale granularity and the scale of every ``present.*`` tensor."""
+
+    format: str  # FP8 element format name (e4m3fn / e5m2)
+    granularity: str
+    scales: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class KvCachePassResult(onnx_ir.passes.PassResult):
+    record: KvCacheRecord | None = None
 
 
 def kv_pairs(model: ir.Model) -> list[tuple[int, str, ir.Value, ir.Value]]:
@@ -54,8 +71,6 @@ def kv_pairs(model: ir.Model) -> list[tuple[int, str, ir.Value, ir.Value]]:
 
 def calibrate_kv_amax(model: ir.Model, feeds: Iterable[Mapping[str, np.ndarray]], granularity: str = "tensor") -> dict[str, np.ndarray]:
     """amax of every ``present.*`` output over the calibration feeds (per tensor, or per KV head on axis 1)."""
-    from maia_onnx.ortutil import make_session
-
     sess = make_session(model)
     names = [o.name for o in sess.get_outputs() if o.name.startswith("present.")]
     amax: dict[str, np.ndarray] = {}
@@ -85,15 +100,12 @@ class KvCacheFp8Pass(onnx_ir.passes.InPlacePass):
         calib: Iterable[Mapping[str, np.ndarray]] | None = None,
     ):
         super().__init__()
-        if fmt not in KV_FORMATS:
-            raise InvalidOptionError(f"--kv-cache {fmt!r} is not supported: use fp8-e4m3 or fp8-e5m2")
         if granularity not in GRANULARITIES:
             raise InvalidOptionError(f"KV-cache scale granularity {granularity!r}: use 'tensor' or 'head'")
-        self.fmt = get_fp8_format(KV_FORMATS[fmt])
+        self.fmt = kv_cache_format(fmt)
         self.granularity = granularity
         self.scales = {int(k): dict(v) for k, v in (scales or {}).items()}
         self.calib = list(calib) if calib is not None else None
-        self.applied: dict[str, np.ndarray] = {}  # present name -> scale used
 
     def _scale_for(self, layer: int, kind: str, heads: int | None, amax: Mapping[str, np.ndarray] | None) -> np.ndarray | None:
         slot = "k" if kind == "key" else "v"
@@ -114,9 +126,7 @@ class KvCacheFp8Pass(onnx_ir.passes.InPlacePass):
         s = np.where(a > 0, a / self.fmt.max, 1.0).astype(np.float32)
         return s.reshape(()) if s.size == 1 and self.granularity == "tensor" else s
 
-    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
-        from maia_onnx.passes.quantize_mx import ORT_OPSET, require_opset
-
+    def call(self, model: ir.Model) -> KvCachePassResult:
         pairs = kv_pairs(model)
         if not pairs:
             raise UnsupportedModelError(
@@ -139,6 +149,7 @@ class KvCacheFp8Pass(onnx_ir.passes.InPlacePass):
         fp8_type = self.fmt.ir_dtype
         front: list[ir.Node] = []
         meta: dict[str, object] = {}
+        record = KvCacheRecord(self.fmt.name, self.granularity)
         for layer, kind, past, present in pairs:
             heads = past.shape[1] if past.shape is not None and len(past.shape) == 4 and isinstance(past.shape[1], int) else None
             if self.granularity == "head" and heads is None:
@@ -146,7 +157,7 @@ class KvCacheFp8Pass(onnx_ir.passes.InPlacePass):
             scale = self._scale_for(layer, kind, heads, amax)
             if scale.ndim == 1 and heads is not None and scale.shape[0] != heads:
                 raise InvalidOptionError(f"scale for {past.name} has {scale.shape[0]} entries, the cache has {heads} KV heads")
-            self.applied[present.name] = scale
+            record.scales[present.name] = scale
             meta[present.name] = scale.tolist()
             attrs = {"axis": 1} if scale.ndim == 1 else {}
             s_name = f"kv_cache.{layer}.{kind}_scale"
@@ -184,4 +195,4 @@ class KvCacheFp8Pass(onnx_ir.passes.InPlacePass):
         model.metadata_props["maia_onnx.kv_cache"] = json.dumps(
             {"dtype": fp8_type.name, "format": self.fmt.name, "granularity": self.granularity, "scales": meta}, sort_keys=True
         )
-        return onnx_ir.passes.PassResult(model, modified=True)
+        return KvCachePassResult(model, True, record)

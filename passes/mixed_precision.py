@@ -12,17 +12,18 @@ metric being the worst cosine over all outputs and feeds:
 4. the result lists every kept layer with its rank and its solo cosine (why it was kept), the cosine
    before and after, and whether the target was met (keeping everything may still miss it).
 
-``MixedPrecisionPass(passes, target_cosine, feeds=None | calib_source=None, keep_dtype="bf16")`` wraps
-the quantization passes the front end built (``QuantizeFp8Pass``, ``QuantizeMxPass``, ``KvCacheFp8Pass``
-...): trials run on copies with each pass's ``exclude`` extended by the kept node names; the final run
-applies the original pass objects to the model (so their ``records`` / ``layers`` describe the result)
-followed by ``Bf16Pass`` restricted to the kept layers.  ``pass.result.as_dict()`` is the report.
-Trials copy the model through protobuf: meant for models below the 2 GB protobuf limit.
+``MixedPrecisionPass(make_passes, target_cosine, feeds=None | calib_source=None, keep_dtype="bf16")`` plans,
+it does not quantize: ``make_passes(kept)`` (the quantize recipe) builds fresh quantization passes that
+leave the ``kept`` node names alone; every trial runs them on a copy of the model followed by ``Bf16Pass``
+restricted to the kept layers (``kept_passes``).  The pass returns a ``MixedPrecisionPassResult`` whose
+``plan`` (``MixedPrecisionPlan``: kept nodes and the dtype they keep, ranking, cosines) is data; the caller
+turns it into the final passes with ``kept_passes(make_passes, plan.kept_layers, plan.keep_dtype)``.  The
+model itself only gains names for anonymous candidate nodes and the plan's ``maia_onnx.mixed_precision``
+metadata.  Trials copy the model through protobuf: meant for models below the 2 GB protobuf limit.
 """
 
 from __future__ import annotations
 
-import copy
 import glob
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 
+from maia_onnx.decode import ort_feeds
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError
+from maia_onnx.ortutil import compare, make_inputs, make_session
+from maia_onnx.passes.bf16 import Bf16Pass
+from maia_onnx.scales import layer_name
+
+PassFactory = Callable[[Sequence[str]], Sequence[onnx_ir.passes.PassBase]]  # kept node names -> passes leaving them out
+KEEP_DTYPES = ("bf16", "fp32")
 
 CANDIDATE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
 
@@ -61,8 +69,6 @@ def candidate_layers(model: ir.Model, op_types: Sequence[str] = CANDIDATE_OPS) -
 
 def _module_names(model: ir.Model) -> dict[str, str]:
     """Node name -> checkpoint module name (``model.layers.0.mlp.down_proj``) where one is known."""
-    from maia_onnx.scales import layer_name
-
     out = {}
     for node in model.graph:
         if node.name and node.op_type in CANDIDATE_OPS:
@@ -73,10 +79,6 @@ def _module_names(model: ir.Model) -> dict[str, str]:
 
 def end_to_end_cosine(references: Sequence[Mapping[str, np.ndarray]], model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]]) -> float:
     """Worst output cosine of ``model`` against the FP32 references over all feeds."""
-    from maia_onnx.ortutil import compare, make_session
-
-    from maia_onnx.decode import ort_feeds
-
     sess = make_session(model)
     # FP8 outputs (an FP8 KV cache) cannot come back as NumPy: judge the model by its float outputs;
     # float feeds for FP8 inputs are quantised with the graph's own cache scales
@@ -93,7 +95,9 @@ _FLOAT_OUTPUTS = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 @dataclass
-class MixedPrecisionResult:
+class MixedPrecisionPlan:
+    """The per-node precision plan: which layers stay in ``keep_dtype``, why, and the cosines measured."""
+
     target_cosine: float
     cosine_all_quantized: float
     final_cosine: float
@@ -107,6 +111,11 @@ class MixedPrecisionResult:
     @property
     def kept_layers(self) -> list[str]:
         return [k["layer"] for k in self.kept]
+
+    @property
+    def node_dtypes(self) -> dict[str, str]:
+        """Node name -> the dtype it keeps instead of the quantized format."""
+        return {name: self.keep_dtype for name in self.kept_layers}
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -131,14 +140,12 @@ def search_mixed_precision(
     candidates: Sequence[str] | None = None,
     keep_dtype: str = "bf16",
     progress: Callable[[str], None] | None = None,
-) -> MixedPrecisionResult:
+) -> MixedPrecisionPlan:
     """Rank layers by sensitivity and keep the fewest most-sensitive ones unquantized to meet ``target_cosine``.
 
     ``quantize_fn(model_copy, kept_layer_names) -> quantized model`` must leave the named layers out of the
     low-precision format (and may put them in BF16); it gets a fresh copy of ``fp32_model`` every call.
     """
-    from maia_onnx.ortutil import make_session
-
     if not 0 < target_cosine <= 1:
         raise InvalidOptionError(f"--target-cosine must be in (0, 1], got {target_cosine}")
     feeds = list(feeds)
@@ -165,7 +172,7 @@ def search_mixed_precision(
 
     say = progress or (lambda msg: None)
     all_quantized = evaluate([])
-    result = MixedPrecisionResult(target_cosine, all_quantized, all_quantized, all_quantized >= target_cosine, keep_dtype)
+    result = MixedPrecisionPlan(target_cosine, all_quantized, all_quantized, all_quantized >= target_cosine, keep_dtype)
     if not result.met:
         solo = []
         for i, layer in enumerate(candidates):
@@ -215,67 +222,64 @@ def search_mixed_precision(
     return result
 
 
-def _escaped(names: Iterable[str]) -> list[str]:
-    return [glob.escape(n) for n in names]
+def exclude_patterns(names: Iterable[str]) -> tuple[str, ...]:
+    """fnmatch patterns matching exactly these node names (for a pass's ``exclude``)."""
+    return tuple(glob.escape(n) for n in names)
 
 
-def apply_with_kept(model: ir.Model, passes: Sequence[onnx_ir.passes.PassBase], kept: Sequence[str], keep_dtype: str = "bf16") -> ir.Model:
-    """Run ``passes`` with the kept layers excluded (each pass's ``exclude`` extended), then BF16 on them."""
-    for p in passes:
-        if kept and hasattr(p, "exclude"):
-            original = tuple(p.exclude)
-            p.exclude = original + tuple(_escaped(kept))
-            try:
-                model = p(model).model
-            finally:
-                p.exclude = original
-        else:
-            model = p(model).model
+def kept_passes(make_passes: PassFactory, kept: Sequence[str], keep_dtype: str = "bf16") -> list[onnx_ir.passes.PassBase]:
+    """The passes that realise a plan: ``make_passes(kept)``, then BF16 on the kept layers (unless kept in FP32)."""
+    passes = list(make_passes(list(kept)))
     if kept and keep_dtype == "bf16":
-        from maia_onnx.passes.bf16 import Bf16Pass
+        passes.append(Bf16Pass(nodes=kept))
+    return passes
 
-        kept_set = set(kept)
-        others = [n.name or "" for n in model.graph if (n.name or "") not in kept_set]
-        model = Bf16Pass(exclude=sorted(set(_escaped(others)))).call(model).model
+
+def apply_with_kept(model: ir.Model, make_passes: PassFactory, kept: Sequence[str], keep_dtype: str = "bf16") -> ir.Model:
+    """Run ``kept_passes(make_passes, kept, keep_dtype)`` on ``model``."""
+    for p in kept_passes(make_passes, kept, keep_dtype):
+        model = p(model).model
     return model
 
 
+@dataclass
+class MixedPrecisionPassResult(onnx_ir.passes.PassResult):
+    plan: MixedPrecisionPlan | None = None
+
+
 class MixedPrecisionPass(onnx_ir.passes.InPlacePass):
-    """Quantize with ``passes`` but keep the most sensitive layers in BF16 until ``target_cosine`` holds.
+    """Plan which layers stay in BF16 so that quantizing the rest keeps the output cosine >= ``target_cosine``.
 
     Args:
-        passes: the quantization passes to apply (instances; their ``exclude`` gets the kept layers).
+        make_passes: kept node names -> fresh quantization passes that leave those nodes alone (the recipe).
         target_cosine: end-to-end goal, worst output cosine against the FP32 model.
         feeds: evaluation batches (list of input dicts); or ``calib_source`` with ``batches(model)``.
         max_batches: batches taken from ``calib_source``.
         keep_dtype: "bf16" (default) or "fp32" for the kept layers.
-        reference: accepted for the front end's convenience; the FP32 model is the pass's input.
     """
 
     def __init__(
         self,
-        passes: Sequence[onnx_ir.passes.PassBase],
+        make_passes: PassFactory,
         target_cosine: float,
         feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
         calib_source: Any = None,
         max_batches: int = 2,
         keep_dtype: str = "bf16",
-        reference: ir.Model | None = None,
         progress: Callable[[str], None] | None = None,
     ):
         super().__init__()
-        if keep_dtype not in ("bf16", "fp32"):
-            raise InvalidOptionError(f"keep_dtype {keep_dtype!r}: use 'bf16' or 'fp32'")
+        if keep_dtype not in KEEP_DTYPES:
+            raise InvalidOptionError(f"keep_dtype {keep_dtype!r}: use one of {', '.join(KEEP_DTYPES)}")
         if not 0 < target_cosine <= 1:
             raise InvalidOptionError(f"--target-cosine must be in (0, 1], got {target_cosine}")
-        self.passes = list(passes)
+        self.make_passes = make_passes
         self.target_cosine = float(target_cosine)
         self.feeds = list(feeds) if feeds is not None else None
         self.calib_source = calib_source
         self.max_batches = max_batches
         self.keep_dtype = keep_dtype
         self.progress = progress
-        self.result: MixedPrecisionResult | None = None
 
     def _feeds(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
         if self.feeds is not None:
@@ -287,20 +291,15 @@ class MixedPrecisionPass(onnx_ir.passes.InPlacePass):
                 if len(out) >= self.max_batches:
                     break
             return out
-        from maia_onnx.ortutil import make_inputs
-
         return [make_inputs(model, seed=1234)]
 
-    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+    def call(self, model: ir.Model) -> MixedPrecisionPassResult:
         feeds = self._feeds(model)
         candidates = candidate_layers(model)
 
         def quantize(copy_of_model: ir.Model, kept: list[str]) -> ir.Model:
-            return apply_with_kept(copy_of_model, [copy.copy(p) for p in self.passes], kept, self.keep_dtype)
+            return apply_with_kept(copy_of_model, self.make_passes, kept, self.keep_dtype)
 
-        self.result = search_mixed_precision(
-            model, quantize, feeds, self.target_cosine, candidates, self.keep_dtype, self.progress
-        )
-        final = apply_with_kept(model, self.passes, self.result.kept_layers, self.keep_dtype)
-        final.metadata_props["maia_onnx.mixed_precision"] = ",".join(self.result.kept_layers)
-        return onnx_ir.passes.PassResult(final, modified=True)
+        plan = search_mixed_precision(model, quantize, feeds, self.target_cosine, candidates, self.keep_dtype, self.progress)
+        model.metadata_props["maia_onnx.mixed_precision"] = ",".join(plan.kept_layers)
+        return MixedPrecisionPassResult(model, True, plan)  # anonymous candidates got names, the plan its metadata

@@ -20,22 +20,49 @@ with the scale the training learned:
    reproduces the fake-quantised weights bit for bit but may differ from the learned one by a power
    of two (fp8 * s == (fp8 * 2^k) * (s / 2^-k)); give ``weight_scales`` to keep the learned value.
 
-The ``records`` list says what was converted (kind, value, scale, scale source, whether exact).
+``call`` returns a ``QatImportResult`` whose ``records`` (``QatRecord``) say what was converted (kind, value,
+scale, scale source, whether exact).
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 
-from maia_onnx.formats.fp8 import FP8_E4M3FN, FP8_E5M2, Fp8Format, cast_fp8_saturate, get_fp8_format
+from maia_onnx.formats.fp8 import FP8_E4M3FN, FP8_E5M2, Fp8Format, cast_fp8_saturate, expand_scale, get_fp8_format
+from maia_onnx.passes.quantize_mx import ORT_OPSET, require_opset
 from maia_onnx.scales import weight_targets
 
 _FP8_BY_IR = {ir.DataType.FLOAT8E4M3FN: FP8_E4M3FN, ir.DataType.FLOAT8E5M2: FP8_E5M2}
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+@dataclass
+class QatRecord:
+    """One conversion: what kind, which value, its scale, where the scale came from, and whether it is exact."""
+
+    kind: str  # "fake-quant weight" | "fake-quant activation" | "weight qdq" | "folded weight"
+    value: str
+    scale: Any  # scale as a (nested) list / float
+    source: str  # "graph" | "given" | "inferred"
+    format: str
+    exact: bool
+    layer: str | None = None  # folded weights: the checkpoint layer name
+
+    def as_dict(self) -> dict[str, Any]:
+        row = {k: v for k, v in vars(self).items() if k != "layer"}
+        if self.kind == "folded weight":
+            row["layer"] = self.layer
+        return row
+
+
+@dataclass
+class QatImportResult(onnx_ir.passes.PassResult):
+    records: list[QatRecord] = field(default_factory=list)
 
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
@@ -125,7 +152,6 @@ class QatImportPass(onnx_ir.passes.InPlacePass):
         self.weight_scales = dict(weight_scales or {})
         self.infer = infer
         self.fmt = get_fp8_format(fmt)
-        self.records: list[dict] = []
 
     # -------------------------------------------------------------------------------------------
     def _new_init(self, graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
@@ -172,7 +198,7 @@ class QatImportPass(onnx_ir.passes.InPlacePass):
                 return None
         return x, s_val, np.asarray(s, np.float32), fmt, nodes + [cast8, castf, mul], mul.outputs[0]
 
-    def _convert_chains(self, model: ir.Model) -> bool:
+    def _convert_chains(self, model: ir.Model, records: list[QatRecord]) -> bool:
         graph = model.graph
         changed = False
         for div in [n for n in graph if n.op_type == "Div"]:
@@ -215,11 +241,11 @@ class QatImportPass(onnx_ir.passes.InPlacePass):
                 graph.remove(n, safe=True)
             for v in dropped:
                 _drop_if_unused(graph, v)
-            self.records.append({"kind": f"fake-quant {kind}", "value": x.name, "scale": s.tolist(), "source": "graph", "format": fmt.name, "exact": True})
+            records.append(QatRecord(f"fake-quant {kind}", x.name, s.tolist(), "graph", fmt.name, True))
             changed = True
         return changed
 
-    def _fold_weight_qdq(self, model: ir.Model) -> bool:
+    def _fold_weight_qdq(self, model: ir.Model, records: list[QatRecord]) -> bool:
         graph = model.graph
         changed = False
         for qn in [n for n in graph if n.op_type == "QuantizeLinear"]:
@@ -238,8 +264,6 @@ class QatImportPass(onnx_ir.passes.InPlacePass):
                 target = ir.DataType(out_dtype)
             else:
                 target = ir.DataType.UINT8
-            from maia_onnx.formats.fp8 import expand_scale
-
             s_full = expand_scale(np.asarray(s, np.float32), w.shape, axis if np.ndim(s) else None, block or None)
             x = np.asarray(w, np.float32) / s_full
             if target in _FP8_BY_IR:
@@ -255,11 +279,11 @@ class QatImportPass(onnx_ir.passes.InPlacePass):
             w_value = qn.inputs[0]
             graph.remove(qn, safe=True)
             _drop_if_unused(graph, w_value)
-            self.records.append({"kind": "weight qdq", "value": w_value.name, "scale": np.asarray(s).tolist(), "source": "graph", "format": target.name, "exact": True})
+            records.append(QatRecord("weight qdq", w_value.name, np.asarray(s).tolist(), "graph", target.name, True))
             changed = True
         return changed
 
-    def _fold_grid_weights(self, model: ir.Model) -> bool:
+    def _fold_grid_weights(self, model: ir.Model, records: list[QatRecord]) -> bool:
         graph = model.graph
         changed = False
         for t in list(weight_targets(graph)):
@@ -309,19 +333,15 @@ class QatImportPass(onnx_ir.passes.InPlacePass):
                     use.node.replace_input_with(use.idx, dq.outputs[0])
             if not w_value.uses() and not w_value.is_graph_output():
                 graph.initializers.pop(w_value.name)
-            self.records.append(
-                {"kind": "folded weight", "value": w_value.name, "layer": t.layer, "scale": s.tolist(), "source": source, "format": self.fmt.name, "exact": exact}
-            )
+            records.append(QatRecord("folded weight", w_value.name, s.tolist(), source, self.fmt.name, exact, t.layer))
             changed = True
         return changed
 
-    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
-        from maia_onnx.passes.quantize_mx import ORT_OPSET, require_opset
-
-        self.records = []
-        changed = self._convert_chains(model)
-        changed |= self._fold_weight_qdq(model)
-        changed |= self._fold_grid_weights(model)
+    def call(self, model: ir.Model) -> QatImportResult:
+        records: list[QatRecord] = []
+        changed = self._convert_chains(model, records)
+        changed |= self._fold_weight_qdq(model, records)
+        changed |= self._fold_grid_weights(model, records)
         if changed:
             require_opset(model, ORT_OPSET)
-        return onnx_ir.passes.PassResult(model, modified=changed)
+        return QatImportResult(model, changed, records)

@@ -33,7 +33,16 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError
-from maia_onnx.formats.fp8 import Fp8Format, amax_along, dequantize_fp8, fp8_amax_scale, get_fp8_format, quantize_fp8
+from maia_onnx.formats.fp8 import (
+    Fp8Format,
+    amax_along,
+    dequantize_fp8,
+    expand_scale,
+    fp8_amax_scale,
+    get_fp8_format,
+    quantize_fp8,
+)
+from maia_onnx.scales import layer_name
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +83,13 @@ class LayerRecord:
     layer: str | None = None  # checkpoint layer name (model.layers.0.mlp.up_proj) when known
 
 
+@dataclass
+class Fp8PassResult(onnx_ir.passes.PassResult):
+    """``QuantizeFp8Pass``'s result: the model plus one ``LayerRecord`` per quantized node, in graph order."""
+
+    records: list[LayerRecord] = field(default_factory=list)
+
+
 def _is_float_constant(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.const_value.dtype in _FLOAT_TYPES
 
@@ -82,14 +98,8 @@ def _matches(node: ir.Node, patterns: Sequence[str]) -> bool:
     """fnmatch on the node name, its op type, or its checkpoint layer name (``model.layers.0.mlp.*``, ``*lm_head*``)."""
     if not patterns:
         return False
-    names = [node.name or "", node.op_type]
-    try:
-        from maia_onnx.scales import layer_name
-
-        weight = node.inputs[1] if len(node.inputs) > 1 and _is_float_constant(node.inputs[1]) else None
-        names.append(layer_name(node, weight))
-    except ImportError:  # layer naming lives with the scales module; node names still work without it
-        pass
+    weight = node.inputs[1] if len(node.inputs) > 1 and _is_float_constant(node.inputs[1]) else None
+    names = [node.name or "", node.op_type, layer_name(node, weight)]
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
@@ -260,14 +270,13 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         self.exclude = tuple(exclude)
         self.attention = attention
         self.weights_only = weights_only
-        self.records: list[LayerRecord] = []
 
     # ----------------------------------------------------------------------------------------------
-    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+    def call(self, model: ir.Model) -> Fp8PassResult:
         ensure_opset(model)
         graph = model.graph
         targets = find_targets(model, self.op_types, self.exclude, self.attention)
-        self.records = []
+        records: list[LayerRecord] = []
         self._zero_points: dict[ir.DataType, ir.Value] = {}
         self._activation_qdq: dict[str, ir.Value] = {}
         self._weight_dq: dict[str, tuple[ir.Value, LayerRecord]] = {}
@@ -276,7 +285,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         for target in targets:
             node = target.node
             record = LayerRecord(
-                node=node.name or f"{node.op_type}_{len(self.records)}",
+                node=node.name or f"{node.op_type}_{len(records)}",
                 op_type=node.op_type,
                 outputs=[o.name for o in node.outputs],
                 layer=_layer_name(node, target),
@@ -287,7 +296,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
                 for i in target.activation_inputs:
                     modified |= self._quantize_activation(graph, node, i, record)
             if record.weight or record.activation_scales:
-                self.records.append(record)
+                records.append(record)
         # FP32 weights whose every use now reads the FP8 copy (tied weights included) are dropped
         for name in self._weight_dq:
             value = graph.initializers.get(name)
@@ -304,7 +313,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
                         graph.remove(constant, safe=True)
         graph.meta.pop("maia_value_names", None)
         graph.meta.pop("maia_node_names", None)
-        return onnx_ir.passes.PassResult(model, modified)
+        return Fp8PassResult(model, modified, records)
 
     # ----------------------------------------------------------------------------------------------
     def _zero_point(self, graph: ir.Graph) -> ir.Value:
@@ -427,7 +436,7 @@ class QuantizeFp8Pass(onnx_ir.passes.InPlacePass):
         else:
             q = quantize_fp8(data, scale, self.fmt, axis=axis, block_size=block_size)
             q_tensor = ir.Tensor(q, dtype=self.fmt.ir_dtype, name=qname)
-            deq = q.astype(np.float32) * (scale if axis is None else _expand(scale, shape, axis, block_size))
+            deq = q.astype(np.float32) * (scale if axis is None else expand_scale(scale, shape, axis, block_size))
             record.weight_sqnr_db = _sqnr_db(np.asarray(data, np.float32), deq)
         q_value = ir.Value(name=qname, type=ir.TensorType(self.fmt.ir_dtype), shape=ir.Shape(list(shape)), const_value=q_tensor)
         graph.register_initializer(q_value)
@@ -485,18 +494,8 @@ def _clamp_producer(value: ir.Value) -> ir.Node | None:
 
 
 def _layer_name(node: ir.Node, target: QuantTarget) -> str | None:
-    try:
-        from maia_onnx.scales import layer_name
-    except ImportError:
-        return None
     weight = node.inputs[target.weight_input] if target.weight_input is not None else None
     return layer_name(node, weight)
-
-
-def _expand(scale: np.ndarray, shape, axis, block_size) -> np.ndarray:
-    from maia_onnx.formats.fp8 import expand_scale
-
-    return expand_scale(scale, shape, axis, block_size)
 
 
 def _claim_name(taken: set[str], base: str) -> str:

@@ -37,7 +37,8 @@ Formats (NumPy reference: ``maia_onnx.formats.mx``):
 ``QuantizeMxPass(fmt, form="ort"|"standard", block_size=None (32 for MX, 16 for mx9/mx6), exclude=(...),
 activations=None (True where the format supports it: all but mxfp4))``; ``exclude`` takes fnmatch patterns
 matched against checkpoint layer names (``model.layers.0.mlp.*``), node names and weight names.
-After ``call`` the pass's ``layers`` lists, per weight, its layer name, shape, axis, SQNR (dB) and bytes.
+``call`` returns an ``MxPassResult`` whose ``layers`` holds one ``MxLayerRecord`` per quantised weight (layer
+name, shape, axis, SQNR in dB, bytes before/after, whether its activations are quantised too).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -53,10 +56,11 @@ import onnx_ir.passes
 
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats import mx as mxf
+from maia_onnx.formats.registry import MX_FORMS, FormatSpec, formats_of, get_format
 from maia_onnx.scales import WeightTarget, weight_targets
 
-FORMS = ("ort", "standard")
-ACTIVATION_FORMATS = ("mxfp8-e4m3", "mxfp8-e5m2", "mxint8", "mx9", "mx6")
+FORMS = MX_FORMS
+MX_FAMILIES = ("mx", "maia-mx")
 SMX_FUNCTION_DOMAIN = "maia"
 SMX_FUNCTION_NAME = "MxFakeQuant"
 SMX_MANTISSA_BITS = {"mx9": 7, "mx6": 4}
@@ -221,6 +225,36 @@ def smx_fake_quant_function(opset: int):
     )
 
 
+@dataclass
+class MxLayerRecord:
+    """What the pass did to one weight (one row of the report's ``mx_layers``)."""
+
+    layer: str
+    node: str
+    weight: str
+    shape: list[int]
+    axis: int
+    format: str
+    bytes_before: int
+    bytes_after: int = 0
+    sqnr_db: float = math.nan
+    form: str = ""
+    activations: bool = False  # its node's data input is MX-quantised too
+
+    def as_dict(self) -> dict[str, Any]:
+        row = {k: v for k, v in vars(self).items() if k != "activations"}
+        if self.activations:
+            row["activations"] = True
+        return row
+
+
+@dataclass
+class MxPassResult(onnx_ir.passes.PassResult):
+    """``QuantizeMxPass``'s result: the model plus one record per quantised weight."""
+
+    layers: list[MxLayerRecord] = field(default_factory=list)
+
+
 class _Namer:
     """Fresh value/node names that don't collide with anything already in the graph."""
 
@@ -248,25 +282,22 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         activations: bool | None = None,
     ):
         super().__init__()
-        if fmt not in mxf.ALL_BLOCK_FORMATS:
-            raise InvalidOptionError(
-                f"unknown MX format {fmt!r}: choose one of {', '.join(mxf.ALL_BLOCK_FORMATS)}"
-            )
+        spec = _mx_spec(fmt)
         if form not in FORMS:
-            raise InvalidOptionError(f"unknown --mx-form {form!r}: choose 'ort' or 'standard'")
-        self.fmt = fmt
-        self.smx = fmt in mxf.SMX_FORMATS
+            raise InvalidOptionError(f"unknown --mx-form {form!r}: choose one of {', '.join(FORMS)}")
+        self.fmt = spec.name
+        self.smx = spec.family == "maia-mx"
         self.form = form
-        self.block_size = int(block_size or (mxf.SMX_BLOCK_SIZE if self.smx else mxf.MX_BLOCK_SIZE))
+        self.block_size = int(block_size or spec.block_size)
         if self.block_size <= 0 or (self.smx and self.block_size % mxf.SMX_SUB_BLOCK):
             raise InvalidOptionError(f"block size {self.block_size} is invalid for {fmt}: use a positive (even for mx9/mx6) size")
-        if activations and fmt not in ACTIVATION_FORMATS:
+        if activations and not spec.activations:
+            activation_formats = [n for n in formats_of(*MX_FAMILIES) if get_format(n).activations]
             raise InvalidOptionError(
-                f"{fmt} is weight-only here: drop activations=True (activation MX needs one of {', '.join(ACTIVATION_FORMATS)})"
+                f"{fmt} is weight-only here: drop activations=True (activation MX needs one of {', '.join(activation_formats)})"
             )
-        self.activations = (fmt in ACTIVATION_FORMATS) if activations is None else bool(activations)
+        self.activations = spec.activations if activations is None else bool(activations)
         self.exclude = tuple(exclude)
-        self.layers: list[dict] = []
 
     # ------------------------------------------------------------------ weights
     def _smx(self, data: np.ndarray, axis: int) -> np.ndarray:
@@ -274,21 +305,14 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             return mxf.SMX_FORMATS[self.fmt](data, axis=axis)
         return mxf.fake_quant_smx(data, 7 if self.fmt == "mx9" else 4, axis, self.block_size)
 
-    def _quantize_weight(self, graph: ir.Graph, target: WeightTarget, namer: _Namer, front: list[ir.Node]) -> ir.Value:
+    def _quantize_weight(self, graph: ir.Graph, target: WeightTarget, namer: _Namer, front: list[ir.Node],
+                         layers: list[MxLayerRecord]) -> ir.Value:
         w = target.weight
         axis = target.reduction_axis
         source = w.const_value
         shape = tuple(source.shape)
         lazy_source = isinstance(source, ir.ExternalTensor)
-        row = {
-            "layer": target.layer,
-            "node": target.node.name,
-            "weight": w.name,
-            "shape": list(shape),
-            "axis": axis,
-            "format": self.fmt,
-            "bytes_before": int(source.nbytes),
-        }
+        row = MxLayerRecord(target.layer, target.node.name, w.name, list(shape), axis, self.fmt, int(source.nbytes))
         signal = noise = 0.0
 
         def measure(ref: np.ndarray, approx: np.ndarray) -> None:
@@ -330,8 +354,8 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             w.metadata_props["maia.format"] = self.fmt
             w.metadata_props["maia.block_axis"] = str(axis)
             w.metadata_props["maia.block_size"] = str(self.block_size)
-            row.update(sqnr_db=_db(signal, noise), bytes_after=int(tensor.nbytes), form="fake-quant")
-            self.layers.append(row)
+            row.sqnr_db, row.bytes_after, row.form = _db(signal, noise), int(tensor.nbytes), "fake-quant"
+            layers.append(row)
             return w
 
         # 1-byte elements + one scale per block are held in memory (a quarter of the FP32 bytes); the FP32
@@ -351,7 +375,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         del data
         if lazy_source:
             _release(source)
-        row["sqnr_db"] = _db(signal, noise)
+        row.sqnr_db = _db(signal, noise)
         if self.form == "ort":
             if self.fmt == "mxfp4":
                 elems = elems.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)  # exact: E2M1 is a subset of E4M3FN
@@ -374,11 +398,9 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         out = ir.Value(name=namer(f"{w.name}_dq"), shape=ir.Shape(list(elems.shape)), type=ir.TensorType(ir.DataType.FLOAT))
         dq = ir.node("DequantizeLinear", [q_value, s_value], attrs, outputs=[out], name=namer(f"{w.name}_DequantizeLinear"))
         front.append(dq)
-        row.update(
-            bytes_after=int(q_value.const_value.nbytes + s_value.const_value.nbytes),
-            form=self.form,
-        )
-        self.layers.append(row)
+        row.bytes_after = int(q_value.const_value.nbytes + s_value.const_value.nbytes)
+        row.form = self.form
+        layers.append(row)
         return out
 
     # ------------------------------------------------------------------ activations
@@ -438,7 +460,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             graph.insert_before(node, n)
         return out
 
-    def _smx_activations(self, model: ir.Model, targets: list[WeightTarget], namer: _Namer) -> None:
+    def _smx_activations(self, model: ir.Model, targets: list[WeightTarget], namer: _Namer) -> set[str]:
         """Put ``maia.MxFakeQuant`` on every quantised node's data input, blocked along its reduction axis."""
         graph = model.graph
         if model.opset_imports.get("", 0) < SMX_MIN_OPSET:
@@ -449,6 +471,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         model.opset_imports.setdefault(SMX_FUNCTION_DOMAIN, 1)
         attrs = {"mantissa_bits": SMX_MANTISSA_BITS[self.fmt], "block_size": self.block_size}
         cache: dict[tuple, ir.Value] = {}
+        quantised: set[str] = set()
         for t in targets:
             node = t.node
             x = node.inputs[0]
@@ -498,12 +521,11 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
                     graph.insert_before(first_use, n)
                 cache[cache_key] = out
             node.replace_input_with(0, cache[cache_key])
-            for row in self.layers:
-                if row["node"] == node.name:
-                    row["activations"] = True
+            quantised.add(node.name)
+        return quantised
 
     # ------------------------------------------------------------------ driver
-    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+    def call(self, model: ir.Model) -> MxPassResult:
         graph = model.graph
         namer = _Namer(graph)
         targets = [
@@ -512,16 +534,16 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             if not _matches(self.exclude, t.layer, t.node.name or "", t.weight.name or "")
         ]
         if not targets:
-            return onnx_ir.passes.PassResult(model, modified=False)
+            return MxPassResult(model, modified=False)
         if not self.smx:
             require_opset(model, STANDARD_OPSET if self.form == "standard" else ORT_OPSET)
-        self.layers = []
+        layers: list[MxLayerRecord] = []
         front: list[ir.Node] = []
         done: dict[int, ir.Value] = {}
         for t in targets:
             key = id(t.weight)
             if key not in done:
-                done[key] = self._quantize_weight(graph, t, namer, front)
+                done[key] = self._quantize_weight(graph, t, namer, front, layers)
             if done[key] is not t.weight:
                 t.node.replace_input_with(t.input_index, done[key])
         # Dequantised weights depend on initializers only: put their DequantizeLinear nodes first.
@@ -534,8 +556,9 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             w = t.weight
             if w.name in graph.initializers and not w.uses() and not w.is_graph_output():
                 graph.initializers.pop(w.name)
+        quantised: set[str] = set()
         if self.activations and self.smx:
-            self._smx_activations(model, targets, namer)
+            quantised = self._smx_activations(model, targets, namer)
         elif self.activations:
             consts: dict = {}
             cache: dict[int, ir.Value] = {}
@@ -552,7 +575,15 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
                     first_use = min((u.node for u in x.uses()), key=lambda n: graph.index(n) if n.graph is graph else 0)
                     cache[id(x)] = self._activation_fake_quant(graph, first_use, x, namer, consts)
                 node.replace_input_with(0, cache[id(x)])
-                for row in self.layers:
-                    if row["node"] == node.name:
-                        row["activations"] = True
-        return onnx_ir.passes.PassResult(model, modified=True)
+                quantised.add(node.name)
+        for row in layers:
+            row.activations = row.node in quantised
+        return MxPassResult(model, True, layers)
+
+
+def _mx_spec(fmt: str) -> FormatSpec:
+    """The registry entry of an MX / mx9 / mx6 format name; one-line error for any other name."""
+    names = formats_of(*MX_FAMILIES)
+    if str(fmt).lower() not in names:
+        raise InvalidOptionError(f"unknown MX format {fmt!r}: choose one of {', '.join(names)}")
+    return get_format(fmt)

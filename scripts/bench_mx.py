@@ -38,7 +38,8 @@ def accuracy(tmp: Path) -> list[dict]:
         ref = run_model(fp32, feeds)
         for fmt in FORMATS:
             qp = QuantizeMxPass(fmt)
-            got = run_model(qp(load_model(path)).model, feeds)
+            result = qp(load_model(path))
+            got = run_model(result.model, feeds)
             first = next(iter(ref))
             m = compare(ref[first], got[first])
             rows.append(
@@ -46,7 +47,7 @@ def accuracy(tmp: Path) -> list[dict]:
                     "family": family,
                     "format": fmt,
                     "activations": qp.activations,
-                    "weight_sqnr_db": round(float(np.mean([r["sqnr_db"] for r in qp.layers])), 1),
+                    "weight_sqnr_db": round(float(np.mean([r.sqnr_db for r in result.layers])), 1),
                     "output": first,
                     "cosine": round(m["cosine"], 5),
                     "max_rel": round(m["max_rel"], 4),

@@ -9,7 +9,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from maia_onnx.accuracy import evaluate_accuracy, format_report
+from maia_onnx.accuracy import AccuracyReport, LayerAccuracy, OutputAccuracy, evaluate_accuracy, format_report
 from maia_onnx.passes.quantize_fp8 import LayerRecord, QuantizeFp8Pass
 
 TEXT = """
@@ -43,9 +43,21 @@ def test_identical_models_are_perfect(weights):
     same = _model(*weights)
     rec = LayerRecord(node="mm1", op_type="MatMul", outputs=["h"], activation_scales={"x": 1.0})
     report = evaluate_accuracy(ref, same, _batches(), [rec])
-    assert math.isinf(report["layers"][0]["sqnr_db"]) and report["layers"][0]["max_abs_err"] == 0
-    out = report["outputs"]["logits"]
-    assert out["cosine"] == pytest.approx(1.0) and out["rel_err"] == 0 and out["top1_agree"] == 1.0
+    assert isinstance(report, AccuracyReport) and isinstance(report.layers[0], LayerAccuracy)
+    assert math.isinf(report.layers[0].sqnr_db) and report.layers[0].max_abs_err == 0
+    out = report.outputs["logits"]
+    assert isinstance(out, OutputAccuracy)
+    assert out.cosine == pytest.approx(1.0) and out.rel_err == 0 and out.top1_agree == 1.0
+    assert report.min_output_cosine == pytest.approx(1.0) and report.summary.samples_batches == 3
+    # the JSON layout of quantize --report: these keys are read by scripts and batch
+    data = report.to_dict()
+    assert set(data) == {"layers", "outputs", "summary"}
+    assert set(data["summary"]) == {"samples_batches", "min_output_cosine", "max_output_rel_err", "worst_layer_sqnr_db",
+                                    "quantized_layers", "top1_agree"}
+    assert set(data["layers"][0]) == {"layer", "node", "op", "output", "sqnr_db", "max_abs_err", "act_scale",
+                                      "activation_scales", "weight", "weight_scale", "weight_scale_min",
+                                      "weight_granularity", "weight_sqnr_db", "clipped"}
+    assert data["outputs"]["logits"]["cosine"] == out.cosine
 
 
 def test_metrics_match_numpy_for_a_known_perturbation(weights):
@@ -54,7 +66,7 @@ def test_metrics_match_numpy_for_a_known_perturbation(weights):
     ref, pert = _model(w1, w2), _model(w1, w2 + noise)
     batches = _batches()
     rec = LayerRecord(node="mm2", op_type="MatMul", outputs=["logits"], activation_scales={"h": 0.5 / 448})
-    report = evaluate_accuracy(ref, pert, batches, [rec])
+    report = evaluate_accuracy(ref, pert, batches, [rec]).to_dict()
     r = np.concatenate([b["x"] @ w1 @ w2 for b in batches]).astype(np.float64)
     g = np.concatenate([b["x"] @ w1 @ (w2 + noise) for b in batches]).astype(np.float64)
     out = report["outputs"]["logits"]
@@ -73,15 +85,15 @@ def test_metrics_match_numpy_for_a_known_perturbation(weights):
 def test_report_on_real_fp8_pass_and_table(weights):
     ref = _model(*weights)
     quant = _model(*weights)
-    p = QuantizeFp8Pass(activation_scales={"x": 3 / 448, "h": 6 / 448})
-    p(quant)
-    report = evaluate_accuracy(ref, quant, _batches(), p.records)
+    records = QuantizeFp8Pass(activation_scales={"x": 3 / 448, "h": 6 / 448})(quant).records
+    typed = evaluate_accuracy(ref, quant, _batches(), records)
+    report = typed.to_dict()
     assert [row["op"] for row in report["layers"]] == ["MatMul", "MatMul"]
     assert [row["output"] for row in report["layers"]] == ["h", "logits"]
     for row in report["layers"]:
         assert 15 < row["sqnr_db"] < 60 and row["weight_scale"] > 0 and row["act_scale"] > 0
     assert report["outputs"]["logits"]["cosine"] > 0.99
     assert report["summary"]["quantized_layers"] == 2 and report["summary"]["worst_layer_sqnr_db"] < 60
-    text = format_report(report)
+    text = format_report(typed)
     assert "sqnr_db" in text and "logits" in text and "top1_agree" in text
-    assert "worst 1 by SQNR" in format_report(report, max_layers=1)
+    assert "worst 1 by SQNR" in format_report(typed, max_layers=1)

@@ -10,7 +10,7 @@ import pytest
 
 from maia_onnx.io import load_model, save_model
 from maia_onnx.ortutil import run_model
-from maia_onnx.passes.bf16 import Bf16Pass, to_bfloat16
+from maia_onnx.passes.bf16 import Bf16Pass, Bf16PassResult, to_bfloat16
 
 RTOL, ATOL = 1e-5, 1e-5
 
@@ -45,12 +45,12 @@ def model_and_weights():
 
 def test_weights_stored_as_bf16_and_numerics_match(model_and_weights):
     model, w = model_and_weights
-    p = Bf16Pass()
-    assert p(model).modified
+    result = Bf16Pass()(model)
+    assert isinstance(result, Bf16PassResult) and result.modified
     inits = model.graph.initializers
     assert {k for k, v in inits.items() if v.const_value.dtype == ir.DataType.BFLOAT16} == {"W1_bf16", "gamma_bf16", "W2_bf16", "b_bf16"}
     assert inits["W1_bf16"].const_value.nbytes == 16 * 32 * 2
-    assert sorted(p.converted_weights) == ["W1", "W2", "b", "gamma"]
+    assert sorted(result.converted_weights) == ["W1", "W2", "b", "gamma"]
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
     h = _bf(x) @ _bf(w["W1"])
@@ -69,6 +69,19 @@ def test_weights_only_and_exclude(model_and_weights):
     assert not any(n.op_type == "Cast" and n.attributes["to"].value == ir.DataType.BFLOAT16 for n in model.graph)
     x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
     expect = np.maximum((x @ _bf(w["W1"])) * _bf(w["gamma"]), 0) @ w["W2"].T + w["b"]
+    np.testing.assert_allclose(run_model(model, {"x": x})["y"], expect, rtol=RTOL, atol=ATOL)
+
+
+def test_nodes_restricts_the_pass_to_named_nodes(model_and_weights):
+    """Mixed precision keeps its chosen layers in BF16 with ``nodes``: only they (and weights only they read) change."""
+    model, w = model_and_weights
+    gemm = next(n for n in model.graph if n.op_type == "Gemm")
+    gemm.name = "head"
+    result = Bf16Pass(nodes=["head"])(model)
+    assert sorted(result.converted_weights) == ["W2", "b"]
+    assert {"W1", "gamma"} <= set(model.graph.initializers)
+    x = np.random.default_rng(3).standard_normal((3, 16)).astype(np.float32)
+    expect = _bf(np.maximum((x @ w["W1"]) * w["gamma"], 0)) @ _bf(w["W2"]).T + _bf(w["b"])
     np.testing.assert_allclose(run_model(model, {"x": x})["y"], expect, rtol=RTOL, atol=ATOL)
 
 

@@ -106,16 +106,45 @@ def test_refuses_to_overwrite_input_and_missing_model(tmp_path, model_path, caps
     assert "not found" in capsys.readouterr().err
 
 
-def test_unavailable_feature_says_so_before_any_work(tmp_path, model_path, capsys, monkeypatch):
-    import sys
-
+def test_kv_cache_on_a_model_without_one_fails_before_any_work(tmp_path, model_path, capsys):
     rc = main(["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--kv-cache", "fp8-e4m3"])
     err = capsys.readouterr().err
     assert rc == 2 and "has no KV cache" in err and "calibrating" not in err
-    monkeypatch.setitem(sys.modules, "maia_onnx.passes.kv_cache", None)  # simulate a build without it
-    rc = main(["quantize", str(model_path), "-o", str(tmp_path / "q.onnx"), "--kv-cache", "fp8-e4m3"])
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "bf16", "--mx-form", "standard", "--no-eval"], "--mx-form applies to the OCP MX formats"),
+    (["--format", "mxfp4", "--mx-form", "standard"], "add --no-eval"),
+    (["--format", "mxint8", "--granularity", "tensor"], "FP8 weights only"),
+    (["--format", "mx9", "--block-size", "15"], "multiple of 2"),
+    (["--format", "bf16", "--embeddings"], "--embeddings"),
+    (["--samples", "0"], "--samples must be >= 1"),
+])
+def test_bad_option_combinations_fail_before_reading_the_model(tmp_path, capsys, args, message):
+    out = tmp_path / "q.onnx"
+    rc = main(["quantize", str(tmp_path / "missing.onnx"), "-o", str(out), *args])  # refused before the model is read
     err = capsys.readouterr().err
-    assert rc == 2 and "not available" in err and "calibrating" not in err
+    assert rc == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_mx_form_standard_through_the_cli(tmp_path, model_path, capsys):
+    """--mx-form standard: FLOAT8E8M0 scales, opset 24, same dequantised weights as the default ORT form."""
+    outs = {}
+    for form in ("ort", "standard"):
+        outs[form] = tmp_path / f"{form}.onnx"
+        rc = main(["quantize", str(model_path), "-o", str(outs[form]), "--format", "mxfp8-e4m3", "--mx-form", form,
+                   "--weights-only", "--no-eval", "--json"])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        assert {row["form"] for row in json.loads(captured.out)["mx_layers"]} == {form}
+    standard = load_model(outs["standard"])
+    assert standard.opset_imports[""] >= 24
+    scales = [v for v in standard.graph.initializers.values() if v.name.endswith("_mx_scale")]
+    assert scales and all(v.const_value.dtype == ir.DataType.FLOAT8E8M0 for v in scales)
+    ort_scales = [v for v in load_model(outs["ort"]).graph.initializers.values() if v.name.endswith("_mx_scale")]
+    assert all(v.const_value.dtype == ir.DataType.FLOAT for v in ort_scales)
 
 
 def test_kv_cache_scales_roundtrip_and_target_cosine_on_llama(tmp_path, llama_tiny_onnx, capsys):

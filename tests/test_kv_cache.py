@@ -13,7 +13,7 @@ from maia_onnx.errors import InvalidOptionError, UnsupportedModelError
 from maia_onnx.formats.fp8 import dequantize_fp8, quantize_fp8
 from maia_onnx.io import load_model
 from maia_onnx.ortutil import compare, make_session
-from maia_onnx.passes.kv_cache import KvCacheFp8Pass, kv_pairs
+from maia_onnx.passes.kv_cache import KvCacheFp8Pass, KvCacheRecord, kv_pairs
 from maia_onnx.pipeline import validate_model
 
 KV_HEADS, HEAD_DIM, LAYERS = 2, 16, 2
@@ -95,14 +95,15 @@ def test_one_step_matches_fp32_with_quantised_cache(llama_tiny_onnx, granularity
 
     fp32 = load_model(llama_tiny_onnx)
     model = load_model(llama_tiny_onnx)
-    kp = KvCacheFp8Pass("e4m3fn", granularity, calib=calib_feeds())
-    kp(model)
+    record = KvCacheFp8Pass("e4m3fn", granularity, calib=calib_feeds())(model).record
+    assert isinstance(record, KvCacheRecord) and (record.format, record.granularity) == ("e4m3fn", granularity)
+    assert sorted(record.scales) == sorted(f"present.{i}.{k}" for i in range(LAYERS) for k in ("key", "value"))
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 256, (1, 3))
     q_past, f_past = {}, {}
     for i in range(LAYERS):
         for kind in ("key", "value"):
-            scale = kp.applied[f"present.{i}.{kind}"]
+            scale = record.scales[f"present.{i}.{kind}"]
             axis = 1 if np.ndim(scale) else None
             x = rng.standard_normal((1, KV_HEADS, 6, HEAD_DIM)).astype(np.float32)
             q = quantize_fp8(x, scale, "e4m3fn", axis=axis)
@@ -118,7 +119,7 @@ def test_one_step_matches_fp32_with_quantised_cache(llama_tiny_onnx, granularity
     for i in range(LAYERS):
         for kind in ("key", "value"):
             name = f"present.{i}.{kind}"
-            scale = kp.applied[name]
+            scale = record.scales[name]
             axis = 1 if np.ndim(scale) else None
             codes = got[name].numpy()
             assert codes.dtype == np.uint8 and codes.shape == (1, KV_HEADS, 9, HEAD_DIM)  # 1 byte per element
@@ -142,8 +143,8 @@ def test_imported_scales_are_used_exactly(llama_tiny_onnx):
         ckpt[f"model.layers.{i}.self_attn.v_scale"] = np.array([0.01, 0.03], np.float32)  # per head
     smap, unmatched = map_scales(model, ckpt)
     assert unmatched == []
-    kp = KvCacheFp8Pass("e4m3fn", "head", scales=smap.kv)  # no calibration needed
-    kp(model)
+    record = KvCacheFp8Pass("e4m3fn", "head", scales=smap.kv)(model).record  # no calibration needed
+    np.testing.assert_array_equal(record.scales["present.0.value"], np.float32([0.01, 0.03]))
     init = model.graph.initializers
     np.testing.assert_array_equal(init["kv_cache.1.key_scale"].const_value.numpy(), np.float32([0.04, 0.04]))
     np.testing.assert_array_equal(init["kv_cache.0.value_scale"].const_value.numpy(), np.float32([0.01, 0.03]))
@@ -227,12 +228,12 @@ def test_hf_decoder_mx_formats(hf_decoder, fmt, floor):
     fp32 = load_model(hf_decoder)
     feeds = make_inputs(fp32, seed=0, dims={"batch": 1, "seq": 8, "past": 4}, int_high=128)
     ref = run_model(fp32, feeds)
-    qp = QuantizeMxPass(fmt)
-    model = qp(load_model(hf_decoder)).model
+    result = QuantizeMxPass(fmt)(load_model(hf_decoder))
+    model = result.model
     validate_model(model)
     got = run_model(model, feeds)
-    assert len(qp.layers) == 15  # 7 linears x 2 layers + lm_head
-    assert {r["layer"] for r in qp.layers} >= {"model.layers.0.self_attn.q_proj", "lm_head"}
+    assert len(result.layers) == 15  # 7 linears x 2 layers + lm_head
+    assert {r.layer for r in result.layers} >= {"model.layers.0.self_attn.q_proj", "lm_head"}
     for name, r in ref.items():
         c = compare(r, got[name])["cosine"]
         assert floor < c < 1.0, (fmt, name, c)

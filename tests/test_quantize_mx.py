@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from maia_onnx.passes.quantize_mx import QuantizeMxPass
+from maia_onnx.passes.quantize_mx import MxLayerRecord, MxPassResult, QuantizeMxPass
 
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats.mx import (
@@ -85,11 +85,16 @@ def test_ort_form_matches_numpy_reference(fmt):
     expected = {"mxint8": ir.DataType.INT8, "mxfp8-e5m2": ir.DataType.FLOAT8E5M2}.get(fmt, ir.DataType.FLOAT8E4M3FN)
     assert dtypes == {expected}
     assert "w1" not in result.model.graph.initializers
-    assert {r["weight"] for r in qp.layers} == {"w1", "w2", "wc"}
+    assert isinstance(result, MxPassResult) and all(isinstance(r, MxLayerRecord) for r in result.layers)
+    assert {r.weight for r in result.layers} == {"w1", "w2", "wc"}
+    assert {r.format for r in result.layers} == {fmt} and {r.form for r in result.layers} == {"ort"}
+    # activations are MX-quantised on the MatMul/Gemm data inputs whose last axis is whole blocks (not mxfp4)
+    assert {r.weight: r.activations for r in result.layers}["w1"] == (fmt != "mxfp4")
     # 1-byte elements + one float32 scale per 32 elements (the Conv's 4-channel blocks pay more)
-    for r in qp.layers:
-        if r["weight"] != "wc":
-            assert r["bytes_after"] == r["bytes_before"] // 4 + r["bytes_before"] // 32
+    for r in result.layers:
+        assert r.sqnr_db > 0
+        if r.weight != "wc":
+            assert r.bytes_after == r.bytes_before // 4 + r.bytes_before // 32
 
 
 @pytest.mark.parametrize("fmt", list(MX_FORMATS))
@@ -138,7 +143,7 @@ def test_mx9_mx6_fake_quant_weights_and_activations(fmt, fq, activations):
         assert {n.domain for n in calls} == {"maia"} and ("maia", "MxFakeQuant", "") in result.model.functions
         by_input = {n.inputs[0].name: n.attributes.get_int("axis") for n in calls}
         assert by_input == {"x": -1, "y": -1, "img": 1}  # Conv blocks run along the channels
-        assert all(r.get("activations") for r in qp.layers)
+    assert all(r.activations == activations and r.form == "fake-quant" for r in result.layers)
     got = run_model(result.model, feeds())
     ref = reference(lambda w, axis: fq(w, axis=axis), (lambda a: fq(a, axis=-1)) if activations else None)
     for name in ("y", "z"):
@@ -287,10 +292,9 @@ def test_quantize_api_weights_only_turns_mx9_activations_off(tmp_path):
 
 def test_exclude_keeps_layer_in_fp32():
     model = make_model()
-    qp = QuantizeMxPass("mxfp8-e4m3", exclude=["w2"])
-    qp(model)
+    result = QuantizeMxPass("mxfp8-e4m3", exclude=["w2"])(model)
     assert "w2" in model.graph.initializers and "w2_mx" not in model.graph.initializers
-    assert {r["weight"] for r in qp.layers} == {"w1", "wc"}
+    assert {r.weight for r in result.layers} == {"w1", "wc"}
 
 
 def test_activation_blocks_exact_at_powers_of_two():
@@ -322,7 +326,6 @@ def test_bad_options():
 @pytest.mark.parametrize("fmt", ["mxfp8-e4m3", "mxint8", "mxfp4", "mx9", "mx6"])
 @pytest.mark.parametrize("family", ["llama-tiny", "unet-tiny", "yolo-tiny"])
 def test_builtin_families_close_to_fp32(exported_models, family, fmt):
-    pytest.importorskip("maia_onnx.export")
     from maia_onnx.io import load_model
     from maia_onnx.ortutil import make_inputs
 
@@ -330,8 +333,8 @@ def test_builtin_families_close_to_fp32(exported_models, family, fmt):
     fp32 = load_model(path)
     f = make_inputs(fp32, seed=0, dims={"batch": 1, "seq": 8, "past": 4, "*": 2})
     ref = run_model(fp32, f)
-    qp = QuantizeMxPass(fmt)
-    q = qp(load_model(path)).model
+    result = QuantizeMxPass(fmt)(load_model(path))
+    q = result.model
     validate_model(q)
     got = run_model(q, f)
     # random-init models: floors sit under the measured cosines (docs/benchmarks.md) with margin
@@ -341,9 +344,9 @@ def test_builtin_families_close_to_fp32(exported_models, family, fmt):
         c = compare(r, got[name])["cosine"]
         assert c > floor, (family, fmt, name, c)
     assert any(not np.array_equal(r, got[name]) for name, r in ref.items())  # it did quantise
-    assert len(qp.layers) >= 3
+    assert len(result.layers) >= 3
     if fmt in ("mx9", "mx6"):  # activations emulated on every quantised layer; ORT's optimizer keeps the numerics
-        assert all(r.get("activations") for r in qp.layers)
+        assert all(r.activations for r in result.layers)
         opt = run_model(q, f, disable_optimizations=False)
         for name, r in got.items():
             assert compare(r, opt[name])["max_rel"] < 1e-4, (name, compare(r, opt[name]))

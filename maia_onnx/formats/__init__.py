@@ -1,4 +1,4 @@
-"""The one NumPy reference for every number format (FP8, MX, mx9/mx6, BF16)."""
+"""The one NumPy reference for every number format (FP8, MX, mx9/mx6, BF16) and the registry of format names."""
 from maia_onnx.formats.mx import fake_quant_mx, fake_quant_mx6, fake_quant_mx9, mx_dequantize, mx_quantize  # noqa: F401
 from maia_onnx.formats.fp8 import (  # noqa: F401
     FP8_E4M3FN,
@@ -9,3 +9,4 @@ from maia_onnx.formats.fp8 import (  # noqa: F401
     get_fp8_format,
     quantize_fp8,
 )
+from maia_onnx.formats.registry import FORMAT_NAMES, FORMATS, FormatSpec, get_format  # noqa: F401

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from maia_onnx.formats.fp8 import cast_fp8_saturate
+
 E8M0_BIAS = 127
 E8M0_NAN = 255
 MX_BLOCK_SIZE = 32
@@ -164,8 +166,6 @@ def mx_quantize(
         v = np.where(np.isfinite(v), v, np.float32(0.0))  # int elements cannot hold NaN; the NaN scale carries it
         elems = np.clip(np.rint(v), -f.max_value, f.max_value).astype(f.element_dtype)
     elif f.element_dtype in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
-        from maia_onnx.formats.fp8 import cast_fp8_saturate
-
         elems = cast_fp8_saturate(v, "e4m3fn" if f.element_dtype == ml_dtypes.float8_e4m3fn else "e5m2")
     else:
         elems = saturate_cast(v, f.element_dtype, f.max_value)
@@ -273,4 +273,3 @@ def fake_quant_mx6(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 SMX_FORMATS = {"mx9": fake_quant_mx9, "mx6": fake_quant_mx6}
-ALL_BLOCK_FORMATS = tuple(MX_FORMATS) + tuple(SMX_FORMATS)

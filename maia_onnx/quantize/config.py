@@ -1,0 +1,178 @@
+"""``QuantizeConfig``: every option of ``maia-onnx quantize`` in one frozen, validated dataclass.
+
+The CLI builds it from its options, the Python API from keyword arguments, batch steps from job-file
+dicts (``from_dict`` / ``to_dict``); every bad value or impossible combination is refused here, before any
+model is read, with a one-line ``InvalidOptionError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from maia_onnx.calib import check_method
+from maia_onnx.errors import InvalidOptionError
+from maia_onnx.formats.mx import SMX_SUB_BLOCK
+from maia_onnx.formats.registry import KV_CACHE_FORMATS, MX_FORMS, FormatSpec, get_format
+from maia_onnx.passes.kv_cache import GRANULARITIES as KV_GRANULARITIES
+from maia_onnx.passes.mixed_precision import KEEP_DTYPES
+from maia_onnx.passes.quantize_fp8 import GRANULARITIES
+
+_PATH_FIELDS = ("calib", "scales", "emit_scales", "report_path")
+# fields a job file may spell with the wrong type; None is allowed where the default is None
+_TYPES = {
+    int: ("block_size", "num_samples", "batch_size", "seed", "eval_samples"),
+    float: ("percentile", "target_cosine"),
+    bool: ("embeddings", "weights_only", "attention", "qat", "evaluate", "show_progress", "external_data"),
+    str: ("format", "granularity", "mx_form", "method", "kv_cache", "kv_granularity", "keep_dtype") + _PATH_FIELDS,
+}
+
+
+_NULLABLE = ("block_size", "num_samples", "target_cosine", "external_data", "kv_cache") + _PATH_FIELDS
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What to quantize into and how; see ``maia-onnx quantize --help`` for each option."""
+
+    format: str = "fp8-e4m3"  # a name of maia_onnx.formats.registry.FORMATS
+    # weights
+    granularity: str = "channel"  # FP8 weight scales: channel | tensor | block
+    block_size: int | None = None  # FP8 --granularity block, or the MX block (default: the format's)
+    mx_form: str = "ort"  # OCP MX weight encoding: ort (float32 power-of-two scales) | standard (E8M0 scales)
+    exclude: tuple[str, ...] = ()  # fnmatch patterns of nodes / layers left unquantized
+    embeddings: bool = False  # FP8: also Gather tables, per-row scales
+    # activations
+    weights_only: bool = False  # False: activations are quantized too (where the format allows)
+    attention: bool = True  # quantize the attention matmuls (Q.K^T, P.V)
+    calib: str | None = "random"  # .npz | directory of .npz | "random" | None (weights only)
+    method: str = "minmax"  # minmax | percentile | mse | entropy
+    percentile: float = 99.99
+    num_samples: int | None = None
+    batch_size: int = 1
+    dims: tuple[tuple[str, int], ...] = ()  # symbolic dim -> size for random inputs (a mapping is accepted)
+    seed: int = 0
+    # extras
+    kv_cache: str | None = None  # fp8-e4m3 | fp8-e5m2
+    kv_granularity: str = "tensor"  # tensor | head
+    qat: bool = False  # fake-quant (QAT) chains -> FP8 QDQ with their learned scales first
+    scales: str | None = None  # import scales (vLLM / ModelOpt names)
+    emit_scales: str | None = None  # write the scales used
+    target_cosine: float | None = None  # mixed precision: keep the most sensitive layers wider
+    keep_dtype: str = "bf16"  # what mixed precision keeps them in: bf16 | fp32
+    # report and output
+    evaluate: bool = True
+    eval_samples: int = 4
+    report_path: str | None = None
+    external_data: bool | None = None
+    show_progress: bool = True
+
+    def __post_init__(self):
+        # normalise what callers pass loosely (paths, lists, mappings) so the config is plain and hashable
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        for name in _PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                set_(name, os.fspath(value))
+        self._check_types()
+        set_("format", self.format.lower())
+        if isinstance(self.exclude, str):
+            set_("exclude", (self.exclude,))
+        set_("exclude", tuple(self.exclude))
+        dims = self.dims.items() if isinstance(self.dims, Mapping) else (self.dims or ())
+        set_("dims", tuple(sorted((str(k), int(v)) for k, v in dims)))
+        self._validate()
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> FormatSpec:
+        return get_format(self.format)
+
+    @property
+    def activations(self) -> bool:
+        """Whether activations are quantized (off with ``weights_only`` or for a weight-only format)."""
+        return not self.weights_only and self.spec.activations
+
+    @property
+    def dims_map(self) -> dict[str, int]:
+        return dict(self.dims)
+
+    def _check_types(self) -> None:
+        for kind, names in _TYPES.items():
+            for name in names:
+                value = getattr(self, name)
+                if value is None and name in _NULLABLE:
+                    continue
+                ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+                if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                    object.__setattr__(self, name, float(value))
+                    ok = True
+                if not ok:
+                    raise InvalidOptionError(f"quantize option {name} must be {kind.__name__}"
+                                             f"{' or null' if name in _NULLABLE else ''}, got {value!r}")
+
+    def _validate(self) -> None:
+        spec = get_format(self.format)  # unknown name: one line listing the valid ones
+        check_method(self.method, self.percentile)
+        if self.granularity not in GRANULARITIES:
+            raise InvalidOptionError(f"--granularity {self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.block_size is not None and self.block_size <= 0:
+            raise InvalidOptionError(f"--block-size must be positive, got {self.block_size}")
+        if spec.family == "fp8" and self.granularity == "block" and not self.block_size:
+            raise InvalidOptionError("--granularity block needs --block-size N (e.g. 32 or 128)")
+        if spec.family != "fp8" and self.granularity != "channel":
+            raise InvalidOptionError(f"--granularity {self.granularity} applies to FP8 weights only, not --format {self.format}")
+        if spec.family == "maia-mx" and self.block_size and self.block_size % SMX_SUB_BLOCK:
+            raise InvalidOptionError(f"--block-size {self.block_size} is invalid for {self.format}: use a multiple of {SMX_SUB_BLOCK}")
+        if spec.family == "bf16" and self.block_size is not None:
+            raise InvalidOptionError("--block-size does not apply to --format bf16 (no shared scales): drop it")
+        if self.mx_form not in MX_FORMS:
+            raise InvalidOptionError(f"--mx-form {self.mx_form!r} is not one of {', '.join(MX_FORMS)}")
+        if self.mx_form != "ort" and spec.family != "mx":
+            raise InvalidOptionError(f"--mx-form applies to the OCP MX formats (mxfp8-*, mxint8, mxfp4), not --format {self.format}")
+        if self.mx_form == "standard" and self.evaluate:
+            raise InvalidOptionError("--mx-form standard: ONNX Runtime cannot run FLOAT8E8M0 scales yet, so the accuracy "
+                                     "report cannot run; add --no-eval (evaluate=False) or use --mx-form ort")
+        if self.embeddings and spec.family != "fp8":
+            raise InvalidOptionError(f"--embeddings stores embedding tables in FP8: it needs an FP8 --format, not {self.format}")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHE_FORMATS:
+            raise InvalidOptionError(f"--kv-cache {self.kv_cache!r} is not one of {', '.join(KV_CACHE_FORMATS)}")
+        if self.kv_granularity not in KV_GRANULARITIES:
+            raise InvalidOptionError(f"--kv-granularity {self.kv_granularity!r} is not one of {', '.join(KV_GRANULARITIES)}")
+        if self.target_cosine is not None and not 0 < self.target_cosine <= 1:
+            raise InvalidOptionError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
+        if self.keep_dtype not in KEEP_DTYPES:
+            raise InvalidOptionError(f"keep_dtype {self.keep_dtype!r} is not one of {', '.join(KEEP_DTYPES)}")
+        for name, value in (("--samples", self.num_samples), ("--batch-size", self.batch_size), ("--eval-samples", self.eval_samples)):
+            if value is not None and value < 1:
+                raise InvalidOptionError(f"{name} must be >= 1, got {value}")
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **overrides: Any) -> QuantizeConfig:
+        """A copy with ``overrides`` applied (validated); an unknown name is a one-line error listing the valid ones."""
+        unknown = sorted(set(overrides) - set(self.option_names()))
+        if unknown:
+            raise InvalidOptionError(
+                f"unknown quantize option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                f"valid options are {', '.join(self.option_names())}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> QuantizeConfig:
+        """From a plain mapping (a job file's step options; ``to_dict`` output); missing keys take defaults."""
+        return cls().replace(**dict(options))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (lists, dicts), round-tripping through ``from_dict``."""
+        out = dataclasses.asdict(self)
+        out["exclude"] = list(self.exclude)
+        out["dims"] = self.dims_map
+        return out
+
