@@ -22,6 +22,7 @@ import onnx_ir as ir
 from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.formats.fp8 import Fp8Format, cast_fp8_saturate, fp8_amax_scale, get_fp8_format
 from maia_onnx.inputs import make_inputs
+from maia_onnx.ortutil import session_options
 
 logger = logging.getLogger(__name__)
 
@@ -363,8 +364,6 @@ def check_method(method: str, percentile: float = DEFAULT_PERCENTILE) -> None:
 def _session_with_outputs(model: ir.Model, names: Sequence[str]):
     """An ORT session of ``model`` that also returns the named intermediate values (model is not modified)."""
     import onnx
-
-    from maia_onnx.ortutil import session_options
 
     proto = ir.to_proto(model)
     existing = {o.name for o in proto.graph.output}
