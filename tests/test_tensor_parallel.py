@@ -8,12 +8,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx_ir.passes.common import ShapeInferencePass
 
-from maia_onnx.errors import InvalidOptionError
+from maia_onnx.errors import InvalidOptionError, UnsupportedModelError
 from maia_onnx.io import load_model
 from maia_onnx.ortutil import compare, make_inputs, run_model
 from maia_onnx.partition import new_manifest, read_manifest, write_partition
-from maia_onnx.passes.tensor_parallel import TensorParallelPass, split_model
+from maia_onnx.passes.tensor_parallel import TensorParallelPass, plan, split_model
 from maia_onnx.runtime.executor import PartitionExecutor, run_partition
 
 FP32_RTOL = 1e-5  # max error relative to the reference's largest magnitude
@@ -146,6 +147,119 @@ def test_pass_api_checks_rank_and_returns_rank_model():
     assert result.modified
     assert list(result.model.graph.initializers["w_up"].const_value.shape) == [8, 8]
     assert "com.microsoft" in result.model.opset_imports
+    # the typed result: plan, collectives and this rank's bytes
+    assert result.plan.ok and result.plan.demoted == {}
+    assert [c["op"] for c in result.collectives] == ["AllReduce"]
+    assert result.weight_bytes == (8 * 8 + 8 + 8 * 8 + 8) * 4  # halves of w_up, b_up, w_down; b_down whole
+    assert result.collective_bytes_per_token is None  # the text model has no value types
+    typed = ShapeInferencePass()(ir.from_onnx_text(mlp_block_text())).model
+    assert TensorParallelPass(2, rank=1)(typed).collective_bytes_per_token == 8 * 4  # one fp32 hidden vector
+
+
+def test_pass_at_tp1_returns_an_unmodified_copy():
+    model = ir.from_onnx_text(mlp_block_text())
+    result = TensorParallelPass(1)(model)
+    assert not result.modified and result.model is not model
+    assert [n.op_type for n in result.model.graph] == [n.op_type for n in model.graph]
+
+
+# ----------------------------------------------------------------------------------- planner refusals
+
+
+def _refusals(found) -> dict[str, str]:
+    """Refusal reasons by the output name of the refused node (node names are generated)."""
+    model = found.rank0[0] if found.rank0 else None
+    by_node = {n.name: n.outputs[0].name for n in model.graph} if model is not None else {}
+    return {by_node.get(r.node, r.node): r.reason for r in found.refusals}
+
+
+def test_planner_says_why_a_weight_stays_replicated(tmp_path):
+    """w_up has 9 output features: it cannot split 2 ways, so it stays replicated (with the reason) while w_down
+    still splits by columns; the result matches the unsharded model."""
+    text = mlp_block_text(hidden=8, inner=9)
+    found = plan(ir.from_onnx_text(text), 2)
+    assert found.ok and found.reason is None
+    assert _refusals(found)["up"] == "weight 'w_up' has 9 output features, not divisible by tp 2"
+    assert found.refusals[0].action == "replicate"
+    feeds = {"x": np.random.default_rng(2).standard_normal((2, 3, 8)).astype(np.float32)}
+    fragment = _partition_in_memory(ir.from_onnx_text(text), 2, tmp_path / "p")
+    assert set(fragment["tensors"]) == {"w_down", "b_down"} and fragment["tensors"]["w_down"]["kind"] == "column"
+    assert [c["op"] for c in fragment["collectives"]] == ["AllGather"]  # y (split like w_down's columns) gathered
+    got = run_partition(tmp_path / "p", feeds)
+    assert compare(run_model(ir.from_onnx_text(text), feeds)["y"], got["y"])["max_rel"] < FP32_RTOL
+
+
+def test_planner_refuses_a_model_nothing_of_which_divides():
+    found = plan(ir.from_onnx_text(mlp_block_text(hidden=6, inner=9)), 4)
+    assert not found.ok and found.error is InvalidOptionError
+    assert found.reason.startswith("--tp 4 divides none of this model's heads")
+    assert "'w_up' has 9 output features, not divisible by tp 4" in found.reason
+    assert "'w_down' has 6 output features, not divisible by tp 4" in found.reason
+    with pytest.raises(InvalidOptionError, match="'w_up' has 9 output features"):
+        found.check()
+
+
+def test_planner_demotes_projections_whose_heads_do_not_divide(tmp_path):
+    """3 heads at tp 2: the reshape to heads cannot divide, so Q, K and V are demoted (each with that reason)
+    and only the output projection splits (by columns, gathered at the graph output)."""
+    text = attention_block_text(heads=3, head_dim=2)
+    found = plan(ir.from_onnx_text(text), 2)
+    assert found.ok
+    assert len(found.demoted) == 3
+    assert all(reason.endswith("reshape of split axis to 3 not divisible by 2") for reason in found.demoted.values())
+    reasons = _refusals(found)
+    assert {k for k, v in reasons.items() if v.startswith("kept replicated by the plan")} == {"q", "k", "v"}
+    feeds = {"x": np.random.default_rng(3).standard_normal((2, 3, 6)).astype(np.float32)}
+    fragment = _partition_in_memory(ir.from_onnx_text(text), 2, tmp_path / "p")
+    assert {k: v["kind"] for k, v in fragment["tensors"].items()} == {"wo": "column"}
+    assert len(fragment["demoted"]) == 3
+    got = run_partition(tmp_path / "p", feeds)
+    assert compare(run_model(ir.from_onnx_text(text), feeds)["y"], got["y"])["max_rel"] < FP32_RTOL
+
+
+def test_planner_gathers_in_front_of_a_softmax_over_the_split_axis(tmp_path):
+    rng = np.random.default_rng(4)
+    text = f"""
+    <ir_version: 9, opset_import: ["" : 18]>
+    g (float[2, 8] x) => (float[2, 8] y)
+      <float[8, 8] w1 = {_weights(rng, 8, 8)}, float[8, 8] w2 = {_weights(rng, 8, 8)}>
+    {{
+        h = MatMul(x, w1)
+        p = Softmax <axis = -1> (h)
+        y = MatMul(p, w2)
+    }}
+    """
+    found = plan(ir.from_onnx_text(text), 2)
+    assert found.ok and _refusals(found) == {"p": "Softmax over the split axis"}
+    assert found.refusals[0].action == "gather"
+    fragment = _partition_in_memory(ir.from_onnx_text(text), 2, tmp_path / "p")
+    assert [(c["op"], c["axis"]) for c in fragment["collectives"]] == [("AllGather", 1), ("AllGather", 1)]
+    feeds = {"x": rng.standard_normal((2, 8)).astype(np.float32)}
+    got = run_partition(tmp_path / "p", feeds)
+    assert compare(run_model(ir.from_onnx_text(text), feeds)["y"], got["y"])["max_rel"] < FP32_RTOL
+
+
+def test_planner_refuses_to_cut_inside_a_quantization_block():
+    """Blocked (block 32) int8 weights: 4 ranks would hold 16 columns each, half a block: refused, not split."""
+    rng = np.random.default_rng(5)
+    q = "{" + ", ".join(str(v) for v in rng.integers(-127, 128, 64 * 64)) + "}"
+    scale = "{" + ", ".join(f"{v:.4f}" for v in rng.uniform(0.01, 0.02, 64 * 2)) + "}"
+    text = f"""
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[2, 64] x) => (float[2, 64] y)
+      <int8[64, 64] w_q = {q}, float[64, 2] w_scale = {scale}>
+    {{
+        w = DequantizeLinear <axis = 1, block_size = 32> (w_q, w_scale)
+        y = MatMul(x, w)
+    }}
+    """
+    assert plan(ir.from_onnx_text(text), 2).ok
+    found = plan(ir.from_onnx_text(text), 4)
+    assert not found.ok and found.error is UnsupportedModelError
+    assert found.reason == ("--tp 4 splits 'w_q' inside a quantization block of 32: use a tp degree whose shard "
+                            "size is a multiple of the block size")
+    with pytest.raises(UnsupportedModelError, match="inside a quantization block of 32"):
+        split_model(ir.from_onnx_text(text), 4)
 
 
 # ----------------------------------------------------------------------------------- exported models
@@ -259,7 +373,7 @@ def test_hf_decoders(hf_decoders, tmp_path, family, tp):
 
 @pytest.fixture(scope="module")
 def llama_fp8(llama_tiny_onnx, tmp_path_factory):
-    quantize = pytest.importorskip("maia_onnx.quantize")
+    import maia_onnx.quantize as quantize
     out = tmp_path_factory.mktemp("fp8") / "llama-fp8.onnx"
     with pytest.warns(UserWarning):
         quantize.quantize_model(llama_tiny_onnx, out, show_progress=False, evaluate=False)
@@ -283,7 +397,7 @@ def test_fp8_llama_shards_fp8_weights_and_scales(llama_fp8, tmp_path, tp):
 
 @pytest.fixture(scope="module")
 def llama_quantized(llama_tiny_onnx, tmp_path_factory):
-    quantize = pytest.importorskip("maia_onnx.quantize")
+    import maia_onnx.quantize as quantize
     root = tmp_path_factory.mktemp("quantized")
     made = {}
 
