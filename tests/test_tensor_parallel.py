@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -10,6 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx_ir.passes.common import ShapeInferencePass
 
+from maia_onnx import quantize
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError
 from maia_onnx.io import load_model
 from maia_onnx.ortutil import compare, make_inputs, run_model
@@ -373,7 +375,6 @@ def test_hf_decoders(hf_decoders, tmp_path, family, tp):
 
 @pytest.fixture(scope="module")
 def llama_fp8(llama_tiny_onnx, tmp_path_factory):
-    import maia_onnx.quantize as quantize
     out = tmp_path_factory.mktemp("fp8") / "llama-fp8.onnx"
     with pytest.warns(UserWarning):
         quantize.quantize_model(llama_tiny_onnx, out, show_progress=False, evaluate=False)
@@ -397,14 +398,11 @@ def test_fp8_llama_shards_fp8_weights_and_scales(llama_fp8, tmp_path, tp):
 
 @pytest.fixture(scope="module")
 def llama_quantized(llama_tiny_onnx, tmp_path_factory):
-    import maia_onnx.quantize as quantize
     root = tmp_path_factory.mktemp("quantized")
     made = {}
 
     def get(fmt):
         if fmt not in made:
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # random calibration warning
                 quantize.quantize_model(llama_tiny_onnx, root / f"{fmt}.onnx", format=fmt, show_progress=False, evaluate=False)
