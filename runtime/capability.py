@@ -12,7 +12,9 @@ device-device edges inside one level.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import onnx_ir as ir
@@ -21,31 +23,21 @@ from maia_onnx.errors import InvalidOptionError
 from maia_onnx.graph.costs import ANY_DIM, node_flops, value_numel
 from maia_onnx.graph.shapes import infer_shapes
 
-# ONNX element type -> canonical dtype name used by the device profiles (runtime/profiles.py DTYPE_BYTES).
-CANONICAL_DTYPE = {
-    ir.DataType.FLOAT: "fp32",
-    ir.DataType.FLOAT16: "fp16",
-    ir.DataType.BFLOAT16: "bf16",
-    ir.DataType.DOUBLE: "fp64",
-    ir.DataType.FLOAT8E4M3FN: "fp8",
-    ir.DataType.FLOAT8E5M2: "fp8",
-    ir.DataType.INT8: "int8",
-    ir.DataType.UINT8: "int8",
-    ir.DataType.INT64: "index",
-    ir.DataType.INT32: "index",
-    ir.DataType.BOOL: "index",
-}
-for _name, _canon in (("FLOAT4E2M1", "fp4"), ("FLOAT8E8M0", "e8m0"), ("INT4", "int4"), ("UINT4", "int4")):
-    if hasattr(ir.DataType, _name):
-        CANONICAL_DTYPE[getattr(ir.DataType, _name)] = _canon
+# The table itself is data (capability_table.json), read here and by the C++ plugin EP (runtime/ep): one source.
+TABLE_PATH = Path(__file__).resolve().parent / "capability_table.json"
+_TABLE = json.loads(TABLE_PATH.read_text())
 
-FLOAT = frozenset({"fp32", "fp16", "bf16"})
-INDEX = frozenset({"index"})
-QUANT = frozenset({"fp8", "int8", "fp4", "int4", "e8m0"})
+# ONNX element type -> canonical dtype name used by the device profiles (runtime/profiles.py DTYPE_BYTES).
+CANONICAL_DTYPE = {getattr(ir.DataType, name): canon for name, canon in _TABLE["canonical_dtypes"].items()
+                   if hasattr(ir.DataType, name)}
+
+FLOAT = frozenset(_TABLE["dtype_groups"]["float"])
+INDEX = frozenset(_TABLE["dtype_groups"]["index"])
+QUANT = frozenset(_TABLE["dtype_groups"]["quant"])
 
 # Op kinds: the unit that runs them and how the roofline charges them.
 TENSOR, VECTOR, DATA, QDQ = "tensor", "vector", "data", "qdq"
-COMPUTE_KINDS = {TENSOR, VECTOR, QDQ}
+COMPUTE_KINDS = frozenset(_TABLE["compute_kinds"])
 
 
 @dataclass(frozen=True)
@@ -64,67 +56,52 @@ def _attr(node: ir.Node, name: str, default=None):
     return default if attr is None else attr.value
 
 
-def _conv_check(node: ir.Node) -> str | None:
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    rank = len(weight.shape) if weight is not None and weight.shape is not None else None
-    if rank is not None and rank - 2 > 2:
-        return f"{node.op_type} with {rank - 2} spatial dims (1-D and 2-D only)"
-    return None
+def _spatial_check(max_dims: int) -> Callable[[ir.Node], str | None]:
+    allowed = " and ".join(f"{d}-D" for d in range(1, max_dims + 1))
+
+    def check(node: ir.Node) -> str | None:
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        rank = len(weight.shape) if weight is not None and weight.shape is not None else None
+        if rank is not None and rank - 2 > max_dims:
+            return f"{node.op_type} with {rank - 2} spatial dims ({allowed} only)"
+        return None
+
+    return check
 
 
-def _resize_check(node: ir.Node) -> str | None:
-    mode = _attr(node, "mode", "nearest")
-    if mode not in ("nearest", "linear"):
-        return f"attribute mode={mode!r} unsupported (nearest, linear)"
-    return None
+def _attribute_check(name: str, default: str, allowed: list[str]) -> Callable[[ir.Node], str | None]:
+    def check(node: ir.Node) -> str | None:
+        value = _attr(node, name, default)
+        if value not in allowed:
+            return f"attribute {name}={value!r} unsupported ({', '.join(allowed)})"
+        return None
+
+    return check
 
 
-def _pad_check(node: ir.Node) -> str | None:
-    mode = _attr(node, "mode", "constant")
-    if mode not in ("constant", "reflect", "edge"):
-        return f"attribute mode={mode!r} unsupported (constant, reflect, edge)"
+def _rule_check(row: dict) -> Callable[[ir.Node], str | None] | None:
+    if "max_spatial_dims" in row:
+        return _spatial_check(int(row["max_spatial_dims"]))
+    if "attribute" in row:
+        spec = row["attribute"]
+        return _attribute_check(spec["name"], spec["default"], list(spec["allowed"]))
     return None
 
 
 def _rules() -> list[OpRule]:
-    rules = [OpRule(op, TENSOR, FLOAT | QUANT) for op in ("MatMul", "Gemm")]
-    rules += [OpRule(op, TENSOR, FLOAT, check=_conv_check) for op in ("Conv", "ConvTranspose")]
-    elementwise_float = (
-        "Sqrt Reciprocal Exp Log Tanh Sigmoid Relu LeakyRelu Elu Selu Gelu Erf HardSigmoid HardSwish Softplus "
-        "Softsign Mish Sin Cos Floor Ceil Round IsNaN IsInf PRelu Swish"
-    ).split()
-    rules += [OpRule(op, VECTOR, FLOAT) for op in elementwise_float]
-    # The control processor does small integer arithmetic (positions, masks, shapes), so these allow index types.
-    elementwise_any = "Add Sub Mul Div Pow Neg Abs Min Max Clip Sign Equal Less Greater LessOrEqual GreaterOrEqual Not And Or Where Mod".split()
-    rules += [OpRule(op, VECTOR, FLOAT | INDEX) for op in elementwise_any]
-    norms = "LayerNormalization RMSNormalization BatchNormalization InstanceNormalization GroupNormalization LpNormalization".split()
-    rules += [OpRule(op, VECTOR, FLOAT) for op in norms]
-    rules += [OpRule(op, VECTOR, FLOAT, domain="com.microsoft")
-              for op in ("SimplifiedLayerNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")]
-    rules += [OpRule(op, VECTOR, FLOAT) for op in ("Softmax", "LogSoftmax")]
-    reductions = "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceSumSquare ReduceL2 ArgMax ArgMin".split()
-    rules += [OpRule(op, VECTOR, FLOAT | INDEX) for op in reductions]
-    rules += [OpRule("Attention", TENSOR, FLOAT | INDEX), OpRule("RotaryEmbedding", VECTOR, FLOAT | INDEX)]
-    rules += [OpRule(op, TENSOR, FLOAT | INDEX, domain="com.microsoft")
-              for op in ("MultiHeadAttention", "GroupQueryAttention")]
-    rules += [OpRule("RotaryEmbedding", VECTOR, FLOAT | INDEX, domain="com.microsoft")]
-    rules += [OpRule(op, VECTOR, FLOAT) for op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")]
-    rules += [OpRule("Resize", DATA, FLOAT | INDEX, check=_resize_check), OpRule("Pad", DATA, FLOAT | INDEX, check=_pad_check)]
-    data = (
-        "Reshape Transpose Concat Split Slice Gather GatherElements Squeeze Unsqueeze Flatten Expand Tile Identity "
-        "Shape Size Constant ConstantOfShape Range Cast CastLike Trilu DepthToSpace SpaceToDepth"
-    ).split()
-    rules += [OpRule(op, DATA, FLOAT | INDEX | QUANT) for op in data]
-    rules += [OpRule(op, QDQ, FLOAT | QUANT) for op in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")]
-    # Maia 100's shared-microexponent activation rounding (mx9/mx6), emitted by passes.quantize_mx as a local function
-    rules += [OpRule("MxFakeQuant", QDQ, FLOAT, domain="maia")]
+    groups = _TABLE["dtype_groups"]
+    rules = []
+    for row in _TABLE["rules"]:
+        dtypes = frozenset(d for entry in row["dtypes"] for d in groups.get(entry, [entry]))
+        check = _rule_check(row)
+        rules += [OpRule(op, row["kind"], dtypes, domain=row.get("domain", ""), check=check) for op in row["ops"]]
     return rules
 
 
 CAPABILITY_TABLE: dict[tuple[str, str], OpRule] = {(r.domain, r.op_type): r for r in _rules()}
 
 # Canonical dtypes that need the tensor unit in that precision (checked against the device profile).
-_TENSOR_PRECISION = {"fp8": "fp8", "int8": "int8", "fp4": "fp4", "int4": "int4"}
+_TENSOR_PRECISION = {d: d for d in _TABLE["tensor_precision"]}
 
 
 @dataclass

@@ -254,6 +254,69 @@ def _partition_io(graph: ir.Graph, members: list[ir.Node]) -> tuple[list[ir.Valu
     return inputs, outputs, weights
 
 
+# ONNX Runtime's com.microsoft::EPContext schema types its inputs/outputs as 8-64-bit ints, float16/32/64 and
+# bfloat16: a narrow partition boundary (an FP8 KV cache) crosses it widened, exactly, and narrowed again.
+_WIDE_IO = {
+    ir.DataType.FLOAT8E4M3FN: ir.DataType.FLOAT16, ir.DataType.FLOAT8E5M2: ir.DataType.FLOAT16,
+    ir.DataType.FLOAT8E4M3FNUZ: ir.DataType.FLOAT16, ir.DataType.FLOAT8E5M2FNUZ: ir.DataType.FLOAT16,
+    ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8,
+}
+for _name, _wide in (("FLOAT4E2M1", "FLOAT16"), ("FLOAT8E8M0", "FLOAT")):
+    if hasattr(ir.DataType, _name):
+        _WIDE_IO[getattr(ir.DataType, _name)] = getattr(ir.DataType, _wide)
+
+
+def _cast(value: ir.Value, dtype: ir.DataType, name: str) -> ir.Node:
+    node = ir.Node("", "Cast", [value], [ir.AttrInt64("to", int(dtype))], name=name)
+    out = node.outputs[0]
+    out.name, out.type, out.shape = name, ir.TensorType(dtype), value.shape
+    return node
+
+
+def _widen_narrow_io(graph: ir.Graph, members: list[ir.Node], inputs: list[ir.Value], outputs: list[ir.Value],
+                     weights: list[ir.Value], k: int) -> tuple[list[ir.Value], list[ir.Value], list[ir.Value]]:
+    """Cross each narrow (FP8/4-bit) partition input/output as its exact wide type: host Cast <-> device Cast.
+
+    Every FP8 and 4-bit value is exactly representable in the wide type, so the round trip keeps the bits
+    (except the sign of an FP8 NaN). ``members`` gains the device-side casts; the graph gains the host-side ones.
+    """
+    member_ids = {id(n) for n in members}
+    new_inputs = []
+    for v in inputs:
+        wide = _WIDE_IO.get(v.dtype)
+        if wide is None:
+            new_inputs.append(v)
+            continue
+        host = _cast(v, wide, f"{v.name}__maia{k}_wide")
+        device = _cast(host.outputs[0], v.dtype, f"{v.name}__maia{k}_narrow")
+        for consumer, index in list(v.uses()):
+            if id(consumer) in member_ids:
+                consumer.replace_input_with(index, device.outputs[0])
+        graph.insert_before(members[0], [host, device])
+        members.insert(0, device)
+        new_inputs.append(host.outputs[0])
+    new_outputs = []
+    for v in outputs:
+        wide = _WIDE_IO.get(v.dtype)
+        if wide is None:
+            new_outputs.append(v)
+            continue
+        name = v.name
+        v.name = f"{name}__maia{k}_device"
+        device = _cast(v, wide, f"{name}__maia{k}_wide")
+        host = _cast(device.outputs[0], v.dtype, name)
+        outside = [(c, i) for c, i in v.uses() if id(c) not in member_ids and c is not device]
+        for consumer, index in outside:
+            consumer.replace_input_with(index, host.outputs[0])
+        for i, out in enumerate(graph.outputs):
+            if out is v:
+                graph.outputs[i] = host.outputs[0]
+        graph.insert_after(members[-1], [device, host])
+        members.append(device)
+        new_outputs.append(device.outputs[0])
+    return new_inputs, new_outputs, weights
+
+
 def _silence_utf8_warnings():
     from maia_onnx.io import quiet_binary_attribute_warnings
 
@@ -302,7 +365,9 @@ def compile_model(
         side_path = output.with_name(f"{output.stem}_maia.bin")
 
     programs: dict[str, bytes] = {}
-    io_of = {info.name: _partition_io(graph, members) for info, members in partitions}
+    io_of = {}
+    for k, (info, members) in enumerate(partitions):  # in order: widening rewires later partitions' inputs
+        io_of[info.name] = _widen_narrow_io(graph, members, *_partition_io(graph, members), k)
     if embed and output is not None and sum(v.const_value.nbytes for _, _, ws in io_of.values() for v in ws) > EMBED_LIMIT_BYTES:
         raise UserError(
             f"device weights exceed {EMBED_LIMIT_BYTES >> 20} MiB, too big to embed in the ONNX file "

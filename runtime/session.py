@@ -1,6 +1,10 @@
 """``maia_onnx.runtime.InferenceSession``: the onnxruntime.InferenceSession API over plain and Maia-compiled models.
 
-A compiled model's ``com.microsoft::EPContext`` nodes (source ``MaiaExecutionProvider``) are loaded as Maia
+``InferenceSession(...)`` returns a real ``onnxruntime.InferenceSession`` with the Maia plugin EP
+(runtime/plugin_ep.py, runtime/ep) when the library is built and onnxruntime >= 1.23, and otherwise the Python
+shim ``EmulatorSession`` (saying so once, as a warning). Both give bit-identical outputs.
+
+``EmulatorSession``: a compiled model's ``com.microsoft::EPContext`` nodes (source ``MaiaExecutionProvider``) are loaded as Maia
 programs and run in the emulator; the remaining CPU nodes are grouped into as few ONNX Runtime CPU sessions as
 the graph allows (ready CPU nodes are always scheduled before the next partition). Arrays pass from stage to
 stage as they are (ORT reads contiguous NumPy inputs in place), so the shim costs one ``run`` call per stage.
@@ -201,8 +205,70 @@ class _ProgramSource:
         return MaiaProgram.from_buffer(memoryview(mapped)[offset : offset + length], (str(path.parent), path.name, offset))
 
 
-class InferenceSession:
-    """Drop-in for ``onnxruntime.InferenceSession`` that runs Maia partitions in the emulator.
+_FALLBACK_WARNED = False
+
+
+def _requested(providers, path_or_bytes) -> list[str]:
+    """Providers as the session will use them: the default is Maia for compiled models, else the CPU only."""
+    if providers is not None:
+        return normalize_providers(providers)
+    import onnx
+
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        proto = onnx.load_from_string(bytes(path_or_bytes))
+    else:
+        proto = onnx.load(str(path_or_bytes), load_external_data=False)
+    compiled = any(n.op_type == "EPContext" and n.domain == "com.microsoft" and
+                   any(a.name == "source" and a.s == MAIA.encode() for a in n.attribute) for n in proto.graph.node)
+    return [MAIA, CPU] if compiled else [CPU]
+
+
+def InferenceSession(path_or_bytes, sess_options=None, providers=None, provider_options=None, device: str | None = None,
+                     **kwargs):
+    """An ``onnxruntime.InferenceSession`` with the Maia plugin EP when available, else the Python shim.
+
+    ``providers``/``provider_options`` as in ORT (``{"device": "maia100", "cpu_ops": "TopK,..."}`` for Maia);
+    the default is Maia for compiled models, the CPU for plain ones. An ``ir.Model`` or a CPU-only request
+    always uses ``EmulatorSession`` (which is plain ONNX Runtime for CPU-only plain models).
+    """
+    global _FALLBACK_WARNED
+    from maia_onnx.runtime import plugin_ep
+
+    args = (path_or_bytes, sess_options, providers, provider_options, device)
+    if isinstance(path_or_bytes, ir.Model):
+        return EmulatorSession(*args, **kwargs)
+    requested = _requested(providers, path_or_bytes)
+    if MAIA not in requested:
+        return EmulatorSession(*args, **kwargs)
+    reason = plugin_ep.unavailable_reason()
+    if reason:
+        if not _FALLBACK_WARNED:
+            _FALLBACK_WARNED = True
+            import warnings
+
+            warnings.warn(f"MaiaExecutionProvider plugin unavailable ({reason}): using the Python shim", RuntimeWarning,
+                          stacklevel=2)
+        return EmulatorSession(*args, **kwargs)
+    maia_options = _maia_options(providers, provider_options)
+    cpu_ops = maia_options.get("cpu_ops", "")
+    cpu_ops = [op for op in (cpu_ops.split(",") if isinstance(cpu_ops, str) else cpu_ops) if op]
+    return plugin_ep.plugin_session(path_or_bytes, sess_options, device=device or maia_options.get("device", "maia100"),
+                                    cpu_ops=cpu_ops)
+
+
+def _maia_options(providers, provider_options) -> dict:
+    for prov, opts in zip(providers or [], provider_options or []):
+        name = prov[0] if isinstance(prov, (tuple, list)) else prov
+        if _PROVIDER_ALIASES.get(str(name).lower()) == MAIA:
+            return dict(opts or {})
+    for prov in providers or []:
+        if isinstance(prov, (tuple, list)) and _PROVIDER_ALIASES.get(str(prov[0]).lower()) == MAIA:
+            return dict(prov[1] or {})
+    return {}
+
+
+class EmulatorSession:
+    """Drop-in for ``onnxruntime.InferenceSession`` that runs Maia partitions in the Python emulator.
 
     ``providers=["MaiaExecutionProvider", "CPUExecutionProvider"]`` (default for compiled models) runs device
     partitions on (emulated) Maia; ``["CPUExecutionProvider"]`` on a plain model is plain ONNX Runtime.
@@ -213,11 +279,7 @@ class InferenceSession:
         from maia_onnx.ortutil import session_options as default_options
 
         self._sess_options = sess_options
-        maia_options = {}
-        if provider_options:
-            for prov, opts in zip(providers or [], provider_options):
-                if _PROVIDER_ALIASES.get(str(prov).lower()) == MAIA:
-                    maia_options = dict(opts or {})
+        maia_options = _maia_options(providers, provider_options)
         self.device = device or maia_options.get("device", "maia100")
         self._model_path: Path | None = None
         if isinstance(path_or_bytes, ir.Model):
@@ -399,4 +461,5 @@ def placement_report(model_path, device: str = "maia100", cpu_ops: Sequence[str]
 def session_for(model_path: str | os.PathLike, providers=None, device: str = "maia100", cpu_ops: Sequence[str] = ()):
     opts = [{"device": device, "cpu_ops": ",".join(cpu_ops)}, {}]
     provs = normalize_providers(providers)
-    return InferenceSession(model_path, providers=provs, provider_options=opts[: len(provs)] if provs[0] == MAIA else None)
+    # the shim: the run verb reports its stages (stage_summary)
+    return EmulatorSession(model_path, providers=provs, provider_options=opts[: len(provs)] if provs[0] == MAIA else None)

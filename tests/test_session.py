@@ -10,7 +10,7 @@ import pytest
 
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.ortutil import make_inputs, run_model
-from maia_onnx.runtime import InferenceSession
+from maia_onnx.runtime import EmulatorSession, InferenceSession
 from maia_onnx.runtime.compile import compile_model
 
 MAIA = ["MaiaExecutionProvider", "CPUExecutionProvider"]
@@ -20,7 +20,7 @@ DIMS = {"batch": 2, "seq": 5, "past": 3}
 def assert_same_as_plain(plain_path, compiled_path, dims=DIMS):
     feeds = make_inputs(ir.load(plain_path), seed=3, dims=dims)
     reference = run_model(ir.load(plain_path), feeds)
-    sess = InferenceSession(compiled_path, providers=MAIA)
+    sess = EmulatorSession(compiled_path, providers=MAIA)  # the Python shim (tests/test_plugin_ep.py: the plugin EP)
     assert sess.get_providers() == MAIA
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     assert set(got) == set(reference)

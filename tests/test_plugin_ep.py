@@ -1,0 +1,216 @@
+"""The Maia plugin EP (runtime/ep, runtime/plugin_ep.py) in a plain onnxruntime.InferenceSession.
+
+Every EP session runs in a child process, so an EP crash fails its test instead of the whole run. Outputs are
+compared bit for bit with the Python shim (EmulatorSession), which is itself bit-exact with plain ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from maia_onnx.ortutil import make_inputs
+from maia_onnx.runtime import EmulatorSession, plugin_ep
+from maia_onnx.runtime.compile import compile_model
+
+MAIA = ["MaiaExecutionProvider", "CPUExecutionProvider"]
+DIMS = {"batch": 2, "seq": 5, "past": 3}
+
+# The child: run one model through a plain ORT session with the plugin EP, pickle outputs and what it saw.
+CHILD = r"""
+import json, pickle, sys
+args = json.loads(sys.argv[1])
+from maia_onnx.errors import UserError
+from maia_onnx.ortutil import ort_run, session_options
+from maia_onnx.runtime import plugin_ep
+result = {}
+try:
+    if args.get("devices"):
+        result["devices"] = [(d.ep_name, dict(d.ep_metadata)) for d in plugin_ep.ep_devices()]
+    if args.get("model"):
+        with open(args["feeds"], "rb") as f:
+            feeds = pickle.load(f)
+        so = session_options()
+        if args.get("profile"):
+            so.enable_profiling = True
+            so.profile_file_prefix = args["profile"]
+        sess = plugin_ep.plugin_session(args["model"], so, device=args.get("device", "maia100"),
+                                        cpu_ops=args.get("cpu_ops", []))
+        names = [o.name for o in sess.get_outputs()]
+        result["outputs"] = dict(zip(names, ort_run(sess, names, feeds)))
+        result["providers"] = sess.get_providers()
+        if args.get("profile"):
+            result["profile"] = sess.end_profiling()
+except UserError as exc:
+    result["error"] = (type(exc).__name__, str(exc))
+with open(args["out"], "wb") as f:
+    pickle.dump(result, f)
+"""
+
+
+@pytest.fixture(scope="module")
+def require_ep():
+    """The plugin EP must be usable; CI (scripts/test.sh sets MAIA_REQUIRE_EP=1) fails instead of skipping."""
+    reason = plugin_ep.unavailable_reason()
+    if reason:
+        if os.environ.get("MAIA_REQUIRE_EP") == "1":
+            pytest.fail(f"MAIA_REQUIRE_EP=1 but the Maia plugin EP is unavailable: {reason}")
+        pytest.skip(f"Maia plugin EP unavailable ({reason}); MAIA_REQUIRE_EP=1 makes this a failure")
+
+
+def test_ep_library_is_built_when_required():
+    if os.environ.get("MAIA_REQUIRE_EP") != "1":
+        pytest.skip("MAIA_REQUIRE_EP is not 1 (scripts/test.sh sets it): a missing EP build is allowed here")
+    assert plugin_ep.LIBRARY.is_file(), f"{plugin_ep.LIBRARY} was not built by pip install"
+    assert plugin_ep.unavailable_reason() is None
+
+
+def run_child(tmp_path: Path, env=None, **args) -> dict:
+    out = tmp_path / f"child_{len(list(tmp_path.glob('child_*')))}.pkl"
+    args["out"] = str(out)
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, f"EP child process failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+def run_plugin(tmp_path: Path, model: Path, feeds: dict, **args) -> dict:
+    feeds_path = tmp_path / "feeds.pkl"
+    with open(feeds_path, "wb") as f:
+        pickle.dump(feeds, f)
+    return run_child(tmp_path, model=str(model), feeds=str(feeds_path), **args)
+
+
+def assert_bit_identical(got: dict, ref: dict):
+    assert set(got) == set(ref)
+    for name, r in ref.items():
+        g = got[name]
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        np.testing.assert_array_equal(np.ascontiguousarray(g).view(np.uint8), np.ascontiguousarray(r).view(np.uint8),
+                                      err_msg=name)
+
+
+def shim_outputs(compiled: Path, feeds: dict) -> dict:
+    sess = EmulatorSession(compiled, providers=MAIA)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def test_ep_devices_one_per_profile_with_user_profiles(require_ep, tmp_path):
+    user = tmp_path / "profiles" / "devices"
+    user.mkdir(parents=True)
+    profile = json.loads((plugin_ep.LIBRARY.parent.parent / "devices" / "maia200.json").read_text())
+    profile["name"] = "maia200-lab"
+    (user / "maia200-lab.json").write_text(json.dumps(profile))
+    result = run_child(tmp_path, env={"MAIA_ONNX_PROFILE_PATH": str(tmp_path / "profiles")}, devices=True)
+    devices = {meta["maia.device"]: meta for name, meta in result["devices"] if name == "MaiaExecutionProvider"}
+    assert {"maia100", "maia200", "maia200-lab"} <= set(devices)
+    assert devices["maia200-lab"]["maia.profile"].endswith("maia200-lab.json")
+    assert all(name == "MaiaExecutionProvider" for name, _ in result["devices"])
+
+
+def _quantized(src: Path, out: Path, **options) -> Path:
+    from maia_onnx.quantize import quantize_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random calibration data is fine for a numerics test
+        quantize_model(src, out, calib="random", evaluate=False, show_progress=False, **options)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_variants(llama_tiny_onnx, tmp_path_factory):
+    """FP32, FP8 weights+activations with an FP8 KV cache, and mx9 builds of llama-tiny."""
+    root = tmp_path_factory.mktemp("llama_variants")
+    return {
+        "fp32": llama_tiny_onnx,
+        "fp8-kv8": _quantized(llama_tiny_onnx, root / "fp8.onnx", format="fp8-e4m3", kv_cache="fp8-e4m3"),
+        "mx9": _quantized(llama_tiny_onnx, root / "mx9.onnx", format="mx9"),
+    }
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp8-kv8", "mx9"])
+def test_compiled_llama_tiny_bit_identical_to_shim(require_ep, variant, llama_variants, tmp_path):
+    plain = llama_variants[variant]
+    compiled = compile_model(plain, tmp_path / "ctx.onnx").path
+    feeds = make_inputs(ir.load(plain), seed=3, dims=DIMS)
+    result = run_plugin(tmp_path, compiled, feeds, profile=str(tmp_path / "prof"))
+    assert result["providers"] == MAIA
+    assert_bit_identical(result["outputs"], shim_outputs(compiled, feeds))
+    # the profile shows the partitions ran on the EP
+    events = json.loads(Path(result["profile"]).read_text())
+    ran = {e["args"].get("provider") for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("kernel_time")}
+    assert "MaiaExecutionProvider" in ran
+
+
+@pytest.mark.parametrize("family", ["unet_tiny_onnx", "yolo_tiny_onnx"])
+def test_compiled_vision_models_bit_identical_to_shim(require_ep, family, request, tmp_path):
+    plain = request.getfixturevalue(family)
+    compiled = compile_model(plain, tmp_path / "ctx.onnx").path
+    feeds = make_inputs(ir.load(plain), seed=3, dims=DIMS)
+    result = run_plugin(tmp_path, compiled, feeds)
+    assert_bit_identical(result["outputs"], shim_outputs(compiled, feeds))
+
+
+def test_cpu_only_session_refuses_compiled_model(llama_tiny_onnx, tmp_path):
+    compiled = compile_model(llama_tiny_onnx, tmp_path / "ctx.onnx").path
+    with pytest.raises(Exception, match="EPContext node generated by 'MaiaExecutionProvider' is not compatible"):
+        ort.InferenceSession(str(compiled), providers=["CPUExecutionProvider"])
+
+
+def test_side_file_programs_load_after_the_directory_moves(require_ep, llama_tiny_onnx, tmp_path):
+    (tmp_path / "a").mkdir()
+    result = compile_model(llama_tiny_onnx, tmp_path / "a" / "m.onnx", embed=False)
+    assert result.side_file is not None and result.side_file.is_file()
+    moved = tmp_path / "b"
+    shutil.move(tmp_path / "a", moved)
+    feeds = make_inputs(ir.load(llama_tiny_onnx), seed=5, dims=DIMS)
+    got = run_plugin(tmp_path, moved / "m.onnx", feeds)
+    assert_bit_identical(got["outputs"], shim_outputs(moved / "m.onnx", feeds))
+    (moved / "m_maia.bin").unlink()
+    missing = run_plugin(tmp_path, moved / "m.onnx", feeds)
+    assert missing["error"][0] == "ModelLoadError"
+    assert "side file m_maia.bin of partition 'maia_partition_0' not found" in missing["error"][1]
+
+
+def test_plain_model_partitioned_by_the_ep_matches_plain_ort(require_ep, make_topk_model, tmp_path):
+    # a plain model: GetCapability places nodes from the capability table (TopK stays on the CPU)
+    path = make_topk_model("2")
+    feeds = make_inputs(ir.load(path), seed=3)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = dict(zip([o.name for o in plain.get_outputs()], plain.run(None, feeds)))
+    result = run_plugin(tmp_path, path, feeds, profile=str(tmp_path / "prof"))
+    assert_bit_identical(result["outputs"], reference)
+    events = json.loads(Path(result["profile"]).read_text())
+    providers = {e["args"].get("op_name"): e["args"].get("provider") for e in events
+                 if e.get("cat") == "Node" and e.get("name", "").endswith("kernel_time")}
+    assert providers.get("TopK") == "CPUExecutionProvider"
+    assert list(providers.values()).count("MaiaExecutionProvider") == 2  # MatMul before, Softmax after TopK
+    # cpu_ops keeps the named op types on the host
+    pinned = run_plugin(tmp_path, path, feeds, profile=str(tmp_path / "prof2"), cpu_ops=["MatMul", "Softmax"])
+    assert_bit_identical(pinned["outputs"], reference)
+    events = json.loads(Path(pinned["profile"]).read_text())
+    assert not [e for e in events if e.get("cat") == "Node" and e["args"].get("provider") == "MaiaExecutionProvider"]
+
+
+def test_inference_session_is_real_ort_with_the_plugin(require_ep, llama_tiny_onnx, tmp_path):
+    # maia_onnx.runtime.InferenceSession returns an onnxruntime.InferenceSession when the plugin is available
+    compiled = compile_model(llama_tiny_onnx, tmp_path / "ctx.onnx").path
+    code = ("import sys, onnxruntime as ort; from maia_onnx.runtime import InferenceSession; "
+            "s = InferenceSession(sys.argv[1]); assert isinstance(s, ort.InferenceSession), type(s); "
+            "print(s.get_providers())")
+    proc = subprocess.run([sys.executable, "-c", code, str(compiled)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "MaiaExecutionProvider" in proc.stdout
