@@ -132,16 +132,17 @@ def _quantized(src: Path, out: Path, **options) -> Path:
 
 @pytest.fixture(scope="module")
 def llama_variants(llama_tiny_onnx, tmp_path_factory):
-    """FP32, FP8 weights+activations with an FP8 KV cache, and mx9 builds of llama-tiny."""
+    """FP32, FP8 weights+activations with an FP8 KV cache, MXFP8 (FP8 elements, E8M0 block scales) and mx9."""
     root = tmp_path_factory.mktemp("llama_variants")
     return {
         "fp32": llama_tiny_onnx,
         "fp8-kv8": _quantized(llama_tiny_onnx, root / "fp8.onnx", format="fp8-e4m3", kv_cache="fp8-e4m3"),
+        "mxfp8": _quantized(llama_tiny_onnx, root / "mxfp8.onnx", format="mxfp8-e4m3"),
         "mx9": _quantized(llama_tiny_onnx, root / "mx9.onnx", format="mx9"),
     }
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp8-kv8", "mx9"])
+@pytest.mark.parametrize("variant", ["fp32", "fp8-kv8", "mxfp8", "mx9"])
 def test_compiled_llama_tiny_bit_identical_to_shim(require_ep, variant, llama_variants, tmp_path):
     plain = llama_variants[variant]
     compiled = compile_model(plain, tmp_path / "ctx.onnx").path
@@ -149,6 +150,13 @@ def test_compiled_llama_tiny_bit_identical_to_shim(require_ep, variant, llama_va
     result = run_plugin(tmp_path, compiled, feeds, profile=str(tmp_path / "prof"))
     assert result["providers"] == MAIA
     assert_bit_identical(result["outputs"], shim_outputs(compiled, feeds))
+    if variant == "mxfp8":  # the EP decoded E8M0 scales and blocked FP8 weights itself
+        from maia_onnx.runtime.emulator import MaiaProgram
+        from maia_onnx.runtime.session import _is_maia_context
+
+        node = next(n for n in ir.load(compiled).graph if _is_maia_context(n))
+        formats = {w["format"] for w in MaiaProgram.from_buffer(node.attributes["ep_cache_context"].value).header["weights"]}
+        assert {"e8m0", "mx-elements-fp8-e4m3fn"} <= formats
     # the profile shows the partitions ran on the EP
     events = json.loads(Path(result["profile"]).read_text())
     ran = {e["args"].get("provider") for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("kernel_time")}
@@ -214,3 +222,20 @@ def test_inference_session_is_real_ort_with_the_plugin(require_ep, llama_tiny_on
     proc = subprocess.run([sys.executable, "-c", code, str(compiled)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MaiaExecutionProvider" in proc.stdout
+
+
+def test_inference_session_falls_back_to_the_shim_once(monkeypatch, llama_tiny_onnx, tmp_path):
+    from maia_onnx.runtime import InferenceSession, session
+
+    compiled = compile_model(llama_tiny_onnx, tmp_path / "ctx.onnx").path
+    monkeypatch.setattr(plugin_ep, "LIBRARY", tmp_path / "missing" / "libmaia_ep.so")
+    monkeypatch.setattr(session, "_FALLBACK_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="plugin unavailable .*is not built.*Python shim"):
+        first = InferenceSession(compiled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        second = InferenceSession(compiled)
+    assert isinstance(first, EmulatorSession) and isinstance(second, EmulatorSession)
+    feeds = make_inputs(ir.load(llama_tiny_onnx), seed=3, dims=DIMS)
+    assert_bit_identical(dict(zip([o.name for o in first.get_outputs()], first.run(None, feeds))),
+                         shim_outputs(compiled, feeds))
