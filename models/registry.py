@@ -20,6 +20,7 @@ class ModelSpec:
     dynamic_shapes: Any = None  # torch.export dynamic_shapes for the positional arguments (None: static)
     config: dict = field(default_factory=dict)  # model metadata (family, num_layers, heads, ...), stored in ONNX metadata
     param_prefix: str = ""  # wrapper prefix stripped from initializer names (e.g. "model." around an HF model)
+    by_name: bool = False  # example_inputs bind to forward() as keyword arguments (dynamic_shapes is then a dict)
 
     @property
     def args(self) -> tuple:

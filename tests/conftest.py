@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from zoo import zoo_dir, zoo_export  # noqa: F401  (session fixtures: tiny model-zoo checkpoints and their exports)
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -161,7 +161,7 @@ def test_export_releases_the_module_before_ort_loads_the_model(tmp_path, monkeyp
     import gc
     import weakref
 
-    import maia_onnx.export as export_module
+    import maia_onnx.export.core as export_module
 
     spec = registry.build("yolo-tiny")
     refs = [weakref.ref(p) for p in spec.module.parameters()]
@@ -180,7 +180,7 @@ def test_export_releases_the_module_before_ort_loads_the_model(tmp_path, monkeyp
 
 
 def test_failed_parity_keeps_previous_output_and_leaves_no_files(tmp_path, monkeypatch):
-    import maia_onnx.export as export_module
+    import maia_onnx.export.core as export_module
 
     out = tmp_path / "y.onnx"
     out.write_bytes(b"previous export")
@@ -265,6 +265,35 @@ FACTORY_SOURCE = textwrap.dedent(
     def untraceable():
         return DataDependent(), (torch.ones(3, 4),)
 
+    class Seq2SeqLike(torch.nn.Module):
+        """forward() with optional keyword inputs, like HF models: a dict must bind by name, not position."""
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.emb = torch.nn.Embedding(16, 8)
+            self.out = torch.nn.Linear(8, 4)
+
+        def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, scale=None):
+            enc = self.emb(input_ids) * attention_mask[..., None]
+            dec = self.emb(decoder_input_ids)
+            return {"logits": self.out(dec + enc.mean(1, keepdim=True)), "encoder_last_hidden_state": enc}
+
+    def by_name():
+        # the dict's order differs from forward()'s, and attention_mask is a float mask
+        return Seq2SeqLike(), {"decoder_input_ids": torch.randint(0, 16, (2, 3)), "input_ids": torch.randint(0, 16, (2, 5)),
+                               "attention_mask": torch.tensor([[1.0, 1, 1, 1, 0], [1, 1, 1, 0, 0]])}
+
+    def mixed_names():
+        return Seq2SeqLike(), {"input_ids": torch.randint(0, 16, (2, 5)), "mask": torch.ones(2, 5)}
+
+    class SumAll(torch.nn.Module):
+        def forward(self, *xs):
+            return sum(x.relu() for x in xs), xs[0] * 2
+
+    def varargs():
+        return SumAll(), (torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)), ["total", "doubled"]
+
     NOT_CALLABLE = 3
     '''
 )
@@ -277,7 +306,8 @@ def factory_module(tmp_path, monkeypatch):
     return "my_factories"
 
 
-def test_factory_tuple_and_dict_inputs(factory_module, tmp_path):
+def test_factory_tuple_and_positional_dict_inputs(factory_module, tmp_path):
+    """A dict whose keys name no forward() parameter binds by position: the keys only name the ONNX inputs."""
     r1 = export_model(f"{factory_module}:make", tmp_path / "f1.onnx")
     assert r1.max_rel <= REL_TOL and list(r1.inputs) == ["input_0"] and list(r1.outputs) == ["output"]
     assert r1.inputs["input_0"] == ["batch", 6]
@@ -289,9 +319,35 @@ def test_factory_tuple_and_dict_inputs(factory_module, tmp_path):
     assert out.shape == (7, 3)
 
 
+def test_factory_dict_inputs_bind_to_forward_by_name(factory_module, tmp_path):
+    result = export_model(f"{factory_module}:by_name", tmp_path / "named.onnx")
+    # ONNX inputs follow forward()'s parameter order; outputs are named after the returned dict's keys
+    assert list(result.inputs) == ["input_ids", "attention_mask", "decoder_input_ids"]
+    assert list(result.outputs) == ["logits", "encoder_last_hidden_state"] and result.max_rel <= REL_TOL
+    import importlib
+
+    module = importlib.import_module(factory_module).Seq2SeqLike().eval()
+    ids, dec = np.array([[1, 2, 3, 4, 5]] * 3), np.array([[9, 8, 7]] * 3)  # batch 3 (dynamic; the rest as exported)
+    mask = np.array([[1, 1, 1, 0, 0]] * 3, np.float32)
+    got = _run(result.path, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec})
+    with torch.no_grad():
+        ref = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), decoder_input_ids=torch.from_numpy(dec))
+    _assert_close(ref["logits"].numpy(), got["logits"])
+
+
+def test_factory_varargs_gets_nested_dynamic_shapes_and_named_outputs(factory_module, tmp_path):
+    result = export_model(f"{factory_module}:varargs", tmp_path / "va.onnx")
+    assert list(result.outputs) == ["total", "doubled"] and result.max_rel <= REL_TOL
+    assert result.inputs == {f"input_{i}": ["batch", 4] for i in range(3)}
+    xs = [np.random.default_rng(i).standard_normal((5, 4)).astype(np.float32) for i in range(3)]
+    got = _run(result.path, {f"input_{i}": x for i, x in enumerate(xs)})
+    _assert_close(sum(np.maximum(x, 0) for x in xs), got["total"])
+
+
 @pytest.mark.parametrize(
     "attr,message",
     [
+        ("mixed_names", "'mask' are not parameters of Seq2SeqLike.forward"),
         ("wrong", "returned int"),
         ("not_module", "returned str as the module"),
         ("boom", "raised RuntimeError: weights missing"),

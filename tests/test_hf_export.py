@@ -1,4 +1,5 @@
-"""hf:DIR export of tiny Hugging Face checkpoints (Llama, GPT-2 decoders with KV cache; BERT encoder) vs PyTorch."""
+"""hf:DIR export of tiny Hugging Face checkpoints (Llama, GPT-2 decoders with KV cache; BERT encoder) vs PyTorch:
+I/O names, weight names and layout, KV-cache decode, padded encoder inputs, directory errors."""
 
 from __future__ import annotations
 
@@ -17,37 +18,15 @@ from maia_onnx.ortutil import compare, make_session  # noqa: E402
 REL_TOL = 1e-4
 
 
-def _save(directory, model):
-    model.save_pretrained(directory)
-    return directory
+@pytest.fixture(scope="module")
+def hf_dirs(zoo_dir):
+    """The session's tiny zoo checkpoints (tests/zoo.py), shared with the model-zoo matrix."""
+    return {name: zoo_dir(name) for name in ("llama", "gpt2", "bert")}
 
 
 @pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128))
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0))
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64))
-    return {name: _save(root / name, m) for name, m in (("llama", llama), ("gpt2", gpt2), ("bert", bert))}
-
-
-@pytest.fixture(scope="module")
-def hf_exports(hf_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hf_onnx")
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = export_model(f"hf:{hf_dirs[name]}", out / f"{name}.onnx")
-        return cache[name]
-
-    return get
+def hf_exports(zoo_export):
+    return zoo_export
 
 
 def _load_torch(directory, cls):

@@ -1,4 +1,4 @@
-"""`maia-onnx export MODEL -o out.onnx`: built-in / module:factory / hf:DIR -> ONNX, parity-checked against PyTorch."""
+"""`maia-onnx export MODEL -o out.onnx|DIR`: built-in / module:factory / hf:DIR / ultralytics:REF -> ONNX, parity-checked against PyTorch."""
 
 from __future__ import annotations
 
@@ -8,16 +8,41 @@ from maia_onnx.cli.options import dims_option, echo_json, external_data_option, 
 from maia_onnx.cli.options import parse_dims as _parse_dims
 
 
+def stderr_progress(msg: str) -> None:
+    click.echo(f"[export] {msg}", err=True)
+
+
 def parse_dims(values) -> dict[str, int]:
     """Export example sizes must be positive (a zero-length batch/seq cannot be traced)."""
     return _parse_dims(values, minimum=1)
 
 
-@click.command("export", help="Export MODEL to ONNX and check it against PyTorch (max rel error <= 1e-4).\n\n"
-               "MODEL is a built-in name (llama-tiny, unet-tiny, yolo-tiny), package.module:factory "
-               "(returns (module, example_inputs)), or hf:DIR (local Hugging Face checkpoint).")
+HELP = """Export MODEL to ONNX and check it against PyTorch (max rel error <= 1e-4).
+
+\b
+MODEL is one of:
+  llama-tiny, unet-tiny, yolo-tiny     built-in models (seeded random weights)
+  package.module:factory               returns (module, example_inputs[, output_names]); a dict of
+                                       inputs binds to forward() by parameter name
+  hf:DIR                               local checkpoint, kind detected from its files: decoder LM
+                                       (dense or MoE), text encoder, image encoder (pixel_values),
+                                       encoder-decoder (T5, BART, Whisper), diffusers pipeline
+                                       (model_index.json) or component (UNet2DConditionModel,
+                                       AutoencoderKL)
+  ultralytics:yolov8n.yaml|PATH.pt     Ultralytics detector (no downloads)
+
+\b
+-o is a .onnx file, except for models that export several graphs, where it is a directory:
+  encoder-decoders   DIR/encoder.onnx + DIR/decoder.onnx (self- and cross-attention KV cache),
+                     verified by greedy generation in ONNX Runtime equal to PyTorch's
+  diffusers pipeline DIR/<component>.onnx (unet, text_encoder, vae_decoder, vae_encoder)
+  AutoencoderKL      DIR/vae_decoder.onnx + DIR/vae_encoder.onnx
+"""
+
+
+@click.command("export", help=HELP)
 @click.argument("model_ref", metavar="MODEL")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output .onnx path (a directory for multi-graph models).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 21).")
 @click.option("--dynamic/--static", default=True, show_default=True, help="Symbolic batch/seq/past dims, or fixed to the example shapes.")
 @click.option("--size", type=click.Choice(["tiny", "large"]), default=None, help="Built-in model size (large: multi-GB weights).")
@@ -27,7 +52,7 @@ def parse_dims(values) -> dict[str, int]:
 @external_data_option
 @json_option
 def command(model_ref, output, opset, dynamic, size, seed, dims, no_check, external_data, as_json):
-    from maia_onnx.export import DEFAULT_OPSET, REL_TOLERANCE, export_model, stderr_progress
+    from maia_onnx.export import DEFAULT_OPSET, REL_TOLERANCE, export_model
     from maia_onnx.report import print_table
 
     result = export_model(
@@ -37,7 +62,17 @@ def command(model_ref, output, opset, dynamic, size, seed, dims, no_check, exter
     if as_json:
         echo_json(result.as_dict())
         return
-    rows = [{"output": name, "max_abs": p["max_abs"], "max_rel": p["max_rel"], "cosine": p["cosine"]} for name, p in result.parity.items()]
+    graphs = result.parts or {result.path.name: result}
+    rows = [{"graph": graph, "output": name, "max_abs": p["max_abs"], "max_rel": p["max_rel"], "cosine": p["cosine"]}
+            for graph, part in graphs.items() for name, p in part.parity.items()]
     if rows:
-        print_table(rows, ["output", "max_abs", "max_rel", "cosine"], title=f"parity ORT vs PyTorch (tolerance rel {REL_TOLERANCE:g})")
+        columns = (["graph"] if result.parts else []) + ["output", "max_abs", "max_rel", "cosine"]
+        print_table(rows, columns, title=f"parity ORT vs PyTorch (tolerance rel {REL_TOLERANCE:g})")
+    if "tokens_equal" in result.checks:
+        step = result.checks["step_logits"]
+        click.echo(f"greedy generation: {result.checks['greedy_tokens']} tokens equal in ONNX Runtime and PyTorch "
+                   f"(step logits max rel {step['max_rel']:.2e})")
+    if result.parts:
+        click.echo(f"wrote {', '.join(result.parts)} to {result.path} (opset {result.opset}, {result.seconds:.1f}s)")
+        return
     click.echo(f"wrote {result.path} (opset {result.opset}, {'dynamic' if result.dynamic else 'static'} shapes, {result.seconds:.1f}s)")
