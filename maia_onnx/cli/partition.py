@@ -16,10 +16,13 @@ from maia_onnx.cli.options import echo_json, json_option, model_argument
               help="What pipeline stages are balanced on.")
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(), default=None,
               help="Also write every rank's weights as safetensors (rank{r}_stage{s}.safetensors) into this directory.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the self-check (the shards run against the unsharded model on random inputs before the "
+                   "directory is written); for multi-GB models where one more forward pass costs too much.")
 @click.option("--annotate-only", is_flag=True,
               help="Do not split: write the model to -o (an .onnx file) with IR v11 sharding annotations.")
 @json_option
-def command(model, output, tp, pp, balance, checkpoint_dir, annotate_only, as_json):
+def command(model, output, tp, pp, balance, checkpoint_dir, no_verify, annotate_only, as_json):
     """Split MODEL for tensor (--tp) and pipeline (--pp) parallelism into a partition directory."""
     from maia_onnx.partition import partition_file, summary_rows
     from maia_onnx.report import human_bytes, print_table
@@ -33,7 +36,8 @@ def command(model, output, tp, pp, balance, checkpoint_dir, annotate_only, as_js
         else:
             click.echo(f"wrote {output}: sharding annotations for tp={tp} pp={pp} (model not split)")
         return
-    manifest = partition_file(model, output, tp=tp, pp=pp, balance=balance, progress=not as_json)
+    manifest = partition_file(model, output, tp=tp, pp=pp, balance=balance, progress=not as_json, verify=not no_verify)
+    verification = manifest.verification
     rows = summary_rows(manifest)
     stages = None
     if manifest.plan is not None and manifest.pp > 1:
@@ -47,7 +51,8 @@ def command(model, output, tp, pp, balance, checkpoint_dir, annotate_only, as_js
         checkpoint = save_checkpoint(output, checkpoint_dir, progress=not as_json)
     if as_json:
         echo_json({"output": str(output), "mesh": manifest.data["mesh"], "ranks": rows, "stages": stages,
-                   "inputs": manifest.inputs, "outputs": manifest.outputs, "checkpoint": checkpoint})
+                   "inputs": manifest.inputs, "outputs": manifest.outputs, "checkpoint": checkpoint,
+                   "verified": verification.describe(), "verification": verification.as_dict()})
         return
     for r in rows:
         r["weights"] = human_bytes(r["weight_bytes"])
@@ -63,3 +68,4 @@ def command(model, output, tp, pp, balance, checkpoint_dir, annotate_only, as_js
         print_stage_report(stages)
     if checkpoint:
         click.echo(f"checkpoint: {len(checkpoint.get('files', {}))} safetensors file(s) in {checkpoint_dir}")
+    click.echo(f"verified: {verification.describe()}")

@@ -18,17 +18,22 @@ from maia_onnx.cli.options import echo_json, json_option
               help="Swap in the weights of this checkpoint (written with --checkpoint for the input's layout).")
 @click.option("--checkpoint", "save_ckpt", type=click.Path(), default=None,
               help="Also write the output's weights as safetensors (rank{r}_stage{s}.safetensors) into this directory.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the self-check of the new shards against the unsharded model rebuilt from the input; for "
+                   "multi-GB models where one more forward pass costs too much.")
 @json_option
-def command(partition_dir, output, tp, pp, balance, load_ckpt, save_ckpt, as_json):
+def command(partition_dir, output, tp, pp, balance, load_ckpt, save_ckpt, no_verify, as_json):
     """Re-shard PARTITION_DIR (from its shards alone, no original model needed) into -o."""
     from maia_onnx.partition import reshard_directory
 
     result = reshard_directory(partition_dir, output, tp=tp, pp=pp, balance=balance, load_checkpoint=load_ckpt,
-                               save_checkpoint=save_ckpt, progress=True)
+                               save_checkpoint=save_ckpt, progress=True, verify=not no_verify)
+    result["verified"] = result["verification"]["summary"]
     if as_json:
         echo_json(result)
         return
     print_stage_report(result)
+    click.echo(f"verified: {result['verified']}")
 
 
 def print_stage_report(result: dict) -> None:

@@ -82,12 +82,14 @@ class Manifest:
     """Typed access to manifest.json (``data`` is the plain dict that is written).
 
     ``plan``: the pipeline plan (stage loads, imbalance) of the call that wrote the directory, when this
-    object comes from that call; it is not persisted beyond what ``extra.pipeline`` records.
+    object comes from that call; it is not persisted beyond what ``extra.pipeline`` records. ``verification``:
+    that call's self-check of the shards against the unsharded model (``verify.Verification``), not persisted.
     """
 
     data: dict[str, Any]
     directory: Path | None = None
     plan: Any = field(default=None, repr=False, compare=False)
+    verification: Any = field(default=None, repr=False, compare=False)  # the writing call's self-check (verify.py)
 
     @property
     def tp(self) -> int:

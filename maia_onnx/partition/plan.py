@@ -2,8 +2,9 @@
 
 ``partition_model`` runs the passes (``PipelineParallelPass`` + stage extraction, then the TP split of every
 stage), merges their plans into one manifest (``manifest.py`` describes the schema) and hands the rank models
-to the writer; ``partition_file`` is the same for a model file (the ``partition`` verb). ``summary_rows`` is
-the per-rank table the CLI prints.
+to the writer; ``partition_file`` is the same for a model file (the ``partition`` verb). Before the staging
+directory is renamed into place, the written shards are run against the unsharded model (``verify.py``), so a
+wrong partition is refused and leaves nothing behind. ``summary_rows`` is the per-rank table the CLI prints.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from onnx.external_data_helper import uses_external_data
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError, UserError
 from maia_onnx.io import atomic_dir, check_output_path, initializer_bytes, load_model, model_content_hash, sha256_file
 from maia_onnx.partition.manifest import SOURCE_GRAPH, Manifest, global_rank, new_manifest, read_manifest
+from maia_onnx.partition.verify import make_probe, skipped, verify_partition
 from maia_onnx.partition.writer import PartitionWriter, write_source_graph
 from maia_onnx.passes import tensor_parallel
 from maia_onnx.passes.pipeline_parallel import PipelinePlan, Stage, split_pipeline
@@ -157,6 +159,8 @@ def partition_model(
     progress: Callable[[int], None] | None = None,
     consume_model: bool = False,
     writer: PartitionWriter | None = None,
+    verify: bool = True,
+    reference: str | os.PathLike | None = None,
 ) -> tuple[Manifest, PipelinePlan]:
     """Write a partition directory: PP cut first, then (tp > 1) the TP split of every stage.
 
@@ -165,9 +169,15 @@ def partition_model(
     ``consume_model``: the caller gives ``model`` up, so a single stage (pp 1) and the last TP rank are
     rewritten in place instead of cloned (the output is the same; only ``model`` is left rewritten).
     ``writer``: a writer whose buffers were prepared in advance (``partition_file``); default a fresh one.
+    ``verify``: run the written shards against the unsharded model before the directory appears (a
+    disagreement raises ``ValidationError`` and nothing is written); ``reference``: the unsharded model's
+    file for that run (default: ``model`` as it was before the split). The result's ``verification`` says
+    what the check found.
     """
     if tp < 1:
         raise InvalidOptionError(f"--tp {tp} is invalid: the tensor-parallel degree must be >= 1")
+    # the check's inputs come from the unsharded graph, before any pass rewrites it
+    probe = make_probe(model, tp, pp) if verify else None
     skeleton_model = model.clone()  # the unsharded graph before PP/TP rewrite anything (tensors are shared)
     full_shapes = None
     if tp > 1:
@@ -200,10 +210,18 @@ def partition_model(
                 f.rename(tmp / f.name)
             (tmp / "partition").rmdir()
             write_source_graph(skeleton_model, tmp / SOURCE_GRAPH, in_shards)
+            verification = skipped()
+            if probe is not None:
+                # the rank models' lazy slices and cached source tensors are done with: drop them before the
+                # check loads the shards
+                rank_models.clear()
+                stages = None
+                SourceCache.release_buffers()
+                verification = verify_partition(tmp, reference if reference is not None else skeleton_model, probe)
     finally:
         if own_writer:
             writer.close()
-    return Manifest(written.data, out_dir, plan=plan), plan
+    return Manifest(written.data, out_dir, plan=plan, verification=verification), plan
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -270,12 +288,15 @@ def partition_file(
     *,
     source_hash: str | None = None,
     record_source_path: bool = True,
+    verify: bool = True,
 ) -> Manifest:
     """Partition an ONNX file into ``tp`` x ``pp`` rank files under ``out_dir`` (atomic; input untouched).
 
     The manifest records the source's path and fingerprint; ``source_hash`` replaces the fingerprint (a
     caller that already hashed the file) and ``record_source_path=False`` leaves the path out (artifacts
-    that must not depend on where the source lay). The result's ``plan`` is the pipeline plan.
+    that must not depend on where the source lay). The result's ``plan`` is the pipeline plan and its
+    ``verification`` the self-check of the shards against the source run in ORT (``verify=False``: skipped,
+    for models too large to run twice in the time a partition takes).
     """
     if tp < 1 or pp < 1:
         raise InvalidOptionError(f"--tp {tp} --pp {pp}: both degrees must be >= 1")
@@ -288,14 +309,14 @@ def partition_file(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _partition_file(model_path, out_dir, tp, pp, balance, progress, source_hash, record_source_path)
+        return _partition_file(model_path, out_dir, tp, pp, balance, progress, source_hash, record_source_path, verify)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _partition_file(model_path, out_dir: Path, tp: int, pp: int, balance: str, progress: bool,
-                    source_hash: str | None, record_source_path: bool) -> Manifest:
+                    source_hash: str | None, record_source_path: bool, verify: bool) -> Manifest:
     model = load_model(model_path)
     _prefetch(model_path)
     total = initializer_bytes(model)
@@ -314,12 +335,14 @@ def _partition_file(model_path, out_dir: Path, tp: int, pp: int, balance: str, p
         if total > PREPARE_BUFFERS_BYTES:
             writer.prepare(tp * pp)
         try:
-            _, plan = partition_model(
+            written, plan = partition_model(
                 model, out_dir, tp=tp, pp=pp, balance=balance,
                 source_path=str(model_path) if record_source_path else None,
                 source_hash=source_hash or source_fingerprint(model_path), progress=advance if progress else None,
                 consume_model=True,  # loaded here for this call only: rewrite it instead of cloning it
                 writer=writer,
+                verify=verify,
+                reference=model_path,  # ORT loads the source file itself: no in-memory copy of the weights
             )
         finally:
             SourceCache.release_buffers()
@@ -327,6 +350,7 @@ def _partition_file(model_path, out_dir: Path, tp: int, pp: int, balance: str, p
                 bar.close()
     manifest = read_manifest(out_dir)
     manifest.plan = plan
+    manifest.verification = written.verification
     return manifest
 
 

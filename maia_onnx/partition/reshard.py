@@ -3,7 +3,8 @@
 A partition written by ``partition_model`` carries ``source_graph.onnx``: the unsharded graph whose
 large initializers are placeholders. ``rebuild_source`` puts every full tensor back lazily (one
 tensor at a time, concatenating the tp shards along the axis the manifest records) and
-``reshard`` partitions that rebuilt model again, so TP4 -> TP2 gives the same files as a direct TP2.
+``reshard`` partitions that rebuilt model again, so TP4 -> TP2 gives the same files as a direct TP2; the new
+shards are checked against the rebuilt unsharded model (run in ORT) before the output directory appears.
 """
 
 from __future__ import annotations
@@ -127,8 +128,12 @@ def rebuild_source(partition_dir: str | os.PathLike) -> ir.Model:
 
 
 def reshard(partition_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int | None = None, pp: int | None = None,
-            balance: str | None = None, progress=None) -> tuple[Manifest, PipelinePlan]:
-    """Write ``out_dir``: the partition at ``partition_dir`` re-split to ``tp`` x ``pp`` (defaults: unchanged)."""
+            balance: str | None = None, progress=None, verify: bool = True) -> tuple[Manifest, PipelinePlan]:
+    """Write ``out_dir``: the partition at ``partition_dir`` re-split to ``tp`` x ``pp`` (defaults: unchanged).
+
+    ``verify``: run the new shards against the unsharded model rebuilt from the old ones before ``out_dir``
+    appears (``ValidationError`` and nothing written on disagreement); the manifest's ``verification`` says so.
+    """
     partition_dir = Path(partition_dir)
     out_dir = Path(out_dir)
     manifest = read_manifest(partition_dir)
@@ -144,7 +149,7 @@ def reshard(partition_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: in
     source = manifest.data["source"]
     return partition_model(
         model, out_dir, tp=tp, pp=pp, balance=balance, source_path=source.get("path"), source_hash=source.get("sha256"),
-        progress=progress,
+        progress=progress, verify=verify,
     )
 
 
@@ -179,8 +184,10 @@ def stage_report(manifest: Manifest, plan: PipelinePlan) -> dict[str, Any]:
 
 def reshard_directory(partition_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int | None = None,
                       pp: int | None = None, balance: str | None = None, load_checkpoint: str | os.PathLike | None = None,
-                      save_checkpoint: str | os.PathLike | None = None, progress: bool = False) -> dict[str, Any]:
-    """The `reshard` verb: optional checkpoint swap, re-split, optional checkpoint of the result; returns a report."""
+                      save_checkpoint: str | os.PathLike | None = None, progress: bool = False,
+                      verify: bool = True) -> dict[str, Any]:
+    """The `reshard` verb: optional checkpoint swap, re-split (checked against the unsharded model unless
+    ``verify`` is off), optional checkpoint of the result; returns a report (``verification`` included)."""
     partition_dir = Path(partition_dir)
     out_dir = Path(out_dir)
     check_output_path(out_dir, partition_dir)
@@ -197,12 +204,13 @@ def reshard_directory(partition_dir: str | os.PathLike, out_dir: str | os.PathLi
             bar = tqdm(desc="write shards", unit="B", unit_scale=True, file=sys.stderr)
             callback = bar.update
         try:
-            manifest, plan = reshard(source, out_dir, tp=tp, pp=pp, balance=balance, progress=callback)
+            manifest, plan = reshard(source, out_dir, tp=tp, pp=pp, balance=balance, progress=callback, verify=verify)
         finally:
             if bar is not None:
                 bar.close()
     report = stage_report(manifest, plan)
     report["input"] = str(partition_dir)
+    report["verification"] = manifest.verification.as_dict()
     if load_checkpoint is not None:
         report["loaded_checkpoint"] = str(load_checkpoint)
     if save_checkpoint is not None:
