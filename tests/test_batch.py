@@ -121,6 +121,7 @@ def test_every_step_records_metrics_that_match_its_artifact(builtin_batch):
     manifest = json.loads((Path(part["artifact"]) / "manifest.json").read_text())
     assert (p["tp"], p["pp"], p["ranks"]) == (2, 1, 2) and p["imbalance_pct"] == 0.0
     assert p["collectives"] == len(manifest["collectives"]) > 0
+    assert p["verified"] is True and p["verified_max_rel"] <= 1e-5  # the step proved its shards (FP32 TP2)
     rank_bytes = sum(_weight_bytes(Path(part["artifact"]) / r["file"]) for r in manifest["ranks"])
     source_bytes = _weight_bytes(Path(steps["llama-tp2", "export"]["artifact"]))
     assert p["weight_bytes"] == pytest.approx(rank_bytes, rel=0.02) and p["weight_bytes"] == pytest.approx(source_bytes, rel=0.02)

@@ -110,6 +110,8 @@ def _partition(inp: StepInput, options: dict) -> StepOutput:
         "collectives": len(manifest.collectives),
         "weight_bytes": sum(int(r.get("weight_bytes") or 0) for r in manifest.ranks),
         "imbalance_pct": pipeline.get("imbalance_pct"),
+        "verified": manifest.verification.verified,
+        "verified_max_rel": manifest.verification.max_rel,
     })
 
 
