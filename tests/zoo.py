@@ -110,13 +110,16 @@ def _pipeline(directory: Path) -> None:
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": [None, None], "scheduler": [None, None]}))
 
 
-# name -> (builder, extra module needed or None, MODEL reference prefix)
+# name -> (builder, extra module needed or None)
 CHECKPOINTS: dict[str, tuple[Callable[[Path], None], str | None]] = {
     "llama": (_hf_decoder("LlamaForCausalLM", "LlamaConfig", **_DENSE), None),
     "qwen2": (_hf_decoder("Qwen2ForCausalLM", "Qwen2Config", **_DENSE), None),
     "qwen3_moe": (_hf_decoder("Qwen3MoeForCausalLM", "Qwen3MoeConfig", **{**_DENSE, "head_dim": 8, "moe_intermediate_size": 16,
                                                                           "num_experts": 4, "num_experts_per_tok": 2,
                                                                           "decoder_sparse_step": 1, "mlp_only_layers": []}), None),
+    "qwen2_moe": (_hf_decoder("Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_DENSE, moe_intermediate_size=16,
+                              shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                              decoder_sparse_step=1, mlp_only_layers=[]), None),
     "mixtral": (_hf_decoder("MixtralForCausalLM", "MixtralConfig", **_DENSE, num_local_experts=4, num_experts_per_tok=2), None),
     "phi3": (_hf_decoder("Phi3ForCausalLM", "Phi3Config", **_DENSE, pad_token_id=0, bos_token_id=1, eos_token_id=2), None),
     "falcon": (_hf_decoder("FalconForCausalLM", "FalconConfig", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
