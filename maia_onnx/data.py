@@ -17,7 +17,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.errors import InvalidOptionError, MissingExtraError, UserError
+from maia_onnx.errors import InvalidOptionError, UserError
+from maia_onnx.extras import require
 
 SOURCE_KEY = "maia_onnx.source"  # "hf:DIR" for models exported from a Hugging Face checkpoint
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -30,6 +31,47 @@ class Feeds(dict):
     def __init__(self, arrays, valid: np.ndarray | None = None):
         super().__init__(arrays)
         self.valid = valid
+
+
+def feeds_valid(feeds) -> np.ndarray | None:
+    """The ``[batch, seq]`` real-position mask of a batch (None for plain dicts and unpadded batches)."""
+    return feeds.valid if isinstance(feeds, Feeds) else None
+
+
+def _seq_axes(array: np.ndarray, seq: int, declared) -> list[int]:
+    """Axes (after the first) of ``array`` that run over token positions: the size is ``seq`` and the graph does
+    not declare that axis a fixed size (a hidden or head dim that happens to equal the sequence length)."""
+    dims = list(declared) if declared is not None and len(declared) == array.ndim else [None] * array.ndim
+    return [axis for axis in range(1, array.ndim) if array.shape[axis] == seq and not isinstance(dims[axis], int)]
+
+
+def real_positions(array: np.ndarray, valid: np.ndarray | None, declared=None) -> np.ndarray:
+    """The entries of a batch's activation at real (non-padded) token positions, as ``[n, rest...]``.
+
+    ``valid`` is the batch's ``[batch, seq]`` mask.  The first axis is the batch (or batch x heads merged, or
+    batch x seq flattened into token rows); every later axis of length ``seq`` that the graph (``declared``: the
+    value's ir shape, optional) does not fix is a position axis and is restricted to real positions: the query
+    and the key axis of attention scores ``[b, h, q, k]`` both.  Arrays with no such layout are returned as they are.
+    """
+    array = np.asarray(array)
+    if valid is None or array.ndim == 0:
+        return array
+    batch, seq = valid.shape
+    axes = _seq_axes(array, seq, declared)
+    lead = array.shape[0]
+    if axes and lead != batch and lead % batch == 0:
+        valid = np.repeat(valid, lead // batch, axis=0)  # [batch * heads, ...]: heads vary fastest
+    elif not axes:
+        if lead == batch * seq and array.ndim >= 1 and lead != batch:
+            return array[valid.reshape(-1)]  # token rows [batch * seq, hidden]
+        return array
+    elif lead != batch:
+        return array
+    moved = np.moveaxis(array, [0, *axes], list(range(len(axes) + 1)))
+    mask = valid
+    for k in range(1, len(axes)):
+        mask = mask[..., None] & valid.reshape(valid.shape[0], *([1] * k), seq)
+    return moved[mask]
 
 
 def data_kind(spec: str | os.PathLike | None) -> tuple[str, str | None]:
@@ -88,10 +130,7 @@ def tokenizer_dir(model: ir.Model, explicit: str | os.PathLike | None) -> Path:
 
 
 def load_tokenizer(path: Path):
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise MissingExtraError("text data", "export") from None
+    AutoTokenizer = require("transformers", "export", "text data").AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
@@ -248,10 +287,7 @@ class ImageSource:
         return size, mean, std, rescale
 
     def batches(self, model: ir.Model) -> Iterator[Feeds]:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise MissingExtraError("image data", "plot") from None
+        Image = require("PIL.Image", "plot", "image data")
         inputs = [v for v in _feed_inputs(model) if v.shape is not None and len(v.shape) == 4]
         if len(inputs) != 1:
             raise UserError(f"image data needs exactly one 4-D (NCHW) graph input, the model has {len(inputs)}: "

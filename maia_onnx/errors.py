@@ -36,8 +36,8 @@ class ValidationError(MaiaOnnxError):
 class MissingExtraError(UserError):
     """An optional dependency is not installed: name the feature and the extra that brings it."""
 
-    def __init__(self, feature: str, extra: str):
-        super().__init__(f"{feature} needs the optional '{extra}' dependencies: pip install 'maia-onnx[{extra}]'")
+    def __init__(self, feature: str, extra: str, detail: str | None = None):
+        super().__init__(detail or f"{feature} needs the optional '{extra}' dependencies: pip install 'maia-onnx[{extra}]'")
         self.extra = extra
 
 

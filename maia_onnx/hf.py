@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from maia_onnx.errors import UnsupportedModelError, UserError
-from maia_onnx.export.extras import require
+from maia_onnx.extras import require
 
 # encoder-only families: exported without a KV cache
 _ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta", "deberta-v2", "camembert", "mpnet"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maia_onnx.errors import MissingExtraError
+from maia_onnx.extras import require
 from maia_onnx.io import atomic_write
 from maia_onnx.report import format_table, human_bytes
 
@@ -62,13 +62,8 @@ def render_text(report: dict, top: int = 15) -> str:
 
 def plot_breakdown(report: dict, out_path: str | Path) -> Path:
     """PNG: stacked compute / communication / bubble time against TP degree, one panel per phase x interconnect."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingExtraError("analyze --plot", "plot") from exc
+    require("matplotlib", "plot", "analyze --plot").use("Agg")
+    plt = require("matplotlib.pyplot", "plot", "analyze --plot")
 
     phases = list(report["phases"])
     links = [i["name"] for i in report["interconnects"]]

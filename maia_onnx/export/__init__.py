@@ -2,10 +2,11 @@
 diffusers) and ultralytics: detectors, each checked numerically against PyTorch before it is published.
 
 Submodules: core (one graph: export + parity), graph (clean-up), factory (module:factory contract), api (MODEL
-reference dispatch, multi-graph directories), seq2seq / diffusion / yolo (model families), extras (optional deps).
+reference dispatch), parts (multi-graph directories), seq2seq / diffusion / yolo (model families), extras (optional deps).
 """
 
-from maia_onnx.export.api import export_builtin, export_model, export_parts
+from maia_onnx.export.api import export_builtin, export_model
+from maia_onnx.export.parts import export_parts
 from maia_onnx.export.core import (
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -16,7 +17,8 @@ from maia_onnx.export.core import (
     export_spec,
     torch_outputs,
 )
-from maia_onnx.export.extras import MissingExtraError, require
+from maia_onnx.errors import MissingExtraError
+from maia_onnx.extras import require
 from maia_onnx.export.factory import load_factory, spec_from_factory_result
 from maia_onnx.export.graph import (
     CONFIG_METADATA_KEY,

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from maia_onnx.errors import InvalidOptionError, UserError, ValidationError
-from maia_onnx.export.extras import require
+from maia_onnx.extras import require
 from maia_onnx.export.graph import _symbolic_shape, clean_exported_model, fold_weight_transposes
 
 # Opset 21: FP8 QuantizeLinear/DequantizeLinear with blocked quantization, and the dynamo exporter

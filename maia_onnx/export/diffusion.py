@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from maia_onnx.errors import UnsupportedModelError, UserError
+from maia_onnx.export.parts import export_parts
 from maia_onnx.export.core import ExportResult, export_spec, log
-from maia_onnx.export.extras import require
+from maia_onnx.extras import require
 
 _TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}
 _SUPPORTED = ("UNet2DConditionModel", "AutoencoderKL")
@@ -145,7 +146,6 @@ def export_diffusers(path: Path, out_path, pipeline: bool, raw: dict, seed: int 
                      progress: Callable[[str], None] | None = None, **options) -> ExportResult:
     """A pipeline directory -> out_path/<component>.onnx for each supported component (vae -> vae_decoder/vae_encoder);
     a UNet component -> one file; an AutoencoderKL component -> out_path/vae_decoder.onnx + vae_encoder.onnx."""
-    from maia_onnx.export.api import export_parts
 
     require("diffusers", "diffusers", f"exporting the diffusers directory {path}")
     if not pipeline:

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from maia_onnx.errors import UserError
 from maia_onnx.export.core import call_module, named_outputs
-from maia_onnx.export.extras import require
+from maia_onnx.extras import require
 
 
 def load_factory(ref: str):

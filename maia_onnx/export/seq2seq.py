@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from maia_onnx.errors import UserError, ValidationError
+from maia_onnx.export.parts import export_parts
 from maia_onnx.export.core import REL_TOLERANCE, ExportResult, log
 
 GENERATE_TOKENS = 8  # greedy tokens compared between ORT and PyTorch after export
@@ -217,7 +218,6 @@ def greedy_check(model, encoder_path: Path, decoder_path: Path, enc_inputs: Mapp
 def export_seq2seq(path: Path, out_dir, raw: dict, seed: int = 0, dims: Mapping[str, int] | None = None,
                    progress: Callable[[str], None] | None = None, **options) -> ExportResult:
     """hf:DIR of an encoder-decoder -> out_dir/encoder.onnx + out_dir/decoder.onnx, verified by greedy generation."""
-    from maia_onnx.export.api import export_parts
     from maia_onnx.hf import _has_weights, load_pretrained
 
     if not _has_weights(path):

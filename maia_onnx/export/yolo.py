@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 
 from maia_onnx.errors import UnsupportedModelError, UserError
 from maia_onnx.export.core import log
-from maia_onnx.export.extras import require
+from maia_onnx.extras import require
 
 
 def _build(ref: str, seed: int):

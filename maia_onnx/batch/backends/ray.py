@@ -9,15 +9,12 @@ from __future__ import annotations
 import time
 
 from maia_onnx.batch.runner import BatchRunner, first_line, run_job
-from maia_onnx.errors import MissingExtraError, UserError
+from maia_onnx.errors import UserError
+from maia_onnx.extras import require
 
 
 def _import_ray():
-    try:
-        import ray  # optional heavy extra: imported only when this backend runs
-    except ImportError as exc:
-        raise MissingExtraError("--backend ray", "ray") from exc
-    return ray
+    return require("ray", "ray", "--backend ray")  # optional heavy extra: imported only when this backend runs
 
 
 class RayBackend:
