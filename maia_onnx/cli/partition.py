@@ -11,6 +11,9 @@ from maia_onnx.cli.options import echo_json, json_option, model_argument
 @model_argument()
 @click.option("-o", "--output", required=True, type=click.Path(), help="Partition directory to write (manifest.json + rank files).")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel degree (ranks per stage).")
+@click.option("--ep", type=int, default=1, show_default=True,
+              help="Expert parallelism for mixture-of-experts models: experts placed whole on the --tp ranks (must equal "
+                   "--tp, or give --ep alone) instead of each expert split over them.")
 @click.option("--pp", type=int, default=1, show_default=True, help="Pipeline-parallel degree (stages).")
 @click.option("--balance", type=click.Choice(["flops", "params", "memory"]), default="flops", show_default=True,
               help="What pipeline stages are balanced on.")
@@ -22,7 +25,7 @@ from maia_onnx.cli.options import echo_json, json_option, model_argument
 @click.option("--annotate-only", is_flag=True,
               help="Do not split: write the model to -o (an .onnx file) with IR v11 sharding annotations.")
 @json_option
-def command(model, output, tp, pp, balance, checkpoint_dir, no_verify, annotate_only, as_json):
+def command(model, output, tp, ep, pp, balance, checkpoint_dir, no_verify, annotate_only, as_json):
     """Split MODEL for tensor (--tp) and pipeline (--pp) parallelism into a partition directory."""
     from maia_onnx.partition import partition_file, summary_rows
     from maia_onnx.report import human_bytes, print_table
@@ -36,7 +39,8 @@ def command(model, output, tp, pp, balance, checkpoint_dir, no_verify, annotate_
         else:
             click.echo(f"wrote {output}: sharding annotations for tp={tp} pp={pp} (model not split)")
         return
-    manifest = partition_file(model, output, tp=tp, pp=pp, balance=balance, progress=not as_json, verify=not no_verify)
+    manifest = partition_file(model, output, tp=tp, pp=pp, balance=balance, progress=not as_json, verify=not no_verify,
+                              ep=ep)
     verification = manifest.verification
     rows = summary_rows(manifest)
     stages = None
@@ -51,14 +55,16 @@ def command(model, output, tp, pp, balance, checkpoint_dir, no_verify, annotate_
         checkpoint = save_checkpoint(output, checkpoint_dir, progress=not as_json)
     if as_json:
         echo_json({"output": str(output), "mesh": manifest.data["mesh"], "ranks": rows, "stages": stages,
+                   "expert_parallel": manifest.data.get("extra", {}).get("expert_parallel", 1),
                    "inputs": manifest.inputs, "outputs": manifest.outputs, "checkpoint": checkpoint,
                    "verified": verification.describe(), "verification": verification.as_dict()})
         return
     for r in rows:
         r["weights"] = human_bytes(r["weight_bytes"])
+        r["share"] = f"{100 * r['weight_share']:.1f}%"
         r["coll_bytes/token"] = human_bytes(r["payload_bytes_per_token"])
         r["wire_bytes/token"] = human_bytes(r["wire_bytes_per_token"])
-    print_table(rows, ["rank", "tp_rank", "stage", "file", "weights", "collectives", "allreduce", "allgather",
+    print_table(rows, ["rank", "tp_rank", "stage", "file", "weights", "share", "collectives", "allreduce", "allgather",
                        "coll_bytes/token", "wire_bytes/token"],
                 title=f"partition {output}: tp={manifest.tp} pp={manifest.pp}")
     if stages:

@@ -148,6 +148,19 @@ def _names_in_shards(manifest: Mapping[str, Any], source: ir.Model, rank_models:
     return in_shards
 
 
+def expert_parallel_degree(tp: int, ep: int) -> int:
+    """The tp degree for ``--tp tp --ep ep``: experts are placed on the tensor-parallel ranks, so ep is 1 or tp
+    (``--ep N`` alone means N ranks)."""
+    if ep < 1:
+        raise InvalidOptionError(f"--ep {ep} is invalid: the expert-parallel degree must be >= 1")
+    if ep > 1 and tp == 1:
+        return ep
+    if ep > 1 and ep != tp:
+        raise InvalidOptionError(f"--ep {ep} with --tp {tp}: experts are placed on the tensor-parallel ranks, so --ep "
+                                 "must equal --tp (or give --ep alone)")
+    return tp
+
+
 def partition_model(
     model: ir.Model,
     out_dir,
@@ -161,6 +174,7 @@ def partition_model(
     writer: PartitionWriter | None = None,
     verify: bool = True,
     reference: str | os.PathLike | None = None,
+    ep: int = 1,
 ) -> tuple[Manifest, PipelinePlan]:
     """Write a partition directory: PP cut first, then (tp > 1) the TP split of every stage.
 
@@ -172,8 +186,10 @@ def partition_model(
     ``verify``: run the written shards against the unsharded model before the directory appears (a
     disagreement raises ``ValidationError`` and nothing is written); ``reference``: the unsharded model's
     file for that run (default: ``model`` as it was before the split). The result's ``verification`` says
-    what the check found.
+    what the check found. ``ep`` > 1: MoE experts are placed whole on the tp ranks (expert parallel; ``ep``
+    must equal ``tp``, or set it when tp is 1) instead of each expert being split over them.
     """
+    tp = expert_parallel_degree(tp, ep)
     if tp < 1:
         raise InvalidOptionError(f"--tp {tp} is invalid: the tensor-parallel degree must be >= 1")
     # the check's inputs come from the unsharded graph, before any pass rewrites it
@@ -194,11 +210,13 @@ def partition_model(
         fragments = []
         for st in stages:
             # stage models are ours (clones, or the given-up model): the last rank may rewrite one in place
-            ranks, fragment = tensor_parallel.split_model(st.model, tp, shapes=dict(full_shapes), consume=True)
+            ranks, fragment = tensor_parallel.split_model(st.model, tp, shapes=dict(full_shapes), consume=True, ep=ep > 1)
             for t, rm in enumerate(ranks):
                 rank_models[(t, st.index)] = rm
             fragments.append((st.index, fragment))
         merge_tp_fragments(manifest, fragments, tp)
+        if ep > 1:
+            manifest["extra"]["expert_parallel"] = ep
     in_shards = _names_in_shards(manifest, skeleton_model, rank_models)
     out_dir = Path(out_dir)
     own_writer = writer is None
@@ -289,6 +307,7 @@ def partition_file(
     source_hash: str | None = None,
     record_source_path: bool = True,
     verify: bool = True,
+    ep: int = 1,
 ) -> Manifest:
     """Partition an ONNX file into ``tp`` x ``pp`` rank files under ``out_dir`` (atomic; input untouched).
 
@@ -296,8 +315,10 @@ def partition_file(
     caller that already hashed the file) and ``record_source_path=False`` leaves the path out (artifacts
     that must not depend on where the source lay). The result's ``plan`` is the pipeline plan and its
     ``verification`` the self-check of the shards against the source run in ORT (``verify=False``: skipped,
-    for models too large to run twice in the time a partition takes).
+    for models too large to run twice in the time a partition takes). ``ep``: expert parallel (see
+    ``partition_model``).
     """
+    tp = expert_parallel_degree(tp, ep)
     if tp < 1 or pp < 1:
         raise InvalidOptionError(f"--tp {tp} --pp {pp}: both degrees must be >= 1")
     out_dir = Path(out_dir)
@@ -309,14 +330,14 @@ def partition_file(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _partition_file(model_path, out_dir, tp, pp, balance, progress, source_hash, record_source_path, verify)
+        return _partition_file(model_path, out_dir, tp, pp, balance, progress, source_hash, record_source_path, verify, ep)
     finally:
         if gc_was_enabled:
             gc.enable()
 
 
 def _partition_file(model_path, out_dir: Path, tp: int, pp: int, balance: str, progress: bool,
-                    source_hash: str | None, record_source_path: bool, verify: bool) -> Manifest:
+                    source_hash: str | None, record_source_path: bool, verify: bool, ep: int = 1) -> Manifest:
     model = load_model(model_path)
     _prefetch(model_path)
     total = initializer_bytes(model)
@@ -343,6 +364,7 @@ def _partition_file(model_path, out_dir: Path, tp: int, pp: int, balance: str, p
                 writer=writer,
                 verify=verify,
                 reference=model_path,  # ORT loads the source file itself: no in-memory copy of the weights
+                ep=ep,
             )
         finally:
             SourceCache.release_buffers()
@@ -365,12 +387,16 @@ def _itemsize(dtype_name: str | None) -> int:
 
 
 def summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
-    """Per rank file: weights, collectives per forward and collective payload bytes per token.
+    """Per rank file: weights (and their share of the stage's), collectives per forward and collective payload
+    bytes per token.
 
     Wire bytes are what a ring algorithm moves per rank (the performance model's formulas at unit bandwidth).
     """
     rows = []
     n = manifest.tp
+    stage_bytes: dict[int, int] = {}
+    for entry in manifest.ranks:
+        stage_bytes[entry["stage"]] = stage_bytes.get(entry["stage"], 0) + entry["weight_bytes"]
     for entry in manifest.ranks:
         colls = [c for c in manifest.collectives if c.get("stage") == entry["stage"]]
         sizes = [((c.get("elements_per_token") or 0) * _itemsize(c.get("dtype")), c["op"]) for c in colls]
@@ -383,6 +409,8 @@ def summary_rows(manifest: Manifest) -> list[dict[str, Any]]:
                 "stage": entry["stage"],
                 "file": entry["file"],
                 "weight_bytes": entry["weight_bytes"],
+                # this rank's part of its stage's weights (1/tp when balanced; replicated weights count on every rank)
+                "weight_share": round(entry["weight_bytes"] / stage_bytes[entry["stage"]], 4) if stage_bytes[entry["stage"]] else 0.0,
                 "collectives": len(colls),
                 "allreduce": sum(1 for c in colls if c["op"] == "AllReduce"),
                 "allgather": sum(1 for c in colls if c["op"] == "AllGather"),

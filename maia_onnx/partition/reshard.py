@@ -85,7 +85,7 @@ def _full_tensor(reader: _ShardReader, name: str, placeholder: ir.TensorProtocol
         else:
             first = reader.shard(name, 0, sharded=True)
             arr = np.empty(shape, dtype=first.dtype)
-            covered = 0
+            covered = np.zeros(shape[axis], dtype=bool)  # fused blocks held by every rank (a lone K/V head) overlap
             for t_key, rng in sorted(shards.items(), key=lambda kv: int(kv[0])):
                 piece = first if int(t_key) == 0 else reader.shard(name, int(t_key), sharded=True)
                 offset = 0
@@ -96,10 +96,10 @@ def _full_tensor(reader: _ShardReader, name: str, placeholder: ir.TensorProtocol
                     src[axis] = slice(offset, offset + stop - start)
                     arr[tuple(index)] = piece[tuple(src)]
                     offset += stop - start
-                    covered += stop - start
-            if covered != shape[axis]:
+                    covered[start:stop] = True
+            if not covered.all():
                 raise UserError(
-                    f"shards of {name!r} cover {covered} of {shape[axis]} rows on axis {axis}: the manifest is mismatched; re-run partition"
+                    f"shards of {name!r} cover {int(covered.sum())} of {shape[axis]} rows on axis {axis}: the manifest is mismatched; re-run partition"
                 )
         if tuple(arr.shape) != shape:
             raise UserError(

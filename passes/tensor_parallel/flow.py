@@ -15,7 +15,9 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from .layout import BLOCKED_ROWS, Refusal, Split, demote, gather, norm_axis
+from .fused import cut_slice, cut_split, regroup
+from .layout import BLOCKED_ROWS, Refusal, Split, demote, gather, local_size, norm_axis
+from .moe import feeds_topk
 from .rewriter import RankRewriter
 
 UNARY_OPS = {
@@ -104,6 +106,8 @@ def elementwise(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origin
 def softmax(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: frozenset) -> Refusal | None:
     a = rw.st(node.inputs[0]).axis
     if norm_axis(attr_int(node, "axis", -1), len(rw.shape(node.outputs[0]))) == a:
+        if feeds_topk(node.outputs[0]):
+            return demote(origins, f"{node.name}: routing scores over every expert (the router stays replicated)")
         return gather(f"{node.op_type} over the split axis")
     rw.set_out(node, Split(a, origins))
     return None
@@ -143,7 +147,8 @@ def layer_norm(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins
 def transpose(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: frozenset) -> Refusal | None:
     out_shape = rw.shape(node.outputs[0])
     perm = list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else list(range(len(out_shape)))[::-1]
-    rw.set_out(node, Split(perm.index(rw.st(node.inputs[0]).axis), origins))
+    x = rw.st(node.inputs[0])
+    rw.set_out(node, Split(perm.index(x.axis), origins, x.sections))
     return None
 
 
@@ -156,12 +161,17 @@ def reshape(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: f
     x = node.inputs[0]
     a = rw.st(x).axis
     s_in, s_out = rw.shape(x), rw.shape(node.outputs[0])
-    # back to the shape of a split tensor, read at run time: Reshape(t, Shape(y)) is split like y
-    shape_src = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    # back to the shape of a split tensor, read at run time: Reshape(t, Shape(y)) is split like y (and reads
+    # y's local shape, not the full one ``shape`` made for everyone else)
+    target_shape = node.inputs[1] if len(node.inputs) > 1 else None
+    local_shape = rw.local_shapes.get(target_shape.name) if target_shape is not None else None
+    shape_src = (local_shape or target_shape).producer() if target_shape is not None else None
     if (
         shape_src is not None and shape_src.op_type == "Shape" and not shape_src.attributes
         and rw.st(shape_src.inputs[0]) is not None and rw.shape(shape_src.inputs[0]) == s_out
     ):
+        if local_shape is not None:
+            node.replace_input_with(1, local_shape)
         y = rw.st(shape_src.inputs[0])
         rw.set_out(node, Split(y.axis, origins | y.origins, y.sections))
         return None
@@ -179,6 +189,9 @@ def reshape(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: f
         return None
     if s_in is None or s_out is None or any(d is None for d in s_in) or any(d is None for d in s_out):
         return gather("reshape between shapes not known at plan time")
+    sections = rw.st(x).sections
+    if sections != 1 and sections != BLOCKED_ROWS:
+        return _reshape_fused(rw, node, a, s_in, s_out, sections, origins)
     prefix = math.prod(s_in[:a])
     target = None
     acc = 1
@@ -194,13 +207,30 @@ def reshape(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: f
         return demote(origins, f"{node.name}: reshape of split axis to {s_out[target]} not divisible by {rw.tp}")
     if not (s_out[target] % s_in[a] == 0 or s_in[a] % s_out[target] == 0):
         return gather(f"split axis of {s_in[a]} regroups into {s_out[target]}")
-    sections = rw.st(x).sections
-    if sections > 1 and s_out[target] != s_in[a]:
-        return gather("reshape of an axis of fused blocks")
     refusal = rw.set_shape_dim(node, 1, target, s_out[target], origins)
     if refusal is not None:
         return refusal
     rw.set_out(node, Split(target, origins, sections))
+    return None
+
+
+def _reshape_fused(rw: RankRewriter, node: ir.Node, a: int, s_in, s_out, sections, origins: frozenset) -> Refusal | None:
+    """A fused column output kept whole along its axis, or regrouped from features into heads (Falcon's
+    ``[.., (q+k+v) * d] -> [.., q+k+v, d]``): the blocks are counted in the new unit."""
+    if a == len(s_in) - 1 and s_out[-1] == s_in[a]:  # the fused last axis kept, leading axes regrouped
+        target, new = len(s_out) - 1, sections
+    elif list(s_out[:a]) == list(s_in[:a]) and list(s_out[a:]) == list(s_in[a:]):
+        target, new = a, sections
+    elif list(s_out[:a]) == list(s_in[:a]) and len(s_out) == len(s_in) + 1:
+        target, new = a, regroup(sections, s_in[a], s_out[a], rw.tp)
+    else:
+        target, new = a, None
+    if new is None:
+        return gather("reshape of an axis of fused blocks")
+    refusal = rw.set_shape_dim(node, 1, target, s_out[target], origins, local=local_size(new, s_out[target], rw.tp))
+    if refusal is not None:
+        return refusal
+    rw.set_out(node, Split(target, origins, new))
     return None
 
 
@@ -212,7 +242,7 @@ def unsqueeze(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins:
     r = len(rw.shape(node.outputs[0]))
     axes = sorted(norm_axis(int(a), r) for a in np.atleast_1d(axes))
     kept = [i for i in range(r) if i not in axes]
-    rw.set_out(node, Split(kept[rw.st(ins[0]).axis], origins))
+    rw.set_out(node, Split(kept[rw.st(ins[0]).axis], origins, rw.st(ins[0]).sections))
     return None
 
 
@@ -229,7 +259,7 @@ def squeeze(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: f
         axes = [i for i, d in enumerate(in_shape) if d == 1]
     if a in axes:
         return gather("squeeze of the split axis")
-    rw.set_out(node, Split(a - sum(1 for x in axes if x < a), origins))
+    rw.set_out(node, Split(a - sum(1 for x in axes if x < a), origins, rw.st(ins[0]).sections))
     return None
 
 
@@ -270,7 +300,7 @@ def concat(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: fr
 
 
 def split_or_slice(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: frozenset) -> Refusal | None:
-    """Cuts along other axes keep the split; a fused Q|K|V Split (see ``handlers.fused_sections``) cuts per block."""
+    """Cuts along other axes keep the split; a fused Q|K|V Split or Slice (see ``fused``) cuts per block."""
     if split_inputs != [0]:
         return gather("split sizes or slice bounds are split")
     ins = node.inputs
@@ -286,14 +316,10 @@ def split_or_slice(rw: RankRewriter, node: ir.Node, split_inputs: list[int], ori
         if axes_v is None:
             return gather("slice axes computed at run time")
         axes = [norm_axis(int(v), r) for v in np.atleast_1d(axes_v)]
-    if node.op_type == "Split" and a in axes and node.name in rw.fused_splits and x.sections == len(node.outputs):
-        if len(ins) > 1 and ins[1] is not None:  # explicit sizes: each block is tp times smaller
-            sizes = rw.const_array(ins[1])
-            if sizes is None:
-                return gather("split sizes computed at run time")
-            node.replace_input_with(1, rw.int_const(np.asarray(sizes) // rw.tp, "split_sizes"))
-        rw.set_out(node, Split(a, origins))
-        return None
+    if node.op_type == "Split" and a in axes and node.name in rw.fused_splits and x.sections != 1:
+        return cut_split(rw, node, origins)
+    if node.op_type == "Slice" and a in axes and node.name in rw.fused_slices and x.sections != 1:
+        return cut_slice(rw, node, origins)
     if a in axes:
         return gather(f"{node.op_type} along the split axis")
     rw.set_out(node, Split(a, origins, x.sections))
@@ -301,7 +327,46 @@ def split_or_slice(rw: RankRewriter, node: ir.Node, split_inputs: list[int], ori
 
 
 def shape(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: frozenset) -> Refusal | None:
-    rw.set_out(node, None)  # local shapes drive per-rank reshapes
+    """The shape of a split tensor is replicated: it must hold the unsharded sizes, as in the source graph, or
+    shapes computed from it at run time (diffusers' ``head_dim = inner_dim // heads``, T5's views) come out
+    per rank while other operands stay full. The split axis's element is set to its full size; Reshape/Expand
+    targets built from it are then cut per rank where they meet the split tensor (``rw.set_shape_dim``)."""
+    x = rw.st(node.inputs[0])
+    full = rw.shape(node.inputs[0])
+    rw.set_out(node, None)
+    if x.sections == BLOCKED_ROWS or not full:
+        return None  # rows of quantization blocks: only the Reshape(.., Shape(y)) back reads these
+    rank = len(full)
+    start = norm_axis(attr_int(node, "start", 0), rank)
+    end = attr_int(node, "end", rank)
+    end = min(norm_axis(end, rank) if end < 0 else end, rank)
+    if not start <= x.axis < end:
+        return None
+    if full[x.axis] is None:
+        return gather("the split axis has no static size")
+    keep = np.ones(end - start, dtype=np.int64)
+    keep[x.axis - start] = 0
+    fill = np.zeros(end - start, dtype=np.int64)
+    fill[x.axis - start] = full[x.axis]
+    out = node.outputs[0]
+    original = out.name
+    uses = list(out.uses())
+    was_output = [i for i, o in enumerate(rw.graph.outputs) if o is out]
+    out.name = f"{original}__tp_local"
+    masked = ir.Node("", "Mul", [out, rw.int_const(keep, "keep")], name=rw.fresh("mul"))
+    masked.outputs[0].name = masked.name + "_out"
+    whole = ir.Node("", "Add", [masked.outputs[0], rw.int_const(fill, "full_dim")], name=rw.fresh("add"))
+    whole.outputs[0].name = original
+    whole.outputs[0].dtype = ir.DataType.INT64
+    rw.graph.insert_after(node, [masked, whole])
+    for use in uses:
+        use.node.replace_input_with(use.idx, whole.outputs[0])
+    for i in was_output:
+        rw.graph.outputs[i] = whole.outputs[0]
+    for v in (out, masked.outputs[0], whole.outputs[0]):
+        rw.shapes[v.name] = (end - start,)
+        rw.state[v.name] = None
+    rw.local_shapes[original] = out
     return None
 
 

@@ -20,11 +20,12 @@ import numpy as np
 import onnx_ir as ir
 
 from .flow import FLOW_HANDLERS, attr_int
-from .layout import Refusal, Split, gather, norm_axis, refused, replicate
+from .fused import fused_segments
+from .layout import Refusal, Split, divides, gather, refused, replicate
+from .moe import expert_column, expert_row, router_topk
 from .rewriter import RankRewriter
 
 MIN_VOCAB_ROWS_PER_RANK = 16  # smaller lookup tables (positions, token types) stay replicated
-FUSED_LOOKAHEAD = 4  # ops followed from a column output to the Split that cuts it into fused blocks
 
 
 # ------------------------------------------------------------------------------------ where splits start
@@ -34,21 +35,25 @@ def _weight_op(rw: RankRewriter, node: ir.Node, weight: int, activation: int) ->
     return rw.is_weight(node.inputs[weight]) and not rw.is_weight(node.inputs[activation])
 
 
-def _not_divisible(name: str, what: str, size: int, tp: int, sections: int) -> Refusal:
+def _not_divisible(name: str, what: str, size: int, tp: int, sections) -> Refusal:
+    if sections is None:
+        return replicate(f"weight {name!r}: none of the fused blocks its output is cut into has heads divisible by tp {tp}")
     parts = f"tp {tp}" if sections == 1 else f"tp {tp} x {sections} fused blocks"
     return replicate(f"weight {name!r} has {size} {what}, not divisible by {parts}")
 
 
 def column_matmul(rw: RankRewriter, node: ir.Node) -> Refusal | None:
-    """``x @ W`` with replicated ``x``: this rank's columns of ``W``, output split on its last axis."""
+    """``x @ W`` with replicated ``x``: this rank's columns of ``W``, output split on its last axis (an expert
+    product over a looked-up stacked expert table: see ``moe``)."""
     if not _weight_op(rw, node, 1, 0):
-        return None
+        return expert_column(rw, node)
     weight = node.inputs[1]
     w = rw.shape(weight)
-    sections = fused_sections(rw, node.outputs[0])
     if w is None or len(w) != 2:
         return replicate(f"weight {weight.name!r} is not a matrix (shape {w})")
-    if w[1] % (rw.tp * sections) or w[1] < rw.tp:
+    out = rw.shape(node.outputs[0])
+    sections = fused_segments(rw, node.outputs[0], len(out) - 1) if out else 1
+    if sections is None or not divides(w[1], rw.tp, sections) or w[1] < rw.tp:
         return _not_divisible(weight.name, "output features", w[1], rw.tp, sections)
     shard = rw.shard_value(weight, 1, "column", sections)
     if refused(shard):
@@ -64,10 +69,10 @@ def column_gemm(rw: RankRewriter, node: ir.Node) -> Refusal | None:
     weight = node.inputs[1]
     w = rw.shape(weight)
     n_axis = 0 if attr_int(node, "transB", 0) else 1
-    sections = fused_sections(rw, node.outputs[0])
     if w is None:
         return replicate(f"weight {weight.name!r} has an unknown shape")
-    if w[n_axis] % (rw.tp * sections):
+    sections = fused_segments(rw, node.outputs[0], 1)
+    if sections is None or not divides(w[n_axis], rw.tp, sections):
         return _not_divisible(weight.name, "output features", w[n_axis], rw.tp, sections)
     shard = rw.shard_value(weight, n_axis, "column", sections)
     if refused(shard):
@@ -126,37 +131,6 @@ def embedding(rw: RankRewriter, node: ir.Node) -> Refusal | None:
     if w[0] < MIN_VOCAB_ROWS_PER_RANK * rw.tp:
         return replicate(f"table {node.inputs[0].name!r} of {w[0]} rows is too small to split {rw.tp} ways")
     return vocab_parallel_embedding(rw, node)
-
-
-def fused_sections(rw: RankRewriter, value: ir.Value) -> int:
-    """Blocks a column output is later cut into along its last axis (GPT-2 style fused Q|K|V), else 1.
-
-    Followed through bias Adds and Reshapes that keep the last dim, to an equal-parts Split on it; that Split
-    is remembered in ``rw.fused_splits`` so ``flow.split_or_slice`` cuts each block instead of gathering.
-    """
-    shape = rw.shape(value)
-    if not shape:
-        return 1
-    last = shape[-1]
-    for _ in range(FUSED_LOOKAHEAD):
-        consumers = value.consumers()
-        if len(consumers) != 1:
-            return 1
-        node = consumers[0]
-        out_shape = rw.shape(node.outputs[0]) if node.outputs else None
-        if node.op_type == "Split" and node.inputs[0] is value:
-            if norm_axis(attr_int(node, "axis", 0), len(shape)) != len(shape) - 1:
-                return 1
-            sizes = [rw.shape(o)[-1] if rw.shape(o) else None for o in node.outputs]
-            if len(sizes) > 1 and len(set(sizes)) == 1 and sizes[0] and sizes[0] * len(sizes) == last:
-                rw.fused_splits.add(node.name)
-                return len(sizes)
-            return 1
-        if node.op_type in ("Add", "Reshape", "Identity", "Cast") and out_shape and out_shape[-1] == last:
-            value, shape = node.outputs[0], out_shape
-            continue
-        return 1
-    return 1
 
 
 def vocab_parallel_embedding(rw: RankRewriter, node: ir.Node) -> Refusal | None:
@@ -220,7 +194,7 @@ def _row_parallel(rw: RankRewriter, node: ir.Node, weight_axis: int, bias: int |
     if bias is not None and len(node.inputs) > bias and node.inputs[bias] is not None:
         node.replace_input_with(bias, rw.rank0_only(node.inputs[bias], node))
     rw.set_out(node, None)
-    rw.all_reduce(node.outputs[0])
+    rw.mark_partial(node.outputs[0], frozenset({node.name}))  # AllReduced where the sum stops (see ``partial``)
     return None
 
 
@@ -232,6 +206,9 @@ def matmul(rw: RankRewriter, node: ir.Node, split_inputs: list[int], origins: fr
     sa, sb = rw.st(A), rw.st(B)
     if sa is not None and sa.axis == ra - 1 and sb is None and rw.is_weight(B) and rb == 2:
         return _row_parallel(rw, node, 0, None)
+    expert = expert_row(rw, node)
+    if expert is not False:
+        return expert
     if ra < 2 or rb < 2:
         return gather("matrix-vector product of a split tensor")
     # output axis each split maps to; contraction splits need a reduction we do not plan for
@@ -304,4 +281,5 @@ SPLIT_HANDLERS = {
     "MatMul": matmul,
     "Gemm": gemm,
     "Conv": conv,
+    "TopK": router_topk,
 }

@@ -20,13 +20,42 @@ DEMOTE = "demote"  # the planner must keep ``origins`` replicated and plan again
 UNSUPPORTED = "unsupported"  # the model cannot be split at this degree
 
 
+# ``Split.sections``: an int k (k equal fused blocks, each split tp ways: GPT-2 Q|K|V, gate|up), BLOCKED_ROWS, or a
+# tuple of ``(size, split)`` segments (fused blocks of different sizes: Phi3 Q|K|V with GQA; a segment whose
+# heads do not divide by tp, such as Falcon's one K/V head, is ``split=False`` and every rank holds all of it)
+
+
 @dataclass(frozen=True)
 class Split:
-    """A value split into ``tp`` equal contiguous chunks along ``axis``; ``origins`` made it split."""
+    """A value split into ``tp`` equal contiguous chunks along ``axis``; ``origins`` made it split.
+
+    ``partial``: not split at all but a partial sum (row-parallel output): every rank holds the full shape and
+    the value is the sum over ranks; it flows through linear ops and is AllReduced where it stops (``axis``
+    is then meaningless)."""
 
     axis: int
     origins: frozenset = frozenset()
-    sections: int = 1  # the split axis holds this many fused blocks, each split tp ways (Q|K|V)
+    sections: Any = 1  # int, BLOCKED_ROWS or (size, split) segments: see above
+    partial: bool = False
+
+
+def segments(sections: Any, size: int) -> tuple[tuple[int, bool], ...]:
+    """``sections`` of an axis of ``size`` as ``(size, split)`` segments."""
+    if isinstance(sections, tuple):
+        return sections
+    n = max(int(sections), 1)
+    return tuple((size // n, True) for _ in range(n))
+
+
+def local_size(sections: Any, size: int, tp: int) -> int:
+    """One rank's extent of an axis of ``size`` cut into ``sections``."""
+    return sum(n // tp if split else n for n, split in segments(sections, size))
+
+
+def divides(size: int, tp: int, sections: Any) -> bool:
+    """Whether an axis of ``size`` cuts into ``sections`` with every split segment divisible by ``tp``."""
+    segs = segments(sections, size)
+    return sum(n for n, _ in segs) == size and all(n % tp == 0 for n, split in segs if split)
 
 
 @dataclass(frozen=True)

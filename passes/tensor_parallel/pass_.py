@@ -48,47 +48,49 @@ def weight_bytes(model: ir.Model) -> int:
 class TensorParallelPass(onnx_ir.passes.FunctionalPass):
     """The model of tensor-parallel rank ``rank`` out of ``tp`` (Megatron layout, com.microsoft collectives)."""
 
-    def __init__(self, tp: int, rank: int = 0):
+    def __init__(self, tp: int, rank: int = 0, ep: bool = False):
         super().__init__()
         if not 0 <= rank < tp:
             raise InvalidOptionError(f"rank {rank} is outside 0..{tp - 1}: pass a rank below --tp")
         self.tp = tp
         self.rank = rank
+        self.ep = ep  # MoE experts placed whole on the ranks instead of split
 
     def call(self, model: ir.Model) -> TensorParallelResult:
         model = model.clone()  # a functional pass hands back a new model, even when nothing is split
         if self.tp == 1:
             return TensorParallelResult(model, False, weight_bytes=weight_bytes(model))
-        found = plan(model, self.tp).check()
+        found = plan(model, self.tp, ep=self.ep).check()
         if self.rank == 0:
             rank_model, fragment = found.take_rank0()
             fragment.demoted = sorted(found.demoted)
             finalize(rank_model)
         else:
             found.rank0 = None
-            rank_model, fragment = rewrite_rank(model, self.tp, self.rank, found.demoted, found.shapes)
+            rank_model, fragment = rewrite_rank(model, self.tp, self.rank, found.demoted, found.shapes, self.ep)
         return TensorParallelResult(rank_model, True, plan=found, fragment=fragment, weight_bytes=weight_bytes(rank_model))
 
 
 def split_model(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None,
-                consume: bool = False) -> tuple[list[ir.Model], dict[str, Any]]:
+                consume: bool = False, ep: bool = False) -> tuple[list[ir.Model], dict[str, Any]]:
     """``tp`` rank models (lazy weight slices, tensors shared with ``model``) and the manifest fragment.
 
     Fragment keys: ``inputs``/``outputs`` (split ones only), ``collectives`` (graph order, identical per
     rank), ``tensors`` (source initializer -> kind, axis, full shape, per-rank ranges), ``demoted``.
     ``consume``: the caller gives ``model`` up; the last rank is rewritten in it instead of in a clone.
+    ``ep``: MoE experts are placed whole on the ranks (expert parallel; tensors of kind ``expert``).
     """
     if tp == 1:
         return [model], {"inputs": {}, "outputs": {}, "collectives": [], "tensors": {}, "demoted": []}
     name_nodes(model)
-    found = plan(model, tp, shapes).check()
+    found = plan(model, tp, shapes, ep=ep).check()
     rank0, fragment = found.take_rank0()
     fragment.demoted = sorted(found.demoted)
     finalize(rank0)
     ranks = [rank0]
     for rank in range(1, tp):
         base = model if consume and rank == tp - 1 else model.clone()
-        rank_model, _ = rewrite_rank(base, tp, rank, found.demoted, found.shapes)
+        rank_model, _ = rewrite_rank(base, tp, rank, found.demoted, found.shapes, ep)
         ranks.append(rank_model)
     result = fragment.as_dict()
     result["demoted"] = fragment.demoted

@@ -20,6 +20,7 @@ from maia_onnx.errors import InvalidOptionError, UnsupportedModelError, UserErro
 
 from .handlers import SOURCE_HANDLERS, SPLIT_HANDLERS
 from .layout import COLLECTIVE_DOMAIN, UNSUPPORTED, Refusal, TpFragment
+from .partial import PARTIAL_HANDLERS
 from .rewriter import RankRewriter
 from .shapes import infer_full_shapes
 
@@ -38,6 +39,7 @@ class Plan:
     rank0: tuple[ir.Model, TpFragment] | None = None  # the finished (not yet cleaned up) rank-0 rewrite
     reason: str | None = None  # set when the model cannot be split at this degree
     error: type[UserError] = UnsupportedModelError
+    ep: bool = False  # MoE experts placed whole on the ranks (expert parallel) instead of split
 
     @property
     def ok(self) -> bool:
@@ -70,21 +72,25 @@ def name_nodes(model: ir.Model) -> None:
         seen.add(node.name)
 
 
-def plan(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None) -> Plan:
-    """Plan ``tp``-way tensor parallelism for ``model`` (its nodes are named; otherwise it is not modified)."""
+def plan(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None, ep: bool = False) -> Plan:
+    """Plan ``tp``-way tensor parallelism for ``model`` (its nodes are named; otherwise it is not modified).
+    ``ep``: MoE experts are placed whole on the ``tp`` ranks (expert parallel) instead of each being split."""
     if tp < 1:
         raise InvalidOptionError(f"--tp {tp} is invalid: the tensor-parallel degree must be >= 1")
     name_nodes(model)
-    result = Plan(tp, shapes if shapes is not None else infer_full_shapes(model))
+    result = Plan(tp, shapes if shapes is not None else infer_full_shapes(model), ep=ep)
     for _ in range(MAX_PLAN_ROUNDS):
         trial = model.clone()
-        rewriter = _rewriter(trial, tp, 0, result.shapes, result.demoted)
+        rewriter = _rewriter(trial, tp, 0, result.shapes, result.demoted, ep)
         refusal = rewriter.run()
         result.refusals = rewriter.refusals
         if refusal is None:
             result.rank0 = (trial, rewriter.fragment)
             if not rewriter.fragment.tensors:
                 return result.fail(_divides_nothing(tp, rewriter.refusals), InvalidOptionError)
+            if ep and not any(t["kind"] == "expert" for t in rewriter.fragment.tensors.values()):
+                return result.fail(f"--ep {tp}: this model has no mixture-of-experts block whose experts could be "
+                                   "placed on ranks; drop --ep", InvalidOptionError)
             return result
         if refusal.action == UNSUPPORTED:
             return result.fail(refusal.reason)
@@ -96,8 +102,10 @@ def plan(model: ir.Model, tp: int, shapes: dict[str, tuple] | None = None) -> Pl
     return result.fail(f"tensor parallel --tp {tp}: planning did not converge; try a smaller --tp")
 
 
-def _rewriter(model: ir.Model, tp: int, rank: int, shapes: dict[str, tuple], demoted: Mapping[str, str]) -> RankRewriter:
-    return RankRewriter(model, tp, rank, shapes, demoted, source_handlers=SOURCE_HANDLERS, split_handlers=SPLIT_HANDLERS)
+def _rewriter(model: ir.Model, tp: int, rank: int, shapes: dict[str, tuple], demoted: Mapping[str, str],
+              ep: bool = False) -> RankRewriter:
+    return RankRewriter(model, tp, rank, shapes, demoted, source_handlers=SOURCE_HANDLERS, split_handlers=SPLIT_HANDLERS,
+                        partial_handlers=PARTIAL_HANDLERS, ep=ep)
 
 
 def _divides_nothing(tp: int, refusals: list[Refusal]) -> str:
@@ -108,11 +116,11 @@ def _divides_nothing(tp: int, refusals: list[Refusal]) -> str:
 
 
 def rewrite_rank(model: ir.Model, tp: int, rank: int, demoted: Mapping[str, str] | set[str],
-                 shapes: dict[str, tuple]) -> tuple[ir.Model, TpFragment]:
+                 shapes: dict[str, tuple], ep: bool = False) -> tuple[ir.Model, TpFragment]:
     """This rank's model (``model`` is modified; pass a clone) under a plan's demotions. Weights are lazy slices."""
     if not isinstance(demoted, Mapping):
         demoted = dict.fromkeys(demoted, "kept replicated by the plan")
-    rewriter = _rewriter(model, tp, rank, shapes, demoted)
+    rewriter = _rewriter(model, tp, rank, shapes, demoted, ep)
     refusal = rewriter.run()
     if refusal is not None:  # the plan was made on rank 0 and every rank's rewrite takes the same path
         raise UnsupportedModelError(f"tensor parallel --tp {tp} rank {rank}: {refusal}")

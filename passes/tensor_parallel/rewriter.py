@@ -26,6 +26,7 @@ from .layout import (
     Split,
     TpFragment,
     demote,
+    divides,
     gather,
     norm_axis,
     refused,
@@ -38,16 +39,20 @@ CHAIN_OPS = {"Transpose", "Cast", "Identity", "DequantizeLinear"}  # weight -> M
 
 SourceHandler = Callable[["RankRewriter", ir.Node], "Refusal | None"]
 SplitHandler = Callable[["RankRewriter", ir.Node, list, frozenset], "Refusal | None"]
+PartialHandler = Callable[["RankRewriter", ir.Node, list], "Refusal | None"]
 
 
 class RankRewriter:
     """One rank's rewrite of a (cloned) model; ``run`` returns None when done, or the refusal that stopped it."""
 
     def __init__(self, model: ir.Model, tp: int, rank: int, shapes: dict[str, tuple], demoted: Mapping[str, str], *,
-                 source_handlers: Mapping[str, SourceHandler], split_handlers: Mapping[str, SplitHandler]):
+                 source_handlers: Mapping[str, SourceHandler], split_handlers: Mapping[str, SplitHandler],
+                 partial_handlers: Mapping[str, PartialHandler] | None = None, ep: bool = False):
         self.model = model
         self.source_handlers = source_handlers
         self.split_handlers = split_handlers
+        self.partial_handlers = partial_handlers or {}
+        self.ep = ep  # MoE experts placed whole on ranks (expert parallel) instead of each expert split
         self.graph = model.graph
         self.tp = tp
         self.rank = rank
@@ -61,6 +66,9 @@ class RankRewriter:
         self.n_collectives = 0
         self.gathered: dict[str, ir.Value] = {}
         self.fused_splits: set[str] = set()  # Split nodes cutting a fused (sectioned) column output
+        self.fused_slices: dict[str, int] = {}  # Slice nodes cutting one segment out of a fused column output
+        self.local_shapes: dict[str, ir.Value] = {}  # full-size Shape(x) of a split x -> the local Shape(x)
+        self.expert_down: set[str] = set()  # expert-parallel: MatMuls whose output is an expert's contribution
         self.input_values = {v.name: v for v in self.graph.inputs}
 
     # ---------------------------------------------------------------- small utilities
@@ -148,7 +156,10 @@ class RankRewriter:
         )
         if axis is not None:
             size = int(full_shape[axis])
-            if sections == 1:
+            if isinstance(sections, tuple):  # fused segments; a segment that is not split is held by every rank
+                entry["sections"] = [[n, split] for n, split in sections]
+                entry["shards"] = {str(t): [list(r) for r in shard_ranges(size, self.tp, t, sections)] for t in range(self.tp)}
+            elif sections == 1:
                 entry["shards"] = {str(t): list(shard_ranges(size, self.tp, t)[0]) for t in range(self.tp)}
             else:  # fused blocks: each rank holds its part of every block, concatenated in block order
                 entry["sections"] = sections
@@ -166,8 +177,8 @@ class RankRewriter:
             if tensor is None:
                 tensor = value.producer().attributes["value"].as_tensor()
             full = [int(d) for d in tensor.shape]
-            if full[axis] % (self.tp * sections):
-                return gather(f"{value.name!r} dim {axis} ({full[axis]}) does not divide into {self.tp * sections} parts")
+            if not divides(full[axis], self.tp, sections):
+                return gather(f"{value.name!r} dim {axis} ({full[axis]}) does not divide into {sections} x tp {self.tp} parts")
             name = f"{value.name}__tp" if value.name in self.graph.initializers else self.fresh("const")
             ranges = shard_ranges(full[axis], self.tp, self.rank, sections)
             new = self.new_initializer(name, lazy_slice(tensor, axis, ranges, name, last=self.rank == self.tp - 1))
@@ -216,7 +227,7 @@ class RankRewriter:
                 new_scale = self.shard_value(scale, 0, kind, sections)
                 new_zp = self.shard_value(zp, 0, kind, sections) if zp is not None else None
         else:  # blocked: scale has x's rank with x.dim/block along q_axis
-            if sections > 1:
+            if sections != 1:
                 return gather(f"{x.name!r}: blocked quantization scales of fused blocks are not sliced")
             if axis == q_axis and (self.shape(x)[axis] // self.tp) % block:
                 return unsupported(
@@ -315,20 +326,34 @@ class RankRewriter:
     def all_reduce(self, value: ir.Value) -> ir.Value:
         return self.collective("AllReduce", value, None, keep_name=True)
 
+    def mark_partial(self, value: ir.Value, origins: frozenset = frozenset()) -> None:
+        """``value`` is this rank's partial sum: it is AllReduced where it stops flowing (see ``visit``)."""
+        self.state[value.name] = Split(-1, frozenset(origins), partial=True)
+
+    def is_partial(self, value: ir.Value | None) -> bool:
+        s = self.st(value)
+        return s is not None and s.partial
+
+    def reduce_input(self, node: ir.Node, index: int) -> None:
+        """Sum the partial input ``index`` of ``node`` over ranks: one AllReduce right after its producer, which
+        takes the value's name and every use (a row-parallel output closes where it is made, as before)."""
+        if self.is_partial(node.inputs[index]):
+            self.all_reduce(node.inputs[index])
+
     # ---------------------------------------------------------------- slicing replicated operands
     def slice_operand(self, node: ir.Node, index: int, axis: int, sections: int = 1) -> Refusal | None:
         """Make replicated input ``index`` of ``node`` this rank's part along ``axis``."""
         value = node.inputs[index]
         full = self.shape(value)
-        if full is None or full[axis] is None or full[axis] % (self.tp * sections):
-            return gather(f"operand {value.name!r} (shape {full}) does not slice into {self.tp * sections} parts on axis {axis}")
+        if full is None or full[axis] is None or not divides(full[axis], self.tp, sections):
+            return gather(f"operand {value.name!r} (shape {full}) does not slice into {sections} x tp {self.tp} parts on axis {axis}")
         if self.is_weight(value):
             shard = self.shard_value(value, axis, "sliced", sections)
             if refused(shard):
                 return shard
             node.replace_input_with(index, shard)
             return None
-        if sections > 1:
+        if sections != 1:
             return gather(f"operand {value.name!r} is computed at run time and would be cut into fused blocks")
         if value.is_graph_input() and self._only_cache_uses(value, axis, node):
             self._split_graph_input(value, axis)
@@ -420,17 +445,41 @@ class RankRewriter:
         self.shapes[out.name] = self.shape(value)
         return out
 
-    def set_shape_dim(self, node: ir.Node, input_index: int, dim: int, full_value: int, origins: frozenset) -> Refusal | None:
-        """Rewrite element ``dim`` of the node's shape input from ``full_value`` to its per-rank size."""
+    def set_shape_dim(self, node: ir.Node, input_index: int, dim: int, full_value: int, origins: frozenset,
+                      local: int | None = None) -> Refusal | None:
+        """Rewrite element ``dim`` of the node's shape input from ``full_value`` to its per-rank size ``local``
+        (default ``full_value // tp``).
+
+        A shape computed at run time holds the unsharded graph's values (``Shape`` of a split tensor is
+        rewritten to report the full size, see ``flow.shape``), so its element is replaced at run time, where
+        it is a size (> 1) rather than -1 (infer), 0 (copy) or 1 (broadcast)."""
         value = node.inputs[input_index]
         kind, current = self.shape_elem(value, dim)
-        if kind == "dynamic" or current in (-1, 0, 1):
+        if kind == "const" and current in (-1, 0, 1):
             return None
-        if current != full_value:
+        if kind == "const" and current != full_value:
             return gather(f"shape element {dim} is {current}, not the split dim's {full_value}")
-        if full_value % self.tp:
-            return demote(origins, f"{node.name}: {full_value} not divisible by {self.tp}")
-        node.replace_input_with(input_index, self.rewrite_shape_elem(value, dim, full_value // self.tp, node))
+        if local is None:
+            if full_value % self.tp:
+                return demote(origins, f"{node.name}: {full_value} not divisible by {self.tp}")
+            local = full_value // self.tp
+        if kind == "const":
+            node.replace_input_with(input_index, self.rewrite_shape_elem(value, dim, local, node))
+            return None
+        length = (self.shape(value) or (None,))[0]
+        if length is None:
+            return gather(f"shape input {value.name!r} of unknown length")
+        pick = np.zeros(length, dtype=bool)
+        pick[dim] = True
+        fill = np.zeros(length, dtype=np.int64)
+        fill[dim] = local
+        is_size = self.add_node(node, "Greater", [value, self.int_const(1, "one")]).outputs[0]
+        cond = self.add_node(node, "And", [is_size, self.new_initializer(self.fresh("pick"), ir.Tensor(pick))]).outputs[0]
+        out = self.add_node(node, "Where", [cond, self.int_const(fill, "local_dim"), value]).outputs[0]
+        out.dtype = self.dtype_of(value)
+        for v in (is_size, cond, out):
+            self.shapes[v.name] = self.shape(value)
+        node.replace_input_with(input_index, out)
         return None
 
     # ---------------------------------------------------------------- the propagation
@@ -446,11 +495,21 @@ class RankRewriter:
             stop = self.visit(node)
             if stop is not None:
                 return stop
+        for value in self.graph.outputs:
+            s = self.st(value)
+            if s is not None and s.sections not in (1, BLOCKED_ROWS) and not s.partial:
+                return demote(s.origins, f"graph output {value.name!r} is a fused (blocked) projection output")
         self.finish_outputs()
         return None
 
     def visit(self, node: ir.Node) -> Refusal | None:
         """Rewrite one node; returns a refusal only when the whole rewrite must stop (DEMOTE, UNSUPPORTED)."""
+        partial = [i for i, v in enumerate(node.inputs) if self.is_partial(v)]
+        if partial:
+            if self.visit_partial(node, partial) is None:
+                return None
+            for i in partial:  # the sum stops here: AllReduce it first
+                self.reduce_input(node, i)
         split_inputs = [i for i, v in enumerate(node.inputs) if v is not None and self.st(v) is not None]
         if not split_inputs:
             return self.visit_replicated(node)
@@ -459,6 +518,10 @@ class RankRewriter:
             return None
         if refusal.action in (DEMOTE, UNSUPPORTED):
             return refusal.at(node.name)
+        fused = [self.st(node.inputs[i]) for i in split_inputs if self.st(node.inputs[i]).sections not in (1, BLOCKED_ROWS)]
+        if fused:  # a gather would interleave the ranks' blocks: keep the fused projection replicated instead
+            return demote(frozenset().union(*(s.origins for s in fused)),
+                          f"{node.op_type} needs the whole of a fused (blocked) projection output: {refusal.reason}").at(node.name)
         if any(self.st(node.inputs[i]).sections == BLOCKED_ROWS for i in split_inputs if self.st(node.inputs[i])):
             return unsupported(
                 f"tensor parallel: {node.op_type} node {node.name!r} consumes quantization blocks of a split "
@@ -487,6 +550,22 @@ class RankRewriter:
         self.refusals.append(refusal.at(node.name))
         return None
 
+    def visit_partial(self, node: ir.Node, partial: list[int]) -> Refusal | None:
+        """Carry partial sums through a linear op (``partial_handlers``); a refusal means: AllReduce them first."""
+        handler = self.partial_handlers.get(node.op_type) if node.domain == "" else None
+        if handler is None:
+            return gather(f"{node.op_type} is not linear in a partial sum")
+        for i, v in enumerate(node.inputs):
+            if v is None:
+                continue
+            if i in partial:
+                uses = {id(u.node) for u in v.uses() if not (u.node.op_type == "Shape" and u.node.domain == "")}
+                if v.is_graph_output() or len(uses) > 1:
+                    return gather("a partial sum used more than once is reduced once, where it is made")
+            elif self.st(v) is not None:
+                return gather("a partial sum meets a split tensor")
+        return handler(self, node, partial)
+
     def visit_split(self, node: ir.Node, split_inputs: list[int]) -> Refusal | None:
         if node.domain != "":
             return gather(f"custom-domain op {node.domain}::{node.op_type} runs on full tensors")
@@ -503,6 +582,9 @@ class RankRewriter:
         for value in list(self.graph.outputs):
             s = self.st(value)
             if s is None:
+                continue
+            if s.partial:
+                self.collective("AllReduce", value, None, keep_name=True, redirect_uses=False)
                 continue
             if any(str(o).startswith("input:") for o in s.origins):
                 self.fragment.outputs[value.name] = {"sharding": "split", "axis": s.axis}

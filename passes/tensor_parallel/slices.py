@@ -116,8 +116,15 @@ def lazy_slice(tensor: ir.TensorProtocol, axis: int, ranges: list[tuple[int, int
     return SlicedTensor(load, dtype, ir.Shape(shape), source=tensor, axis=axis, ranges=ranges, name=name)
 
 
-def shard_ranges(size: int, tp: int, rank: int, sections: int = 1) -> list[tuple[int, int]]:
-    """Rank ``rank``'s ranges of an axis of ``size`` made of ``sections`` equal fused blocks (e.g. Q|K|V)."""
+def shard_ranges(size: int, tp: int, rank: int, sections=1) -> list[tuple[int, int]]:
+    """Rank ``rank``'s ranges of an axis of ``size`` made of ``sections`` equal fused blocks (e.g. Q|K|V), or of
+    ``(size, split)`` segments (a segment that is not split is held whole by every rank)."""
+    if isinstance(sections, tuple):
+        ranges, offset = [], 0
+        for n, split in sections:
+            ranges.append((offset + rank * (n // tp), offset + (rank + 1) * (n // tp)) if split else (offset, offset + n))
+            offset += n
+        return ranges
     block = size // sections
     n = block // tp
     return [(s * block + rank * n, s * block + (rank + 1) * n) for s in range(sections)]
