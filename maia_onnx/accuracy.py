@@ -5,6 +5,8 @@ value names since QDQ only rewires inputs), the scales used, and the fraction of
 activations that the static scale clips.  End to end, per graph output: cosine, relative error
 (||q - ref|| / ||ref||), max abs error and top-1 agreement (argmax over the last axis).  The result is an
 ``AccuracyReport`` (typed rows; ``to_dict()`` is the ``accuracy`` section of ``quantize --report`` JSON).
+Padded token positions of text batches (``Feeds.valid``) are left out of every number.  On text / image data
+the report also carries ``maia_onnx.evaluate``'s task metrics (perplexity delta, embedding cosine ...).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.calib import _session_with_outputs
+from maia_onnx.calib import _session_with_outputs, declared_shapes
+from maia_onnx.data import feeds_valid, real_positions
 from maia_onnx.passes.quantize_fp8 import LayerRecord
 from maia_onnx.report import format_table
 
@@ -25,8 +28,8 @@ OUTPUT_COLUMNS = ["output", "cosine", "rel_err", "max_abs_err", "top1_agree"]
 
 
 @dataclass
-class _Accumulator:
-    """Streaming sums for SQNR / cosine / relative error over many batches."""
+class Accumulator:
+    """Streaming sums for SQNR / cosine / relative error / top-1 agreement over many batches (also used by eval)."""
 
     signal: float = 0.0  # sum ref^2
     noise: float = 0.0  # sum (ref - q)^2
@@ -122,6 +125,8 @@ class AccuracyReport:
     layers: list[LayerAccuracy] = field(default_factory=list)
     outputs: dict[str, OutputAccuracy] = field(default_factory=dict)
     summary: AccuracySummary | None = None
+    task: str | None = None  # maia_onnx.evaluate's task ("decoder" / "encoder" / "generic") on text / image data
+    task_metrics: dict[str, Any] | None = None  # its metrics (perplexity delta, embedding cosine ...)
 
     @property
     def min_output_cosine(self) -> float | None:
@@ -133,11 +138,14 @@ class AccuracyReport:
             if self.outputs:
                 summary["top1_agree"] = self.summary.top1_agree
             summary.update({k: getattr(self.summary, k) for k in ("source", "seconds") if getattr(self.summary, k) is not None})
-        return {
+        out = {
             "layers": [asdict(row) for row in self.layers],
             "outputs": {name: asdict(o) for name, o in self.outputs.items()},
             "summary": summary,
         }
+        if self.task_metrics is not None:
+            out.update(task=self.task, task_metrics=dict(self.task_metrics))
+        return out
 
 
 _FP8_TYPES = (ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT8E5M2)
@@ -211,25 +219,31 @@ def evaluate_accuracy(
     ref_names = [o.name for o in ref_sess.get_outputs()]
     q_names = [o.name for o in q_sess.get_outputs()]
 
-    per_layer = {name: _Accumulator() for name in layer_outputs}
-    per_output = {name: _Accumulator() for name in ref_graph_outputs if name in q_graph_outputs}
+    per_layer = {name: Accumulator() for name in layer_outputs}
+    per_output = {name: Accumulator() for name in ref_graph_outputs if name in q_graph_outputs}
     clipped = {name: [0, 0] for name in act_inputs}
     scales = {name: s for r in layers for name, s in r.activation_scales.items()}
+    declared = declared_shapes(reference, list(per_layer) + list(per_output) + act_inputs)
     n_batches = 0
     for feeds in batches:
+        valid = feeds_valid(feeds)
         ref_vals = dict(zip(ref_names, ref_sess.run(ref_names, dict(feeds))))
         q_vals = dict(zip(q_names, q_sess.run(q_names, dict(feeds))))
         for k, v in feeds.items():
             ref_vals.setdefault(k, v)
+
+        def real(values, name):
+            return real_positions(values[name], valid, declared.get(name))
+
         for name, acc in per_layer.items():
             if name in ref_vals and name in q_vals and _is_float(ref_vals[name]):
-                acc.update(ref_vals[name], q_vals[name])
+                acc.update(real(ref_vals, name), real(q_vals, name))
         for name, acc in per_output.items():
             if _is_float(ref_vals[name]):
-                acc.update(ref_vals[name], q_vals[name], top1=True)
+                acc.update(real(ref_vals, name), real(q_vals, name), top1=True)
         for name in act_inputs:
             if name in ref_vals:
-                x = np.abs(np.asarray(ref_vals[name], dtype=np.float32))
+                x = np.abs(np.asarray(real(ref_vals, name), dtype=np.float32))
                 clipped[name][0] += int(np.count_nonzero(x > scales[name] * fmt_max))
                 clipped[name][1] += x.size
         n_batches += 1
@@ -294,4 +308,7 @@ def format_report(report: AccuracyReport, max_layers: int | None = 40) -> str:
     out_rows = [{"output": k, **v} for k, v in data["outputs"].items()]
     if out_rows:
         parts.append(format_table(out_rows, OUTPUT_COLUMNS, "end-to-end accuracy vs the unquantized model"))
+    if report.task_metrics:
+        rows = [{"metric": k, "value": v} for k, v in report.task_metrics.items()]
+        parts.append(format_table(rows, ["metric", "value"], f"task metrics ({report.task}) on the held-out data"))
     return "\n\n".join(parts)

@@ -1,5 +1,6 @@
-"""Calibration: feed batches from .npz / a directory of .npz / random inputs through ORT and turn streamed
-activation statistics (running amax + a power-of-two-growing |x| histogram) into per-tensor FP8 scales.
+"""Calibration: feed batches from .npz / a directory of .npz / random inputs / ``text:FILE`` / ``images:DIR``
+(maia_onnx.data) through ORT and turn streamed activation statistics (running amax + a power-of-two-growing |x|
+histogram) into per-tensor FP8 scales.  Padded token positions (``Feeds.valid``) never reach a statistic.
 
 Methods: ``minmax`` (amax), ``percentile`` (e.g. 99.99 of |x|), ``mse`` (clip value minimising the expected
 FP8 quantisation MSE over the histogram) and ``entropy`` (clip value minimising KL(P || Q) between the
@@ -8,6 +9,7 @@ clipped histogram and its FP8-quantised version).  Only one batch of activations
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +21,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from maia_onnx.data import ImageSource, TextSource, data_kind, feeds_valid, make_data_source, real_positions
 from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.formats.fp8 import Fp8Format, cast_fp8_saturate, fp8_amax_scale, get_fp8_format
 from maia_onnx.inputs import make_inputs
@@ -92,6 +95,10 @@ class CalibrationSource:
         if self.kind == "random":
             return self.num_samples or 8
         return sum(self._file_sample_counts())
+
+    def with_range(self, sample_range: tuple[int, int | None]) -> "CalibrationSource":
+        """The samples in ``[start, stop)`` only (held-out splits)."""
+        return dataclasses.replace(self, sample_range=sample_range, num_samples=None)
 
     def batches(self, model: ir.Model) -> Iterator[dict[str, np.ndarray]]:
         inputs = _feed_inputs(model)
@@ -197,36 +204,45 @@ def make_source(
     batch_size: int = 1,
     seed: int = 0,
     dims: Mapping[str, int] | None = None,
-) -> CalibrationSource:
-    """``random`` / None, an ``.npz`` file (one array per graph input, first axis = samples) or a directory of them."""
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    seq_len: int = 128,
+    image_size: tuple[int, int] | None = None,
+) -> CalibrationSource | TextSource | ImageSource:
+    """``random`` / None, an ``.npz`` file (one array per graph input, first axis = samples), a directory of them,
+    ``text:FILE`` (tokenized with ``tokenizer``, default the model's recorded ``hf:`` directory) or ``images:DIR``."""
     if batch_size < 1:
         raise InvalidOptionError(f"calibration batch size must be >= 1, got {batch_size}")
+    if data_kind(spec)[0] != "other":
+        return make_data_source(str(spec), tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
+                                num_samples=num_samples, image_size=image_size)
     if spec is None or str(spec) == "random":
         return CalibrationSource("random", None, num_samples, batch_size, seed, dict(dims or {}))
     path = Path(spec)
     if path.is_dir():
         return CalibrationSource("dir", path, num_samples, batch_size, seed, dict(dims or {}))
     if not path.exists():
-        raise UserError(f"calibration data {path} not found: pass an .npz file, a directory of .npz files, or 'random'")
+        raise UserError(f"calibration data {path} not found: pass an .npz file, a directory of .npz files, "
+                        f"text:FILE, images:DIR or 'random'")
     if path.suffix != ".npz":
-        raise UserError(f"calibration data {path} is not an .npz file: save it with numpy.savez (one array per input)")
+        raise UserError(f"calibration data {path} is not an .npz file: save it with numpy.savez (one array per input), "
+                        f"or pass text:{path} for one text sample a line")
     return CalibrationSource("npz", path, num_samples, batch_size, seed, dict(dims or {}))
 
 
-def split_holdout(source: CalibrationSource, holdout: int) -> tuple[CalibrationSource, CalibrationSource]:
-    """(calibration, evaluation) sources with disjoint samples; random sources get a different seed."""
-    import dataclasses
-
-    if source.kind == "random":
+def split_holdout(source, holdout: int):
+    """(calibration, evaluation) sources with disjoint samples: the last ``holdout`` samples (at most half) are held
+    out; random sources get a different seed.  Works for every source with ``total_samples`` and ``with_range``."""
+    if getattr(source, "kind", None) == "random":
         return source, dataclasses.replace(source, seed=source.seed + 7919, num_samples=holdout)
     total = source.total_samples()
     if total < 2:
         logger.warning("only %d calibration sample(s): the accuracy report reuses them (not held out)", total)
         return source, source
     holdout = min(max(1, holdout), total // 2)
-    calib = dataclasses.replace(source, sample_range=(0, total - holdout), num_samples=None)
-    evaluation = dataclasses.replace(source, sample_range=(total - holdout, None), num_samples=None)
-    return calib, evaluation
+    start = source.sample_range[0]  # ranges are absolute sample indices; num_samples may have cut the end
+    return (source.with_range((start, start + total - holdout)),
+            source.with_range((start + total - holdout, start + total)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,6 +406,16 @@ def _session_with_outputs(model: ir.Model, names: Sequence[str]):
     return ort.InferenceSession(proto.SerializeToString(), session_options(True), providers=["CPUExecutionProvider"])
 
 
+def declared_shapes(model: ir.Model, names: Sequence[str]) -> dict[str, ir.Shape]:
+    """The graph's declared shape of each named value that has one (tells position axes from fixed ones)."""
+    wanted, out = set(names), {}
+    values = list(model.graph.inputs) + [o for node in model.graph for o in node.outputs]
+    for value in values:
+        if value.name in wanted and value.shape is not None:
+            out[value.name] = value.shape
+    return out
+
+
 def run_with_intermediates(model: ir.Model, names: Sequence[str], batches: Iterable[Mapping[str, np.ndarray]], callback, progress=None) -> int:
     """For each batch run the model once and call ``callback(batch_index, {name: array})``; returns batches run."""
     sess = _session_with_outputs(model, names)
@@ -427,11 +453,18 @@ def collect_statistics(
     stats = {name: HistogramStat(bins) for name in value_names}
     if not value_names:
         return stats
+    declared = declared_shapes(model, value_names)
+    valid: list[np.ndarray | None] = [None]
+
+    def batches():
+        for feeds in source.batches(model):
+            valid[0] = feeds_valid(feeds)  # read by update() for this very batch (run_with_intermediates is sequential)
+            yield feeds
 
     def update(_, values):
         for name in value_names:
             if name in values:
-                stats[name].update(values[name])
+                stats[name].update(real_positions(values[name], valid[0], declared.get(name)))
 
     progress = None
     if show_progress:
@@ -439,7 +472,7 @@ def collect_statistics(
 
         progress = tqdm(total=source.count(), desc="calibrating", unit="batch", file=sys.stderr, leave=False)
     try:
-        n = run_with_intermediates(model, value_names, source.batches(model), update, progress)
+        n = run_with_intermediates(model, value_names, batches(), update, progress)
     finally:
         if progress is not None:
             progress.close()

@@ -18,9 +18,9 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.accuracy import _Accumulator, float_io_model
-from maia_onnx.calib import make_source
-from maia_onnx.data import Feeds, data_kind, make_data_source
+from maia_onnx.accuracy import Accumulator, float_io_model
+from maia_onnx.calib import declared_shapes, make_source
+from maia_onnx.data import feeds_valid, real_positions
 from maia_onnx.errors import UserError
 from maia_onnx.io import load_model
 from maia_onnx.ortutil import make_session, ort_run
@@ -32,13 +32,6 @@ _CLASS_WORDS = ("logits", "scores", "probs", "class")
 def output_slices(model: ir.Model) -> dict[str, dict[str, Any]]:
     raw = model.metadata_props.get(OUTPUT_SLICES_KEY)
     return json.loads(raw) if raw else {}
-
-
-def _valid_rows(array: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
-    """The real positions of a ``[batch, seq, ...]`` array as ``[n, ...]`` (the array itself when it isn't one)."""
-    if valid is None or array.ndim < 2 or array.shape[:2] != valid.shape:
-        return array
-    return array[valid]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -132,11 +125,12 @@ def evaluate_models(model: ir.Model, reference: ir.Model, batches: Iterable[Mapp
         raise UserError(f"the model lacks the reference's outputs {', '.join(missing)}: compare a model with the model it was made from")
     task, key = _task(reference)
     slices = output_slices(reference) or output_slices(model)
-    per_output: dict[str, _Accumulator] = {}
+    per_output: dict[str, Accumulator] = {}
     decoder, encoder = _Decoder(), _Encoder()
+    declared = declared_shapes(reference, ref_names)
     n_batches = 0
     for feeds in batches:
-        valid = feeds.valid if isinstance(feeds, Feeds) else None
+        valid = feeds_valid(feeds)
         plain = dict(feeds)
         ref_vals = dict(zip(ref_names, ort_run(ref_sess, ref_names, plain)))
         got_vals = dict(zip(ref_names, ort_run(sess, ref_names, plain)))
@@ -151,10 +145,11 @@ def evaluate_models(model: ir.Model, reference: ir.Model, batches: Iterable[Mapp
                     index = [slice(None)] * r.ndim
                     index[axis] = slice(lo, hi)
                     rs, gs = np.moveaxis(r[tuple(index)], axis, -1), np.moveaxis(g[tuple(index)], axis, -1)
-                    per_output.setdefault(f"{name}[{part}]", _Accumulator()).update(rs, gs, top1=part in ("scores", "classes"))
+                    per_output.setdefault(f"{name}[{part}]", Accumulator()).update(rs, gs, top1=part in ("scores", "classes"))
                 continue
             top1 = any(w in name for w in _CLASS_WORDS)
-            per_output.setdefault(name, _Accumulator()).update(_valid_rows(r, valid), _valid_rows(g, valid), top1=top1)
+            per_output.setdefault(name, Accumulator()).update(
+                real_positions(r, valid, declared.get(name)), real_positions(g, valid, declared.get(name)), top1=top1)
         if task == "decoder":
             decoder.update(np.asarray(plain["input_ids"]), valid, ref_vals[key], got_vals[key])
         elif task == "encoder":
@@ -173,10 +168,8 @@ def evaluate_models(model: ir.Model, reference: ir.Model, batches: Iterable[Mapp
 def data_source(spec: str, *, tokenizer=None, seq_len: int = 128, batch_size: int = 1, num_samples: int | None = None,
                 image_size: tuple[int, int] | None = None, dims: Mapping[str, int] | None = None):
     """``text:FILE`` / ``images:DIR`` (maia_onnx.data) or ``.npz`` / a directory of them / ``random`` (maia_onnx.calib)."""
-    if data_kind(spec)[0] != "other":
-        return make_data_source(spec, tokenizer=tokenizer, seq_len=seq_len, batch_size=batch_size,
-                                num_samples=num_samples, image_size=image_size)
-    return make_source(spec, num_samples=num_samples, batch_size=batch_size, dims=dims)
+    return make_source(spec, num_samples=num_samples, batch_size=batch_size, dims=dims, tokenizer=tokenizer,
+                       seq_len=seq_len, image_size=image_size)
 
 
 def evaluate_files(model_path, reference_path, data: str, **source_options) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def weight_targets(graph: ir.Graph, op_types=WEIGHT_OPS) -> Iterator[WeightTarge
 # --------------------------------------------------------------------------------------------------
 # Scale files
 # --------------------------------------------------------------------------------------------------
-def _as_scale_array(name: str, value, source: Path) -> np.ndarray:
+def as_scale_array(name: str, value, source: Path) -> np.ndarray:
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):
@@ -156,7 +156,7 @@ def load_scales(path: str | Path) -> dict[str, np.ndarray]:
             data = data["scales"]
         if not isinstance(data, dict):
             raise UserError(f"scales file {path} must hold a JSON object of name -> scale")
-        out = {str(k): _as_scale_array(str(k), v, path) for k, v in data.items() if _is_scale_name(str(k))}
+        out = {str(k): as_scale_array(str(k), v, path) for k, v in data.items() if _is_scale_name(str(k))}
     elif suffix == ".safetensors":
         from safetensors import SafetensorError, safe_open
 
@@ -165,7 +165,7 @@ def load_scales(path: str | Path) -> dict[str, np.ndarray]:
             with safe_open(str(path), framework="numpy") as f:
                 for key in f.keys():
                     if _is_scale_name(key):
-                        out[key] = _as_scale_array(key, f.get_tensor(key).astype(np.float32), path)
+                        out[key] = as_scale_array(key, f.get_tensor(key).astype(np.float32), path)
         except SafetensorError as exc:
             raise UserError(f"cannot read {path} as safetensors ({exc}): is it truncated?") from None
         except TypeError:
@@ -177,7 +177,7 @@ def load_scales(path: str | Path) -> dict[str, np.ndarray]:
             with torch_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     if _is_scale_name(key):
-                        out[key] = _as_scale_array(key, f.get_tensor(key).to(torch.float32).numpy(), path)
+                        out[key] = as_scale_array(key, f.get_tensor(key).to(torch.float32).numpy(), path)
     else:
         raise UserError(f"scales file {path} must end in .json or .safetensors")
     if not out:

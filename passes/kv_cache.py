@@ -75,8 +75,11 @@ def calibrate_kv_amax(model: ir.Model, feeds: Iterable[Mapping[str, np.ndarray]]
     names = [o.name for o in sess.get_outputs() if o.name.startswith("present.")]
     amax: dict[str, np.ndarray] = {}
     for f in feeds:
+        valid = getattr(f, "valid", None)  # maia_onnx.data.Feeds: [batch, seq] real positions; padding holds no cache
         for name, out in zip(names, sess.run(names, dict(f))):
             a = np.abs(out.astype(np.float32))
+            if valid is not None and a.ndim == 4 and a.shape[2] == valid.shape[1]:
+                a = a * valid[:, None, :, None]  # [batch, kv_heads, seq, head_dim]; 0 never raises an amax
             cur = a.max(axis=(0, 2, 3)) if granularity == "head" else np.array(a.max() if a.size else 0.0)
             amax[name] = np.maximum(amax[name], cur) if name in amax else cur
     return amax

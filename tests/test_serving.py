@@ -10,13 +10,14 @@ import onnx_ir as ir
 import pytest
 import torch
 import transformers
-from textdata import tiny_llama
+from textdata import tiny_llama, write_text
 
 from maia_onnx.accuracy import float_io_model
-from maia_onnx.errors import UnsupportedModelError
+from maia_onnx.errors import InvalidOptionError, UnsupportedModelError, UserError
 from maia_onnx.export import export_model
 from maia_onnx.ortutil import run_model
 from maia_onnx.quantize import quantize_model
+from maia_onnx.scales import emit_scales
 from maia_onnx.serving import emit_checkpoint, find_scales, read_checkpoint_scales
 
 pytest.importorskip("compressed_tensors", reason="compressed-tensors (dev extra) loads the checkpoint back in transformers")
@@ -87,3 +88,39 @@ def test_refusals_are_one_line(llama, tmp_path):
     with pytest.raises(UnsupportedModelError, match="no static input scale"):
         emit_checkpoint(ir.load(str(llama["wo"])), tmp_path / "y", activation_scheme="static")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_quantize_emits_a_checkpoint_whose_scales_requantize_identically(llama, tmp_path):
+    text = write_text(tmp_path / "calib.txt")
+    ckpt, first, second = tmp_path / "ckpt", tmp_path / "first.onnx", tmp_path / "second.onnx"
+    # no attention matmuls: every activation scale is a linear's input_scale, so all of them travel in the checkpoint
+    options = dict(format="fp8-e4m3", attention=False, kv_cache="fp8-e4m3", show_progress=False)
+    made = quantize_model(llama["fp32"], first, calib=f"text:{text}", seq_len=16, eval_samples=2, emit_checkpoint=ckpt,
+                          **options)
+    info = made.report["checkpoint"]
+    assert info["path"] == str(ckpt) and info["activation_scheme"] == "static" and info["kv_cache_layers"] == 2
+    assert made.report["accuracy"]["task"] == "decoder"
+    assert _load(ckpt).model.layers[1].mlp.down_proj.weight.shape == (32, 64)  # transformers loads it
+    emitted = emit_scales(ir.load(str(first)))
+    for scales in (ckpt, ckpt / "model.safetensors"):  # the directory, or its .safetensors
+        again = quantize_model(llama["fp32"], second, calib=None, scales=str(scales), evaluate=False, **options)
+        assert again.report["scales_import"]["unmatched"] == []
+        assert {k: np.float32(v) for k, v in again.activation_scales.items()} == \
+               {k: np.float32(v) for k, v in made.activation_scales.items()}
+        reimported = emit_scales(ir.load(str(second)))
+        assert sorted(reimported) == sorted(emitted)
+        for name, value in emitted.items():  # input, weight and KV-cache scales, bit for bit
+            np.testing.assert_array_equal(reimported[name], value, err_msg=name)
+
+
+def test_emit_checkpoint_is_refused_before_any_work(llama, tmp_path):
+    with pytest.raises(InvalidOptionError, match="compressed-tensors FP8"):
+        quantize_model(llama["fp32"], tmp_path / "q.onnx", format="mxfp8-e4m3", emit_checkpoint=tmp_path / "c")
+    with pytest.raises(InvalidOptionError, match="quantized activations"):
+        quantize_model(llama["fp32"], tmp_path / "q.onnx", weights_only=True, activation_scheme="static",
+                       emit_checkpoint=tmp_path / "c")
+    model = ir.load(str(llama["fp32"]))
+    model.metadata_props.pop("maia_onnx.source")
+    with pytest.raises(UserError, match="Hugging Face checkpoint"):
+        quantize_model(model, tmp_path / "q.onnx", weights_only=True, emit_checkpoint=tmp_path / "c")
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "c").exists()

@@ -30,14 +30,21 @@ from maia_onnx.report import human_bytes, print_table
 
 @click.command("quantize", help="Quantize MODEL to FP8 (QDQ, 1-byte weights), an MX format or BF16, "
                "calibrating activation scales and reporting accuracy against the original.\n\n"
-               "Calibration data (--calib): an .npz with one array per graph input (first axis = samples), "
-               "a directory of such files, or 'random' (synthesized from the input specs).")
+               "Calibration data (--calib): text:FILE (one sample a line, or JSONL with a 'text' field; tokenized "
+               "with --tokenizer, default the checkpoint the model was exported from), images:DIR, an .npz with one "
+               "array per graph input (first axis = samples), a directory of such files, or 'random' (synthesized "
+               "from the input specs).")
 @model_argument()
 @output_option(help="Quantized model path (.onnx); external data goes to <out>.data.")
 @click.option("--format", "fmt", type=click.Choice(FORMAT_NAMES), default="fp8-e4m3", show_default=True,
               help="Target number format.")
-@click.option("--calib", default="random", show_default=True, metavar="NPZ|DIR|random",
-              help="Calibration data for activation scales.")
+@click.option("--calib", default="random", show_default=True, metavar="text:FILE|images:DIR|NPZ|DIR|random",
+              help="Calibration data for activation scales (its last --eval-samples feed the accuracy report).")
+@click.option("--tokenizer", type=click.Path(), default=None, metavar="DIR",
+              help="Tokenizer for --calib text:FILE (default: the hf: directory the model was exported from).")
+@click.option("--seq-len", type=int, default=128, show_default=True, help="Tokens per text sample at most (--calib text:).")
+@click.option("--image-size", default=None, metavar="H,W", help="Resize --calib images: to H,W (default: the graph's input size "
+              "or the checkpoint's preprocessor config).")
 @click.option("--method", type=click.Choice(METHODS), default="minmax", show_default=True, help="Activation calibration method.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile of |x| for --method percentile.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True,
@@ -58,8 +65,13 @@ from maia_onnx.report import human_bytes, print_table
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_FORMATS), default=None, help="Quantize the KV cache too.")
 @click.option("--kv-granularity", type=click.Choice(KV_GRANULARITIES), default="tensor", show_default=True,
               help="KV-cache scales: one per cache tensor or one per KV head.")
-@click.option("--scales", "scales_path", type=click.Path(), default=None, help="Import scales (vLLM / ModelOpt names) from JSON or safetensors.")
+@click.option("--scales", "scales_path", type=click.Path(), default=None,
+              help="Import scales (vLLM / ModelOpt names) from JSON, safetensors or a compressed-tensors checkpoint directory.")
 @click.option("--emit-scales", type=click.Path(), default=None, help="Write the scales used, in vLLM / ModelOpt naming.")
+@click.option("--emit-checkpoint", type=click.Path(), default=None, metavar="DIR",
+              help="Also write a Hugging Face checkpoint in the compressed-tensors FP8 format (vLLM / SGLang load it).")
+@click.option("--activation-scheme", type=click.Choice(["static", "dynamic", "none"]), default=None,
+              help="--emit-checkpoint input activations (default: static when activations are quantized, else none).")
 @click.option("--qat", is_flag=True, help="Turn fake-quant (QAT) chains into FP8 QDQ with their learned scales first.")
 @click.option("--target-cosine", type=float, default=None, help="Mixed precision: keep the most sensitive layers wider until output cosine >= X.")
 @click.option("--no-eval", is_flag=True, help="Skip the accuracy report.")
@@ -68,14 +80,15 @@ from maia_onnx.report import human_bytes, print_table
 @external_data_option
 @report_option
 @json_option
-def command(model, output, fmt, calib, method, percentile, granularity, block_size, mx_form, exclude, weights_only, no_attention,
-            embeddings, num_samples, batch_size, eval_samples, dims, kv_cache, kv_granularity, scales_path, emit_scales, qat,
+def command(model, output, fmt, calib, tokenizer, seq_len, image_size, method, percentile, granularity, block_size, mx_form, exclude, weights_only, no_attention,
+            embeddings, num_samples, batch_size, eval_samples, dims, kv_cache, kv_granularity, scales_path, emit_scales, emit_checkpoint, activation_scheme, qat,
             target_cosine, no_eval, seed, max_layers, external_data, report_path, as_json):
     config = QuantizeConfig(
-        format=fmt, calib=calib, method=method, percentile=percentile, granularity=granularity, block_size=block_size,
+        format=fmt, calib=calib, tokenizer=tokenizer, seq_len=seq_len, image_size=image_size, method=method, percentile=percentile, granularity=granularity, block_size=block_size,
         mx_form=mx_form, exclude=exclude, weights_only=weights_only, attention=not no_attention, embeddings=embeddings,
         num_samples=num_samples, batch_size=batch_size, eval_samples=eval_samples, dims=parse_dims(dims), kv_cache=kv_cache,
-        kv_granularity=kv_granularity, scales=scales_path, emit_scales=emit_scales, qat=qat, target_cosine=target_cosine,
+        kv_granularity=kv_granularity, scales=scales_path, emit_scales=emit_scales,
+        emit_checkpoint=emit_checkpoint, activation_scheme=activation_scheme, qat=qat, target_cosine=target_cosine,
         evaluate=not no_eval, report_path=report_path, external_data=external_data, show_progress=not as_json, seed=seed,
     )
 
@@ -124,3 +137,8 @@ def _print_report(report: QuantizeReport, config: QuantizeConfig, output, max_la
         click.echo(f"report: {config.report_path}")
     if config.emit_scales:
         click.echo(f"scales: {config.emit_scales}")
+    if report.checkpoint is not None:
+        ckpt = report.checkpoint
+        click.echo(f"checkpoint: {ckpt['path']} (compressed-tensors FP8, {ckpt['linears']} linears, "
+                   f"{ckpt['weight_strategy']} weights, {ckpt['activation_scheme']} activations"
+                   f"{', KV-cache scales' if ckpt['kv_cache_layers'] else ''})")

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from maia_onnx.accuracy import evaluate_accuracy
 from maia_onnx.calib import CalibrationSource, calibrate, make_source, split_holdout
+from maia_onnx.evaluate import evaluate_models
 from maia_onnx.decode import decode_report
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError, UserError
 from maia_onnx.io import check_output_path, initializer_bytes, load_model, save_model, write_text_atomic
@@ -35,7 +36,8 @@ from maia_onnx.quantize.config import QuantizeConfig
 from maia_onnx.quantize.recipes import RecipeInputs, mixed_precision_pass, qat_passes, quantize_passes
 from maia_onnx.quantize.report import CalibrationInfo, KvCacheReport, QuantizeReport, ScalesImport, measure_sizes
 from maia_onnx.report import dumps
-from maia_onnx.scales import emit_scales, load_scales, map_scales, write_scales
+from maia_onnx.scales import as_scale_array, emit_scales, load_scales, map_scales, write_scales
+from maia_onnx.serving import emit_checkpoint, read_checkpoint_scales, source_directory
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,11 @@ class QuantizeResult:
         return self.quantize_report.seconds
 
 
+def _discard(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
+
+
 def _has_external(model: ir.Model) -> bool:
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
@@ -92,7 +99,10 @@ def _load(model_or_path) -> tuple[ir.Model, ir.Model, Path | None]:
 
 def _import_scales(model: ir.Model, path: str, inputs: RecipeInputs) -> tuple[ScalesImport, dict[str, float]]:
     """Imported scales (vLLM / ModelOpt names) mapped onto this graph; returns the report entry and activation scales."""
-    loaded = load_scales(path)
+    if Path(path).is_dir():  # a compressed-tensors / ModelOpt checkpoint directory: its scale tensors by module name
+        loaded = {name: as_scale_array(name, value, Path(path)) for name, value in read_checkpoint_scales(path).items()}
+    else:
+        loaded = load_scales(path)
     scale_map, unmatched = map_scales(model, loaded)
     if unmatched and len(unmatched) == len(loaded):
         # not one name fits: almost surely the scales of another model; quantizing anyway would ignore them silently
@@ -116,7 +126,8 @@ class _Sources:
 
     def make(self, spec=None) -> CalibrationSource:
         c = self.config
-        return make_source(spec if spec is not None else c.calib, c.num_samples, c.batch_size, c.seed, c.dims_map)
+        return make_source(spec if spec is not None else c.calib, c.num_samples, c.batch_size, c.seed, c.dims_map,
+                           tokenizer=c.tokenizer, seq_len=c.seq_len, image_size=c.image_size)
 
     def split(self) -> None:
         """Calibration samples, holding some out for the accuracy report only when there is one."""
@@ -151,7 +162,8 @@ def _calibrate_fp8(config: QuantizeConfig, reference: ir.Model, model: ir.Model,
     if config.calib is None:
         raise InvalidOptionError(
             f"{len(to_calibrate)} activation(s) have no scale (e.g. {to_calibrate[0]!r}): pass --calib "
-            f"(npz, directory or 'random'), --no-attention for attention-matmul inputs, or --weights-only"
+            f"(text:FILE, images:DIR, npz, directory or 'random'), --no-attention for attention-matmul inputs, "
+            f"or --weights-only"
         )
     if str(config.calib) == "random":
         warnings.warn(
@@ -182,19 +194,22 @@ def quantize_model(
 ) -> QuantizeResult:
     """Quantize a model as ``config`` (with ``overrides``) says; see the module docstring.
 
-    ``calib``: ``"random"`` (inputs synthesized from the input specs), an ``.npz`` file (one array per graph
-    input, first axis = samples) or a directory of ``.npz`` files; ``None`` with ``weights_only``.
-    The accuracy report runs on held-out samples (the last ``eval_samples`` of an .npz source, or random
-    inputs with another seed).
+    ``calib``: ``"random"`` (inputs synthesized from the input specs), ``text:FILE`` / ``images:DIR`` (see
+    maia_onnx.data; ``tokenizer``, ``seq_len``, ``image_size``), an ``.npz`` file (one array per graph input, first
+    axis = samples) or a directory of ``.npz`` files; ``None`` with ``weights_only``.  The accuracy report runs on
+    held-out samples (the last ``eval_samples`` of the source, or random inputs with another seed); on text / image
+    data it adds ``maia_onnx.evaluate``'s task metrics.  ``emit_checkpoint``: also a compressed-tensors FP8 checkpoint.
     """
     config = (config or QuantizeConfig()).replace(**overrides)
     spec = config.spec
     t_start = time.perf_counter()
     source_path = None if isinstance(model_or_path, ir.Model) else Path(model_or_path)
-    for path in (output, config.report_path, config.emit_scales):
+    for path in (output, config.report_path, config.emit_scales, config.emit_checkpoint):
         if path is not None:
             check_output_path(path, *([source_path] if source_path else []))
     reference, model, source_path = _load(model_or_path)
+    if config.emit_checkpoint is not None:
+        source_directory(reference)  # no source checkpoint to complete: refused before any work
     if config.kv_cache is not None and not kv_pairs(model):
         raise UnsupportedModelError(
             f"--kv-cache: {source_path or 'the model'} has no KV cache (past_key_values.{{i}}.key/value inputs "
@@ -250,6 +265,10 @@ def quantize_model(
         t0 = time.perf_counter()
         fmt_max = spec.fp8.max if spec.family == "fp8" else 448.0
         report.accuracy = evaluate_accuracy(reference, model, eval_source.batches(reference), records, fmt_max)
+        if getattr(eval_source, "kind", None) in ("text", "images"):
+            # the task itself, with the code `maia-onnx eval` runs: perplexity / KL for decoders, embeddings for encoders
+            task = evaluate_models(model, reference, eval_source.batches(reference))
+            report.accuracy.task, report.accuracy.task_metrics = task["task"], task["task_metrics"]
         report.accuracy.summary.source = eval_source.description
         report.accuracy.summary.seconds = time.perf_counter() - t0
         if config.kv_cache is not None:
@@ -267,6 +286,13 @@ def quantize_model(
         save_model(model, output, external_data=use_external)
         report.save_seconds = time.perf_counter() - t0
         report.sizes = measure_sizes(source_path, Path(output))
+    if config.emit_checkpoint is not None:
+        try:
+            report.checkpoint = emit_checkpoint(model, config.emit_checkpoint, activation_scheme=config.checkpoint_scheme)
+        except Exception:
+            if output is not None:  # no half-done run: the model goes with the checkpoint that could not be written
+                _discard(Path(output))
+            raise
     if config.emit_scales is not None:
         write_scales(config.emit_scales, emit_scales(model))
     report.seconds = time.perf_counter() - t_start

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from maia_onnx.calib import check_method
+from maia_onnx.data import data_kind
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats.mx import SMX_SUB_BLOCK
 from maia_onnx.formats.registry import KV_CACHE_FORMATS, MX_FORMS, FormatSpec, get_format
@@ -20,17 +21,33 @@ from maia_onnx.passes.kv_cache import GRANULARITIES as KV_GRANULARITIES
 from maia_onnx.passes.mixed_precision import KEEP_DTYPES
 from maia_onnx.passes.quantize_fp8 import GRANULARITIES
 
-_PATH_FIELDS = ("calib", "scales", "emit_scales", "report_path")
+_PATH_FIELDS = ("calib", "scales", "emit_scales", "report_path", "tokenizer", "emit_checkpoint")
 # fields a job file may spell with the wrong type; None is allowed where the default is None
 _TYPES = {
-    int: ("block_size", "num_samples", "batch_size", "seed", "eval_samples"),
+    int: ("block_size", "num_samples", "batch_size", "seed", "eval_samples", "seq_len"),
     float: ("percentile", "target_cosine"),
     bool: ("embeddings", "weights_only", "attention", "qat", "evaluate", "show_progress", "external_data"),
-    str: ("format", "granularity", "mx_form", "method", "kv_cache", "kv_granularity", "keep_dtype") + _PATH_FIELDS,
+    str: ("format", "granularity", "mx_form", "method", "kv_cache", "kv_granularity", "keep_dtype",
+          "activation_scheme") + _PATH_FIELDS,
 }
 
 
-_NULLABLE = ("block_size", "num_samples", "target_cosine", "external_data", "kv_cache") + _PATH_FIELDS
+_NULLABLE = ("block_size", "num_samples", "target_cosine", "external_data", "kv_cache", "activation_scheme") + _PATH_FIELDS
+ACTIVATION_SCHEMES = ("static", "dynamic", "none")  # of --emit-checkpoint (compressed-tensors input activations)
+
+
+def _image_size(value) -> tuple[int, int] | None:
+    """``(H, W)`` from a pair or an ``"H,W"`` string (CLI, job files); a bad value is a one-line error."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        size = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise InvalidOptionError(f"--image-size {value!r}: write two positive integers H,W (e.g. 224,224)")
+    return size
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,10 @@ class QuantizeConfig:
     # activations
     weights_only: bool = False  # False: activations are quantized too (where the format allows)
     attention: bool = True  # quantize the attention matmuls (Q.K^T, P.V)
-    calib: str | None = "random"  # .npz | directory of .npz | "random" | None (weights only)
+    calib: str | None = "random"  # .npz | directory of .npz | text:FILE | images:DIR | "random" | None (weights only)
+    tokenizer: str | None = None  # text:FILE calibration: Hugging Face tokenizer dir (default: the model's hf: dir)
+    seq_len: int = 128  # text:FILE calibration: tokens per sample at most
+    image_size: tuple[int, int] | None = None  # images:DIR calibration: H, W (default: the graph's or preprocessor's)
     method: str = "minmax"  # minmax | percentile | mse | entropy
     percentile: float = 99.99
     num_samples: int | None = None
@@ -60,6 +80,8 @@ class QuantizeConfig:
     qat: bool = False  # fake-quant (QAT) chains -> FP8 QDQ with their learned scales first
     scales: str | None = None  # import scales (vLLM / ModelOpt names)
     emit_scales: str | None = None  # write the scales used
+    emit_checkpoint: str | None = None  # write a compressed-tensors FP8 Hugging Face checkpoint directory
+    activation_scheme: str | None = None  # its input activations: static | dynamic | none (default: static if quantized)
     target_cosine: float | None = None  # mixed precision: keep the most sensitive layers wider
     keep_dtype: str = "bf16"  # what mixed precision keeps them in: bf16 | fp32
     # report and output
@@ -83,6 +105,7 @@ class QuantizeConfig:
         set_("exclude", tuple(self.exclude))
         dims = self.dims.items() if isinstance(self.dims, Mapping) else (self.dims or ())
         set_("dims", tuple(sorted((str(k), int(v)) for k, v in dims)))
+        set_("image_size", _image_size(self.image_size))
         self._validate()
 
     # ------------------------------------------------------------------------------------------
@@ -94,6 +117,11 @@ class QuantizeConfig:
     def activations(self) -> bool:
         """Whether activations are quantized (off with ``weights_only`` or for a weight-only format)."""
         return not self.weights_only and self.spec.activations
+
+    @property
+    def checkpoint_scheme(self) -> str:
+        """The --emit-checkpoint activation scheme: as given, else static when activations are quantized, else none."""
+        return self.activation_scheme or ("static" if self.activations else "none")
 
     @property
     def dims_map(self) -> dict[str, int]:
@@ -145,6 +173,19 @@ class QuantizeConfig:
             raise InvalidOptionError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
         if self.keep_dtype not in KEEP_DTYPES:
             raise InvalidOptionError(f"keep_dtype {self.keep_dtype!r} is not one of {', '.join(KEEP_DTYPES)}")
+        data_kind(self.calib)  # text: / images: without a path is refused here
+        if self.seq_len < 2:
+            raise InvalidOptionError(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.activation_scheme is not None and self.activation_scheme not in ACTIVATION_SCHEMES:
+            raise InvalidOptionError(f"--activation-scheme {self.activation_scheme!r} is not one of {', '.join(ACTIVATION_SCHEMES)}")
+        if self.activation_scheme is not None and self.emit_checkpoint is None:
+            raise InvalidOptionError("--activation-scheme describes the --emit-checkpoint directory: add --emit-checkpoint DIR")
+        if self.emit_checkpoint is not None and (self.format != "fp8-e4m3" or self.granularity == "block"):
+            raise InvalidOptionError("--emit-checkpoint writes compressed-tensors FP8 (E4M3 weights per channel or per tensor): "
+                                     "use --format fp8-e4m3 with --granularity channel or tensor")
+        if self.activation_scheme == "static" and self.emit_checkpoint is not None and not self.activations:
+            raise InvalidOptionError("--activation-scheme static needs quantized activations: drop --weights-only, "
+                                     "or emit with --activation-scheme dynamic|none")
         for name, value in (("--samples", self.num_samples), ("--batch-size", self.batch_size), ("--eval-samples", self.eval_samples)):
             if value is not None and value < 1:
                 raise InvalidOptionError(f"{name} must be >= 1, got {value}")
@@ -174,5 +215,6 @@ class QuantizeConfig:
         out = dataclasses.asdict(self)
         out["exclude"] = list(self.exclude)
         out["dims"] = self.dims_map
+        out["image_size"] = list(self.image_size) if self.image_size is not None else None
         return out
 

@@ -82,6 +82,7 @@ class QuantizeReport:
     decode: dict[str, Any] | None = None  # maia_onnx.decode.decode_report (+ seconds), FP8 KV cache only
     save_seconds: float | None = None
     sizes: Sizes | None = None
+    checkpoint: dict[str, Any] | None = None  # maia_onnx.serving.emit_checkpoint's summary (--emit-checkpoint)
 
     @property
     def min_output_cosine(self) -> float | None:
@@ -127,6 +128,8 @@ class QuantizeReport:
             out["save_seconds"] = self.save_seconds
         if self.sizes is not None:
             out["sizes"] = self.sizes.to_dict()
+        if self.checkpoint is not None:
+            out["checkpoint"] = dict(self.checkpoint)
         return out
 
 
