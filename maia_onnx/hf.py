@@ -8,6 +8,7 @@ from typing import Callable, Mapping
 
 from maia_onnx.errors import UnsupportedModelError, UserError
 from maia_onnx.extras import require
+from maia_onnx.models.registry import ModelSpec
 
 # encoder-only families: exported without a KV cache
 _ENCODER_TYPES = {"bert", "roberta", "distilbert", "albert", "electra", "xlm-roberta", "deberta", "deberta-v2", "camembert", "mpnet"}
@@ -151,8 +152,6 @@ def _kv_geometry(config) -> tuple[int, int, int]:
 def build_hf_spec(directory: str, seed: int = 0, dims: Mapping[str, int] | None = None, progress: Callable[[str], None] | None = None):
     """Load a local HF decoder, text encoder or image encoder offline and wrap it for export (one ONNX graph)."""
     import torch
-
-    from maia_onnx.models.registry import ModelSpec
 
     path = Path(directory).expanduser()
     kind, raw = detect_kind(path)

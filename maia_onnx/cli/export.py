@@ -6,6 +6,8 @@ import click
 
 from maia_onnx.cli.options import dims_option, echo_json, external_data_option, json_option
 from maia_onnx.cli.options import parse_dims as _parse_dims
+from maia_onnx.export import DEFAULT_OPSET, export_model, REL_TOLERANCE
+from maia_onnx.report import print_table
 
 
 def stderr_progress(msg: str) -> None:
@@ -52,9 +54,6 @@ MODEL is one of:
 @external_data_option
 @json_option
 def command(model_ref, output, opset, dynamic, size, seed, dims, no_check, external_data, as_json):
-    from maia_onnx.export import DEFAULT_OPSET, REL_TOLERANCE, export_model
-    from maia_onnx.report import print_table
-
     result = export_model(
         model_ref, output, size=size, opset=opset or DEFAULT_OPSET, dynamic=dynamic, seed=seed,
         dims=parse_dims(dims), external_data=external_data, check=not no_check, progress=stderr_progress,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import click
 
 from maia_onnx.cli.options import echo_json, json_option, model_argument
+from maia_onnx.cli.reshard import print_stage_report
+from maia_onnx.partition import partition_file, save_checkpoint, stage_report, summary_rows
+from maia_onnx.passes.sharding_annotations import annotate_file
+from maia_onnx.report import human_bytes, print_table
 
 
 @click.command("partition")
@@ -27,12 +31,7 @@ from maia_onnx.cli.options import echo_json, json_option, model_argument
 @json_option
 def command(model, output, tp, ep, pp, balance, checkpoint_dir, no_verify, annotate_only, as_json):
     """Split MODEL for tensor (--tp) and pipeline (--pp) parallelism into a partition directory."""
-    from maia_onnx.partition import partition_file, summary_rows
-    from maia_onnx.report import human_bytes, print_table
-
     if annotate_only:
-        from maia_onnx.passes.sharding_annotations import annotate_file
-
         report = annotate_file(model, output, tp=tp, pp=pp, balance=balance)
         if as_json:
             echo_json(report)
@@ -45,13 +44,9 @@ def command(model, output, tp, ep, pp, balance, checkpoint_dir, no_verify, annot
     rows = summary_rows(manifest)
     stages = None
     if manifest.plan is not None and manifest.pp > 1:
-        from maia_onnx.partition import stage_report
-
         stages = stage_report(manifest, manifest.plan)
     checkpoint = None
     if checkpoint_dir:
-        from maia_onnx.partition import save_checkpoint
-
         checkpoint = save_checkpoint(output, checkpoint_dir, progress=not as_json)
     if as_json:
         echo_json({"output": str(output), "mesh": manifest.data["mesh"], "ranks": rows, "stages": stages,
@@ -68,8 +63,6 @@ def command(model, output, tp, ep, pp, balance, checkpoint_dir, no_verify, annot
                        "coll_bytes/token", "wire_bytes/token"],
                 title=f"partition {output}: tp={manifest.tp} pp={manifest.pp}")
     if stages:
-        from maia_onnx.cli.reshard import print_stage_report
-
         click.echo()
         print_stage_report(stages)
     if checkpoint:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from maia_onnx.cli.options import echo_json, json_option
+from maia_onnx.partition import reshard_directory
+from maia_onnx.report import human_bytes, print_table
 
 
 @click.command("reshard")
@@ -24,8 +26,6 @@ from maia_onnx.cli.options import echo_json, json_option
 @json_option
 def command(partition_dir, output, tp, pp, balance, load_ckpt, save_ckpt, no_verify, as_json):
     """Re-shard PARTITION_DIR (from its shards alone, no original model needed) into -o."""
-    from maia_onnx.partition import reshard_directory
-
     result = reshard_directory(partition_dir, output, tp=tp, pp=pp, balance=balance, load_checkpoint=load_ckpt,
                                save_checkpoint=save_ckpt, progress=True, verify=not no_verify)
     result["verified"] = result["verification"]["summary"]
@@ -38,8 +38,6 @@ def command(partition_dir, output, tp, pp, balance, load_ckpt, save_ckpt, no_ver
 
 def print_stage_report(result: dict) -> None:
     """Per-stage table (load, share, boundaries, weights) and the imbalance line."""
-    from maia_onnx.report import human_bytes, print_table
-
     rows = [dict(r, weight_bytes=human_bytes(r["weight_bytes"])) for r in result["stages"]]
     title = (
         f"{result['output']}: tp={result['tp']} pp={result['pp']} balance={result['balance']} "

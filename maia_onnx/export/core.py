@@ -21,6 +21,8 @@ import numpy as np
 from maia_onnx.errors import InvalidOptionError, UserError, ValidationError
 from maia_onnx.extras import require
 from maia_onnx.export.graph import _symbolic_shape, clean_exported_model, fold_weight_transposes
+from maia_onnx.io import check_output_path, save_model
+from maia_onnx.ortutil import compare, make_session
 
 # Opset 21: FP8 QuantizeLinear/DequantizeLinear with blocked quantization, and the dynamo exporter
 # (torchlib targets 18) version-converts to it cleanly.
@@ -126,8 +128,6 @@ def named_outputs(out, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def ort_run(onnx_path: str | os.PathLike, feeds: Mapping[str, np.ndarray], session=None) -> dict[str, np.ndarray]:
-    from maia_onnx.ortutil import make_session
-
     sess = session or make_session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
@@ -149,8 +149,6 @@ def check_parity(
     Returns output name -> {max_abs, max_rel, cosine}; raises ValidationError when any output's relative
     error exceeds ``tolerance``. Pass ``reference`` (precomputed torch outputs) to skip running the module.
     """
-    from maia_onnx.ortutil import compare
-
     feeds = {k: _to_numpy(v) for k, v in (inputs or {}).items()}
     got = ort_run(onnx_path, feeds)
     if reference is None:
@@ -196,8 +194,6 @@ def export_spec(
     never resident twice (torch + ORT).
     """
     torch = require("torch", "export", "exporting to ONNX")
-
-    from maia_onnx.io import check_output_path, save_model
 
     if opset < MIN_OPSET:
         raise InvalidOptionError(f"--opset {opset} is too old for the dynamo exporter: use {MIN_OPSET} or newer (default {DEFAULT_OPSET})")

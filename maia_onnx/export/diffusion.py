@@ -11,6 +11,8 @@ from maia_onnx.errors import UnsupportedModelError, UserError
 from maia_onnx.export.parts import export_parts
 from maia_onnx.export.core import ExportResult, export_spec, log
 from maia_onnx.extras import require
+from maia_onnx.hf import build_hf_spec
+from maia_onnx.models.registry import ModelSpec
 
 _TEXT_ENCODERS = {"CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel"}
 _SUPPORTED = ("UNet2DConditionModel", "AutoencoderKL")
@@ -36,8 +38,6 @@ def unet_spec(unet, name: str, seed: int = 0, dims: Mapping[str, int] | None = N
     """UNet2DConditionModel -> spec: sample [batch, C, H, W], timestep [batch] (float), encoder_hidden_states [batch, seq, D]."""
     import torch
     from torch.export import Dim
-
-    from maia_onnx.models.registry import ModelSpec
 
     dims = dict(dims or {})
     cfg = unet.config
@@ -74,8 +74,6 @@ def vae_specs(vae, name: str, seed: int = 0, dims: Mapping[str, int] | None = No
     """
     import torch
     from torch.export import Dim
-
-    from maia_onnx.models.registry import ModelSpec
 
     dims = dict(dims or {})
     cfg = vae.config
@@ -133,8 +131,6 @@ def _component_parts(cls_name: str, path: Path, prefix: str, seed: int, dims) ->
 
         return [(f"{prefix}_decoder.onnx", lambda: spec("decoder")), (f"{prefix}_encoder.onnx", lambda: spec("encoder"))]
     if cls_name in _TEXT_ENCODERS:
-        from maia_onnx.hf import build_hf_spec
-
         return [(f"{prefix}.onnx", lambda: build_hf_spec(str(path), seed=seed, dims={"batch": (dims or {}).get("batch", 2)}))]
     raise UnsupportedModelError(
         f"diffusers component {cls_name} in {path} is not supported: export supports {', '.join(_SUPPORTED)} and "

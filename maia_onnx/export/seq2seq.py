@@ -19,6 +19,9 @@ import numpy as np
 from maia_onnx.errors import UserError, ValidationError
 from maia_onnx.export.parts import export_parts
 from maia_onnx.export.core import REL_TOLERANCE, ExportResult, log
+from maia_onnx.hf import _has_weights, load_pretrained
+from maia_onnx.models.registry import ModelSpec
+from maia_onnx.ortutil import compare, make_session
 
 GENERATE_TOKENS = 8  # greedy tokens compared between ORT and PyTorch after export
 
@@ -112,8 +115,6 @@ def build_specs(model, seed: int = 0, dims: Mapping[str, int] | None = None):
     import torch
     from torch.export import Dim
 
-    from maia_onnx.models.registry import ModelSpec
-
     dims = dict(dims or {})
     cfg = model.config
     num_layers = int(getattr(cfg, "decoder_layers", None) or getattr(cfg, "num_decoder_layers", None) or cfg.num_layers)
@@ -170,8 +171,6 @@ def greedy_check(model, encoder_path: Path, decoder_path: Path, enc_inputs: Mapp
     PyTorch (the HF model, full recompute each step); the token sequences must be equal, the logits within tolerance."""
     import torch
 
-    from maia_onnx.ortutil import compare, make_session
-
     enc_sess, dec_sess = make_session(encoder_path), make_session(decoder_path)
     feeds = {k: v.numpy() for k, v in enc_inputs.items()}
     enc_names = [o.name for o in enc_sess.get_outputs()]
@@ -218,8 +217,6 @@ def greedy_check(model, encoder_path: Path, decoder_path: Path, enc_inputs: Mapp
 def export_seq2seq(path: Path, out_dir, raw: dict, seed: int = 0, dims: Mapping[str, int] | None = None,
                    progress: Callable[[str], None] | None = None, **options) -> ExportResult:
     """hf:DIR of an encoder-decoder -> out_dir/encoder.onnx + out_dir/decoder.onnx, verified by greedy generation."""
-    from maia_onnx.hf import _has_weights, load_pretrained
-
     if not _has_weights(path):
         raise UserError(f"no weights (*.safetensors or *.bin) in {path}: save the model with save_pretrained")
     model_type = raw.get("model_type", "?")

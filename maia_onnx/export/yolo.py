@@ -10,6 +10,7 @@ from typing import Callable, Mapping
 from maia_onnx.errors import UnsupportedModelError, UserError
 from maia_onnx.export.core import log
 from maia_onnx.extras import require
+from maia_onnx.models.registry import ModelSpec
 
 
 def _build(ref: str, seed: int):
@@ -50,8 +51,6 @@ def build_ultralytics_spec(ref: str, seed: int = 0, dims: Mapping[str, int] | No
     require("ultralytics", "ultralytics", f"exporting ultralytics:{ref}")
     from torch.export import Dim
     from ultralytics.nn.modules.head import Detect
-
-    from maia_onnx.models.registry import ModelSpec
 
     dims = dict(dims or {})
     log(progress, f"building ultralytics {ref}")
