@@ -4,10 +4,18 @@
 the supported nodes into maximal connected device partitions that never form a cycle through CPU nodes, the way
 ONNX Runtime's GetCapability + partitioner do for an execution provider.
 
-Cycle freedom: every device node gets a *level* = the largest number of device->CPU hand-offs on any path from the
-graph inputs to it. A path from device node A through a CPU node to device node B forces level(B) > level(A), so
-device nodes of one level can share a partition without a cycle; partitions are the connected components of the
-device-device edges inside one level.
+Cycle freedom: every node gets a *level* with level(c) >= level(p) + 1 on every device->CPU edge p->c and
+level(c) >= level(p) on every other edge. A path from device node A through a CPU node to device node B then forces
+level(B) > level(A), so device nodes of one level can share a partition without a cycle; partitions are the
+connected components of the device-device edges inside one level. Levels start as early as possible (the most
+device->CPU hand-offs on any path from the graph inputs); then the nodes computed from initializers and constants
+alone (a weight DequantizeLinear, a weight Transpose), or index arithmetic on graph inputs alone (shapes, masks), are
+pulled as late as their consumers allow, so they join the partition of the node that uses them.
+
+Host hoisting: a CPU node whose ancestors on the device only do index arithmetic (int64/int32/bool outputs: the
+shape and attention-mask code of exported decoders) would cut every device path through it into two partitions;
+its ancestors run on the host instead (computed first, fed in), so the CPU node sits at level 0 and splits nothing.
+The C++ plugin EP (runtime/ep/capability.cc) must place and group plain models by these same rules.
 """
 
 from __future__ import annotations
@@ -296,9 +304,11 @@ def get_capability(
         return out
 
     pred_lists = [preds(i) for i in range(len(nodes))]
+    _hoist_index_ancestors(nodes, pred_lists, on_device, reasons)
+    pullable = _pullable(nodes, pred_lists, {id(v) for v in graph.inputs if v.name not in graph.initializers})
     # Demote partitions that compute nothing (only shapes/constants/reshapes): no device launch pays off for them.
     while True:
-        groups = _group(nodes, pred_lists, on_device)
+        groups = _group(nodes, pred_lists, on_device, pullable)
         demoted = False
         for members in groups:
             kinds = {CAPABILITY_TABLE[(nodes[i].domain or "", nodes[i].op_type)].kind for i in members}
@@ -328,15 +338,74 @@ def get_capability(
     return Placement(device=profile.name, nodes=placements, partitions=partitions)
 
 
-def _group(nodes: list[ir.Node], pred_lists: list[list[int]], on_device: list[bool]) -> list[list[int]]:
-    """Device partitions: connected components of device-device edges among nodes of equal level."""
-    level = [0] * len(nodes)
+HOISTED = "host-side index arithmetic feeding a host op (computed first, fed to the device)"
+
+
+def _index_only(node: ir.Node) -> bool:
+    """Whether ``node`` only computes indices, shapes or masks (every output int64/int32/bool, not a tensor op)."""
+    rule = CAPABILITY_TABLE.get((node.domain or "", node.op_type))
+    if rule is None or rule.kind == TENSOR:
+        return False
+    return bool(node.outputs) and all(_value_dtype(v) == "index" for v in node.outputs)
+
+
+def _hoist_index_ancestors(nodes: list[ir.Node], pred_lists: list[list[int]], on_device: list[bool],
+                           reasons: list[str | None]) -> None:
+    """Move to the host the device ancestors of a CPU node when all of them are index arithmetic.
+
+    Such a CPU node (a GatherND of the attention-mask code) then depends on graph inputs and initializers only:
+    the host computes it before the device runs and feeds it in, instead of cutting the device graph in two.
+    """
+    for c in range(len(nodes)):
+        if on_device[c]:
+            continue
+        ancestors: set[int] = set()
+        stack = list(pred_lists[c])
+        while stack:
+            a = stack.pop()
+            if a not in ancestors:
+                ancestors.add(a)
+                stack.extend(pred_lists[a])
+        device = [a for a in ancestors if on_device[a]]
+        if device and all(_index_only(nodes[a]) for a in device):
+            for a in device:
+                on_device[a] = False
+                reasons[a] = HOISTED
+
+
+def _pullable(nodes: list[ir.Node], pred_lists: list[list[int]], graph_inputs: set[int]) -> list[bool]:
+    """Nodes computed from initializers/constants alone, or index arithmetic on graph inputs alone (see module doc)."""
+    pull = [False] * len(nodes)
+    for i, node in enumerate(nodes):
+        reads_input = any(v is not None and id(v) in graph_inputs for v in node.inputs)
+        pull[i] = all(pull[p] for p in pred_lists[i]) and (not reads_input or _index_only(node))
+    return pull
+
+
+def _levels(pred_lists: list[list[int]], on_device: list[bool], pullable: list[bool]) -> list[int]:
+    """Levels as early as possible, then pullable nodes as late as their consumers allow (see the module doc)."""
+    n = len(pred_lists)
+
+    def hand_off(p: int, c: int) -> int:
+        return 1 if on_device[p] and not on_device[c] else 0
+
+    level = [0] * n
     # nodes are in topological order (onnx_ir keeps graph order, which ONNX requires to be topological)
-    for i in range(len(nodes)):
-        lv = 0
+    for i in range(n):
+        level[i] = max((level[p] + hand_off(p, i) for p in pred_lists[i]), default=0)
+    consumers: list[list[int]] = [[] for _ in range(n)]
+    for i in range(n):
         for p in pred_lists[i]:
-            lv = max(lv, level[p] + (1 if on_device[p] and not on_device[i] else 0))
-        level[i] = lv
+            consumers[p].append(i)
+    for i in reversed(range(n)):  # consumers are final before their producers are visited
+        if consumers[i] and pullable[i]:
+            level[i] = max(level[i], min(level[c] - hand_off(i, c) for c in consumers[i]))
+    return level
+
+
+def _group(nodes: list[ir.Node], pred_lists: list[list[int]], on_device: list[bool], pullable: list[bool]) -> list[list[int]]:
+    """Device partitions: connected components of device-device edges among nodes of equal level."""
+    level = _levels(pred_lists, on_device, pullable)
     parent = list(range(len(nodes)))
 
     def find(x: int) -> int:

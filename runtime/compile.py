@@ -20,7 +20,9 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterable, Mapping
@@ -28,9 +30,10 @@ from typing import BinaryIO, Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.errors import ModelLoadError, UserError
+from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError, ValidationError
 from maia_onnx.graph.costs import ANY_DIM, value_numel
 from maia_onnx.runtime.capability import Placement, get_capability
+from maia_onnx.runtime.fusions import FusionReport, FusionRule, fold_host_arithmetic, fuse_device_partitions
 
 PROVIDER = "MaiaExecutionProvider"
 EP_SDK_VERSION = "maia-onnx-emulator-1"
@@ -38,6 +41,10 @@ PROGRAM_MAGIC = b"MAIAPRG1"
 CONTAINER_MAGIC = b"MAIACTX1"
 ALIGN = 64
 EMBED_LIMIT_BYTES = 1_500_000_000  # embedded programs live in one protobuf (2 GiB cap) with the rest of the graph
+# Compile checks itself: every output of the compiled model (emulated Maia) against the input model in ONNX Runtime
+# on synthesized inputs. Partitioning alone is bit-exact; fusions change float rounding in the last bits (never on
+# a quantized path: runtime/fusions.py refuses those), so the bound is on max |diff| / max |reference| per output.
+VERIFY_TOLERANCE = 1e-5
 
 # ONNX dtype -> the device storage format name written in the program header.
 DEVICE_FORMAT = {
@@ -58,9 +65,16 @@ class CompileResult:
     programs: dict[str, bytes] = field(default_factory=dict)  # partition name -> program bytes (embedded compiles)
     path: Path | None = None
     side_file: Path | None = None
+    fusions: FusionReport = field(default_factory=FusionReport)
+    verification: dict | None = None  # output name -> {max_abs, max_rel, cosine} of the self-check, None if skipped
+    unverified: str | None = None  # why the self-check could not run (it was asked for)
 
     def summary(self) -> dict:
         out = self.placement.summary()
+        out["fused_ops"] = self.fusions.applied
+        out["verified"] = self.verification is not None
+        out["unverified_reason"] = self.unverified
+        out["verify_max_rel"] = max((r["max_rel"] for r in self.verification.values()), default=0.0) if self.verification else None
         out["output"] = str(self.path) if self.path else None
         out["side_file"] = str(self.side_file) if self.side_file else None
         return out
@@ -162,8 +176,8 @@ def weight_format(value: ir.Value) -> str:
 def _write_weight(f: BinaryIO, value: ir.Value, fmt: str) -> int:
     """Write one weight in its device format; memory-mapped external weights are streamed, then unmapped."""
     tensor = value.const_value
-    if fmt == "e8m0":
-        data = _power_of_two_exponents(tensor).tobytes()
+    if fmt == "e8m0":  # FLOAT8E8M0 scales are exponent bytes already; float32 powers of two are converted
+        data = tensor.tobytes() if tensor.dtype.bitwidth == 8 else _power_of_two_exponents(tensor).tobytes()
     elif isinstance(tensor, ir.ExternalTensor) and tensor.dtype.itemsize >= 1 and tensor.dtype.bitwidth >= 8:
         data = memoryview(np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8))
     else:
@@ -332,16 +346,34 @@ def compile_model(
     dims: Mapping[str, int] | None = None,
     external_data: bool | None = None,
     progress: bool = False,
+    optimize: bool = True,
+    verify: bool = True,
+    fusion_rules: Iterable[FusionRule] | None = None,
+    engine: str = "python",
 ) -> CompileResult:
     """Compile ``model`` for ``device``: partitions -> EPContext nodes. With ``output`` the result is saved atomically.
 
     ``embed=False`` writes the programs to ``<output stem>_maia.bin`` beside the output (needs ``output``).
     An in-memory model is modified in place (pass a copy to keep it); a path is loaded and never modified.
+    ``optimize`` folds host index arithmetic and fuses kernels inside device partitions (``fusion_rules``, default
+    runtime/fusions_rules.default_rules()); ``verify`` runs the compiled model in the emulator against the input
+    model in ONNX Runtime on synthesized inputs and raises ValidationError (nothing written) beyond VERIFY_TOLERANCE.
+    ``engine="ort"`` has ONNX Runtime's ModelCompiler write the model through the Maia plugin EP instead
+    (runtime/ort_compile.py: same program format, no fusions).
     """
-    from maia_onnx.io import atomic_write, check_output_path, load_model, save_model
+    from maia_onnx.io import check_output_path, load_model
+
+    if engine == "ort":
+        from maia_onnx.runtime.ort_compile import compile_with_ort  # it builds on this module: imported on use
+
+        return compile_with_ort(model, output, device=device, embed=embed, excluded_ops=excluded_ops, dims=dims,
+                                external_data=external_data, verify=verify)
+    if engine != "python":
+        raise InvalidOptionError(f"unknown compile engine {engine!r}: use python (the default) or ort")
 
     _silence_utf8_warnings()
     source_name = None
+    source = model
     if isinstance(model, (str, os.PathLike)):
         source_name = Path(model).name
         if output is not None:
@@ -354,7 +386,105 @@ def compile_model(
     if any(n.op_type == "EPContext" and n.domain == "com.microsoft" for n in model.graph):
         raise UserError("model already contains EPContext nodes (it is compiled): compile the original model instead")
     dims = dict(dims or {})
+    reference = _reference_run(source, model, dims) if verify else None
+    fusions = FusionReport()
+    if optimize:
+        fusions.folded_nodes = fold_host_arithmetic(model)
     placement = get_capability(model, device, excluded_ops=excluded_ops, dims=dims)
+    if optimize:
+        fused = fuse_device_partitions(model, placement, None if fusion_rules is None else list(fusion_rules))
+        fused.folded_nodes = fusions.folded_nodes
+        fusions = fused
+        if fusions.applied:
+            placement = get_capability(model, device, excluded_ops=excluded_ops, dims=dims)
+    if output is None:
+        result = _lower(model, placement, None, device, embed, dims, source_name, external_data, progress)
+        result.fusions = fusions
+        _check(result, result.model, device, reference)
+        return result
+    output = Path(output)
+    parent = output.parent if str(output.parent) else Path(".")
+    # Written into a staging directory beside the output, verified there, then moved into place: a compile that
+    # fails its check leaves nothing behind (and an older output at the same path untouched).
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".compile", dir=parent))
+    try:
+        result = _lower(model, placement, staging / output.name, device, embed, dims, source_name, external_data, progress)
+        result.fusions = fusions
+        _check(result, result.path, device, reference)
+        data = result.path.with_name(f"{output.name}.data")
+        if data.exists():
+            os.replace(data, parent / data.name)
+        elif (parent / data.name).exists():
+            (parent / data.name).unlink()  # stale weights of an earlier external-data save at this path
+        if result.side_file is not None:
+            os.replace(result.side_file, parent / result.side_file.name)
+        os.replace(result.path, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.path = output
+    result.side_file = parent / result.side_file.name if result.side_file is not None else None
+    return result
+
+
+def _reference_run(source, model: ir.Model, dims: Mapping[str, int]) -> tuple[dict | None, dict | str]:
+    """(feeds, outputs) of the input model in ONNX Runtime on synthesized inputs, before compile touches it;
+    (None, why) when no synthesized input runs (string inputs, shape tensors no generator can guess)."""
+    from maia_onnx.inputs import make_inputs
+    from maia_onnx.ortutil import run_model
+
+    target = source if isinstance(source, (str, os.PathLike)) else model
+    feeds = make_inputs(model, seed=0, dims=dims)
+    try:
+        return feeds, run_model(target, feeds)
+    except Exception as exc:  # noqa: BLE001 - an index input no table bounds (a Gather on activations) went out of range
+        feeds = make_inputs(model, seed=0, dims=dims, int_high=1)
+        try:
+            return feeds, run_model(target, feeds)
+        except Exception:  # noqa: BLE001 - the model rejects every input we can synthesize: unverifiable, said so
+            return None, f"the input model fails in ONNX Runtime on synthesized inputs ({type(exc).__name__})"
+
+
+def _check(result: CompileResult, compiled, device: str, reference) -> None:
+    if reference is None:
+        return
+    feeds, outputs = reference
+    if feeds is None:
+        result.unverified = outputs
+    else:
+        result.verification = _verify(compiled, device, feeds, outputs)
+
+
+def _verify(compiled, device: str, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict:
+    """Run the compiled model (emulated Maia) on ``feeds``; raise ValidationError when it disagrees with ``reference``."""
+    from maia_onnx.ortutil import compare
+    from maia_onnx.runtime.session import EmulatorSession
+
+    session = EmulatorSession(str(compiled) if isinstance(compiled, Path) else compiled, device=device)
+    names = [o.name for o in session.get_outputs()]
+    got = dict(zip(names, session.run(names, feeds)))
+    report = {}
+    for name, ref in reference.items():
+        actual = got.get(name)
+        if actual is None or np.shape(actual) != np.shape(ref):
+            raise ValidationError(f"compiled model output {name!r} is missing or has shape {np.shape(actual)} instead of "
+                                  f"{np.shape(ref)}: the compile is wrong (nothing written)")
+        ref64, act64 = np.asarray(ref, dtype=np.float64), np.asarray(actual, dtype=np.float64)
+        both_nan = np.isnan(ref64) & np.isnan(act64)
+        report[name] = compare(np.where(both_nan, 0, ref64), np.where(both_nan, 0, act64))
+    worst = max(report, key=lambda n: report[n]["max_rel"] if report[n]["max_rel"] == report[n]["max_rel"] else np.inf, default=None)
+    if worst is not None and not report[worst]["max_rel"] <= VERIFY_TOLERANCE:
+        raise ValidationError(
+            f"compiled model disagrees with the input model on synthesized inputs: output {worst!r} relative error "
+            f"{report[worst]['max_rel']:.3e} > {VERIFY_TOLERANCE:g} (nothing written; --no-optimize compiles without "
+            "fusions, --no-verify skips this check)")
+    return report
+
+
+def _lower(model: ir.Model, placement: Placement, output: Path | None, device: str, embed: bool, dims: Mapping[str, int],
+           source_name: str | None, external_data: bool | None, progress: bool) -> CompileResult:
+    """Replace every device partition of ``placement`` with an EPContext node; save to ``output`` when given."""
+    from maia_onnx.io import atomic_write, save_model
+
     graph = model.graph
     nodes = list(graph)
     partitions = [(p, [nodes[i] for i in p.node_indices]) for p in placement.partitions]

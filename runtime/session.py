@@ -309,7 +309,8 @@ class EmulatorSession:
             cpu_ops = [op for op in (cpu_ops.split(",") if isinstance(cpu_ops, str) else cpu_ops) if op]
             if isinstance(path_or_bytes, ir.Model):
                 raise InvalidOptionError("pass a path or bytes to compile in memory (an ir.Model would be modified in place)")
-            result = compile_model(model, device=self.device, excluded_ops=cpu_ops)
+            # a plain model runs as exported (no fusions, like the plugin EP's GetCapability); the session is the check
+            result = compile_model(model, device=self.device, excluded_ops=cpu_ops, optimize=False, verify=False)
             self.placement = result.placement
             model = result.model
             compiled = bool(result.placement.partitions)

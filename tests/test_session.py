@@ -33,7 +33,7 @@ def assert_same_as_plain(plain_path, compiled_path, dims=DIMS):
 @pytest.mark.parametrize("family", ["llama_tiny_onnx", "unet_tiny_onnx", "yolo_tiny_onnx"])
 def test_builtin_families_compiled_equal_plain_bitwise(family, request, tmp_path):
     path = request.getfixturevalue(family)
-    compiled = compile_model(path, tmp_path / "ctx.onnx")
+    compiled = compile_model(path, tmp_path / "ctx.onnx", optimize=False)  # fusions: tests/test_compile_quality.py
     assert compiled.placement.summary()["nodes_device"] > 0
     sess = assert_same_as_plain(path, compiled.path)
     assert any(s.kind == "maia" for s in sess.stages)
