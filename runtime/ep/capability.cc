@@ -26,46 +26,6 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-struct TypeInfo {
-  bool tensor = false;
-  int32_t elem = 0;
-  std::vector<int64_t> dims;
-  std::vector<std::string> symbols;
-};
-
-TypeInfo type_of(const OrtValueInfo* value) {
-  TypeInfo out;
-  const OrtTypeInfo* type = nullptr;
-  check(ort->GetValueInfoTypeInfo(value, &type));
-  if (type == nullptr) return out;
-  ONNXType onnx_type;
-  check(ort->GetOnnxTypeFromTypeInfo(type, &onnx_type));
-  if (onnx_type != ONNX_TYPE_TENSOR) return out;
-  const OrtTensorTypeAndShapeInfo* info = nullptr;
-  check(ort->CastTypeInfoToTensorInfo(type, &info));
-  if (info == nullptr) return out;
-  out.tensor = true;
-  ONNXTensorElementDataType elem;
-  check(ort->GetTensorElementType(info, &elem));
-  out.elem = static_cast<int32_t>(elem);
-  size_t rank = 0;
-  check(ort->GetDimensionsCount(info, &rank));
-  out.dims.resize(rank);
-  check(ort->GetDimensions(info, out.dims.data(), rank));
-  std::vector<const char*> symbols(rank, nullptr);
-  check(ort->GetSymbolicDimensions(info, symbols.data(), rank));
-  for (const char* s : symbols) out.symbols.push_back(s ? s : "");
-  return out;
-}
-
-std::vector<const OrtValueInfo*> node_values(const OrtNode* node, bool inputs) {
-  size_t n = 0;
-  check(inputs ? ort->Node_GetNumInputs(node, &n) : ort->Node_GetNumOutputs(node, &n));
-  std::vector<const OrtValueInfo*> values(n, nullptr);
-  if (n) check(inputs ? ort->Node_GetInputs(node, values.data(), n) : ort->Node_GetOutputs(node, values.data(), n));
-  return values;
-}
-
 std::string node_str(const OrtNode* node, OrtStatus* (*getter)(const OrtNode*, const char**)) {
   const char* s = nullptr;
   check(getter(node, &s));
@@ -131,6 +91,39 @@ std::string node_reason(const OrtNode* node, const CapabilityTable& table, const
 }
 
 }  // namespace
+
+TypeInfo type_of(const OrtValueInfo* value) {
+  TypeInfo out;
+  const OrtTypeInfo* type = nullptr;
+  check(ort->GetValueInfoTypeInfo(value, &type));
+  if (type == nullptr) return out;
+  ONNXType onnx_type;
+  check(ort->GetOnnxTypeFromTypeInfo(type, &onnx_type));
+  if (onnx_type != ONNX_TYPE_TENSOR) return out;
+  const OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(ort->CastTypeInfoToTensorInfo(type, &info));
+  if (info == nullptr) return out;
+  out.tensor = true;
+  ONNXTensorElementDataType elem;
+  check(ort->GetTensorElementType(info, &elem));
+  out.elem = static_cast<int32_t>(elem);
+  size_t rank = 0;
+  check(ort->GetDimensionsCount(info, &rank));
+  out.dims.resize(rank);
+  check(ort->GetDimensions(info, out.dims.data(), rank));
+  std::vector<const char*> symbols(rank, nullptr);
+  check(ort->GetSymbolicDimensions(info, symbols.data(), rank));
+  for (const char* s : symbols) out.symbols.push_back(s ? s : "");
+  return out;
+}
+
+std::vector<const OrtValueInfo*> node_values(const OrtNode* node, bool inputs) {
+  size_t n = 0;
+  check(inputs ? ort->Node_GetNumInputs(node, &n) : ort->Node_GetNumOutputs(node, &n));
+  std::vector<const OrtValueInfo*> values(n, nullptr);
+  if (n) check(inputs ? ort->Node_GetInputs(node, values.data(), n) : ort->Node_GetOutputs(node, values.data(), n));
+  return values;
+}
 
 std::string value_name(const OrtValueInfo* value) {
   const char* name = nullptr;
@@ -271,9 +264,64 @@ std::vector<DeviceProfile> load_profiles(const std::string& builtin_dir) {
   return out;
 }
 
+namespace {
+
+bool is_narrow(int32_t elem) { return elem >= 17 && elem <= 24; }  // FP8, 4-bit, E8M0
+
+// EPContext nodes (com.microsoft schema) take and give only 8-64-bit ints and 16-64-bit floats. A compile
+// through ORT cannot add the host-side widening casts the Python compiler adds, so a node that would take a
+// narrow value from outside its partition, or hand one out, stays on the host. True when a node was demoted.
+bool demote_narrow_boundaries(const std::vector<const OrtNode*>& nodes, const std::map<size_t, size_t>& index,
+                              const std::vector<std::vector<size_t>>& groups, std::vector<bool>& on_device) {
+  std::vector<int> group_of(nodes.size(), -1);
+  for (size_t g = 0; g < groups.size(); ++g)
+    for (size_t i : groups[g]) group_of[i] = static_cast<int>(g);
+  auto group_of_node = [&](const OrtNode* node) {
+    if (node == nullptr) return -1;
+    size_t id = 0;
+    check(ort->Node_GetId(node, &id));
+    auto it = index.find(id);
+    return it == index.end() ? -1 : group_of[it->second];
+  };
+  bool demoted = false;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    if (!on_device[i]) continue;
+    bool boundary = false;
+    for (const OrtValueInfo* v : node_values(nodes[i], true)) {
+      if (v == nullptr || !is_narrow(type_of(v).elem)) continue;
+      bool constant = false;
+      check(ort->ValueInfo_IsConstantInitializer(v, &constant));
+      const OrtNode* producer = nullptr;
+      size_t output_index = 0;
+      check(ort->ValueInfo_GetValueProducer(v, &producer, &output_index));
+      if (!constant && group_of_node(producer) != group_of[i]) boundary = true;
+    }
+    for (const OrtValueInfo* v : node_values(nodes[i], false)) {
+      if (boundary || v == nullptr || !is_narrow(type_of(v).elem)) continue;
+      bool graph_output = false;
+      check(ort->ValueInfo_IsGraphOutput(v, &graph_output));
+      size_t count = 0;
+      check(ort->ValueInfo_GetValueNumConsumers(v, &count));
+      std::vector<const OrtNode*> consumers(count);
+      std::vector<int64_t> input_indices(count);
+      if (count) check(ort->ValueInfo_GetValueConsumers(v, consumers.data(), input_indices.data(), count));
+      for (const OrtNode* c : consumers)
+        if (group_of_node(c) != group_of[i]) boundary = true;
+      if (graph_output) boundary = true;
+    }
+    if (boundary) {
+      on_device[i] = false;
+      demoted = true;
+    }
+  }
+  return demoted;
+}
+
+}  // namespace
+
 std::vector<std::vector<const OrtNode*>> plain_partitions(const OrtGraph* graph, const CapabilityTable& table,
                                                           const DeviceProfile& profile,
-                                                          const std::set<std::string>& cpu_ops) {
+                                                          const std::set<std::string>& cpu_ops, bool wide_boundaries) {
   size_t n = 0;
   check(ort->Graph_GetNumNodes(graph, &n));
   std::vector<const OrtNode*> nodes(n);
@@ -342,6 +390,7 @@ std::vector<std::vector<const OrtNode*>> plain_partitions(const OrtGraph* graph,
         demoted = true;
       }
     }
+    if (!demoted && wide_boundaries) demoted = demote_narrow_boundaries(nodes, index, groups, on_device);
     if (!demoted) break;
   }
   std::vector<std::vector<const OrtNode*>> out;
@@ -365,7 +414,9 @@ std::string value_info_proto(const std::string& name, const TypeInfo& t) {
   }
   pb::Writer tensor;
   tensor.int_field(1, t.elem);
-  tensor.bytes_field(2, shape.out);
+  // ORT reports an unknown rank as rank 0: leave the shape out rather than declare a scalar (a scalar only loses
+  // its static rank, while a wrong one fails the inner session's shape inference)
+  if (!t.dims.empty()) tensor.bytes_field(2, shape.out);
   pb::Writer type;
   type.bytes_field(1, tensor.out);
   pb::Writer value;
@@ -467,7 +518,7 @@ std::string attribute_proto(const OrtOpAttr* attr) {
 
 std::string serialize_graph(const OrtGraph* graph, std::vector<Weight>& weights, std::vector<std::string>& inputs,
                             std::vector<std::string>& outputs,
-                            std::shared_ptr<std::vector<std::vector<uint8_t>>>& store) {
+                            std::shared_ptr<std::vector<std::vector<uint8_t>>>& store, bool copy_weights) {
   store = std::make_shared<std::vector<std::vector<uint8_t>>>();
   pb::Writer g;
   size_t n = 0;
@@ -516,9 +567,13 @@ std::string serialize_graph(const OrtGraph* graph, std::vector<Weight>& weights,
     check(ort->GetTensorSizeInBytes(value, &bytes));
     const void* data = nullptr;
     check(ort->GetTensorData(value, &data));
-    // ORT frees its initializers once the partition is compiled (drop_constant_initializers): keep a copy
-    store->emplace_back(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + bytes);
-    w.data = store->back().data();
+    if (copy_weights) {
+      // ORT frees its initializers once the partition is compiled (drop_constant_initializers): keep a copy
+      store->emplace_back(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + bytes);
+      w.data = store->back().data();
+    } else {
+      w.data = static_cast<const uint8_t*>(data);  // valid while Compile runs (the program writer copies it)
+    }
     w.nbytes = bytes;
     init_names.insert(w.name);
     weights.push_back(std::move(w));

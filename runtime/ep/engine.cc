@@ -116,7 +116,7 @@ std::vector<uint8_t> dequantize_fp8(const Weight& x, const float* scale, const s
 }
 
 struct ParsedNode {
-  std::string op_type, domain;
+  std::string name, op_type, domain;
   std::vector<std::string> inputs, outputs;
   std::map<std::string, int64_t> ints;
 };
@@ -129,6 +129,7 @@ ParsedNode parse_node(const pb::Field& field) {
     switch (f.number) {
       case 1: node.inputs.push_back(f.str()); break;
       case 2: node.outputs.push_back(f.str()); break;
+      case 3: node.name = f.str(); break;
       case 4: node.op_type = f.str(); break;
       case 7: node.domain = f.str(); break;
       case 5: {
@@ -191,6 +192,105 @@ std::string float_input(const std::string& name, const std::vector<int64_t>& dim
   value.bytes_field(1, name);
   value.bytes_field(2, type.out);
   return value.out;
+}
+
+
+std::string int_attribute(const std::string& name, int64_t value) {
+  pb::Writer a;
+  a.bytes_field(1, name);
+  a.int_field(3, value);
+  a.int_field(20, 2);  // AttributeProto.INT
+  return a.out;
+}
+
+bool is_onnx(const ParsedNode& node) { return node.domain.empty() || node.domain == "ai.onnx"; }
+
+int64_t int_or(const ParsedNode& node, const char* name, int64_t fallback) {
+  auto it = node.ints.find(name);
+  return it == node.ints.end() ? fallback : it->second;
+}
+
+bool all_zero(const Weight& w) { return std::all_of(w.data, w.data + w.nbytes, [](uint8_t b) { return b == 0; }); }
+
+struct NodeRef {
+  size_t field;  // index among the graph's fields
+  ParsedNode node;
+};
+
+// The graph's node section with each activation QuantizeLinear -> DequantizeLinear pair (float8, saturating, the
+// same constant FLOAT scale, zero or no zero point, not blocked) replaced by one FakeQuantFp8 node. A quantize
+// whose FP8 value is used anywhere else (another node, a partition output) stays: no quantization point is lost.
+std::string fused_nodes(const std::vector<pb::Field>& fields, const std::vector<NodeRef>& nodes,
+                        const std::map<std::string, Weight>& weights, const std::set<std::string>& outputs,
+                        size_t& fused) {
+  auto weight = [&](const std::string& name) -> const Weight* {
+    auto it = weights.find(name);
+    return it == weights.end() ? nullptr : &it->second;
+  };
+  std::map<std::string, size_t> quantize_of;  // FP8 value -> index in nodes of its fusable QuantizeLinear
+  std::map<std::string, int64_t> fp8_type;
+  std::map<std::string, size_t> uses;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    const ParsedNode& n = nodes[i].node;
+    for (const std::string& in : n.inputs) uses[in]++;
+    if (n.op_type != "QuantizeLinear" || !is_onnx(n) || n.inputs.size() < 2 || n.outputs.size() != 1) continue;
+    if (int_or(n, "block_size", 0) != 0 || int_or(n, "saturate", 1) != 1) continue;
+    const Weight* scale = weight(n.inputs[1]);
+    if (scale == nullptr || scale->dtype != 1) continue;
+    int64_t to = int_or(n, "output_dtype", 0);
+    if (n.inputs.size() > 2 && !n.inputs[2].empty()) {
+      const Weight* zero = weight(n.inputs[2]);
+      if (zero == nullptr || !all_zero(*zero)) continue;
+      to = zero->dtype;
+    }
+    if (!is_fp8(static_cast<int32_t>(to))) continue;
+    quantize_of[n.outputs[0]] = i;
+    fp8_type[n.outputs[0]] = to;
+  }
+  std::map<size_t, std::string> replaced;  // node index -> fused NodeProto
+  std::map<size_t, size_t> fused_uses;     // quantize node index -> consumers replaced
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    const ParsedNode& d = nodes[i].node;
+    if (d.op_type != "DequantizeLinear" || !is_onnx(d) || d.inputs.size() < 2 || d.outputs.size() != 1) continue;
+    auto q_it = quantize_of.find(d.inputs[0]);
+    if (q_it == quantize_of.end()) continue;
+    const ParsedNode& q = nodes[q_it->second].node;
+    if (d.inputs[1] != q.inputs[1] || int_or(d, "block_size", 0) != 0) continue;
+    const int64_t out_dtype = int_or(d, "output_dtype", 0);
+    if (out_dtype != 0 && out_dtype != 1) continue;
+    if (d.inputs.size() > 2 && !d.inputs[2].empty()) {
+      const Weight* zero = weight(d.inputs[2]);
+      if (zero == nullptr || !all_zero(*zero) || zero->dtype != fp8_type[d.inputs[0]]) continue;
+    }
+    const Weight* scale = weight(q.inputs[1]);
+    const int64_t axis = int_or(q, "axis", 1);
+    if (numel(scale->shape) != 1 && int_or(d, "axis", 1) != axis) continue;
+    pb::Writer w;
+    w.bytes_field(1, q.inputs[0]);
+    w.bytes_field(1, q.inputs[1]);
+    w.bytes_field(2, d.outputs[0]);
+    w.bytes_field(3, d.name.empty() ? d.outputs[0] + "_fake_quant" : d.name);
+    w.bytes_field(4, std::string(kFakeQuantOp));
+    w.bytes_field(5, int_attribute("axis", axis));
+    w.bytes_field(5, int_attribute("to", fp8_type[d.inputs[0]]));
+    w.bytes_field(7, std::string(kFakeQuantDomain));
+    replaced[i] = w.out;
+    fused_uses[q_it->second]++;
+  }
+  fused = replaced.size();
+  pb::Writer out;
+  for (size_t i = 0; i < nodes.size(); ++i) {
+    auto r = replaced.find(i);
+    if (r != replaced.end()) {
+      out.bytes_field(1, r->second);
+      continue;
+    }
+    auto f = fused_uses.find(i);
+    const std::string& value = nodes[i].node.outputs.empty() ? std::string() : nodes[i].node.outputs[0];
+    if (f != fused_uses.end() && f->second == uses[value] && !outputs.count(value)) continue;  // every use fused
+    out.raw(fields[nodes[i].field]);
+  }
+  return out.out;
 }
 
 }  // namespace
@@ -258,8 +358,7 @@ Engine::Engine(const std::string& model_bytes, std::vector<Weight> weights, std:
 
   // Fold DequantizeLinear(FP8 weight, FLOAT scale[, zero zero-point]) into an FP32 weight (emulator rules).
   std::set<std::string> folded;
-  std::vector<bool> keep(graph_fields.size(), true);
-  std::vector<ParsedNode> kept_nodes;
+  std::vector<NodeRef> kept_nodes;
   for (size_t i = 0; i < graph_fields.size(); ++i) {
     if (graph_fields[i].number != 1) continue;
     ParsedNode node = parse_node(graph_fields[i]);
@@ -288,19 +387,25 @@ Engine::Engine(const std::string& model_bytes, std::vector<Weight> weights, std:
         out.nbytes = owned_.back().size();
         arrays[out.name] = out;
         folded.insert(out.name);
-        keep[i] = false;
         continue;
       }
     }
-    kept_nodes.push_back(std::move(node));
+    kept_nodes.push_back({i, std::move(node)});
   }
   std::set<std::string> used(output_names_.begin(), output_names_.end());
-  for (const ParsedNode& node : kept_nodes) used.insert(node.inputs.begin(), node.inputs.end());
+  for (const NodeRef& ref : kept_nodes) used.insert(ref.node.inputs.begin(), ref.node.inputs.end());
 
-  // Rewrite the graph: kept nodes, folded weights as extra inputs, weights as (inline or external) initializers.
+  // Rewrite the graph: kept nodes (unfused, and with FP8 fake-quant pairs fused), folded weights as extra inputs,
+  // weights as (inline or external) initializers.
+  pb::Writer plain_nodes;
+  for (const NodeRef& ref : kept_nodes) plain_nodes.raw(graph_fields[ref.field]);
+  size_t fused = 0;
+  const std::string fused_node_bytes =
+      fused_nodes(graph_fields, kept_nodes, arrays, std::set<std::string>(output_names_.begin(), output_names_.end()),
+                  fused);
   pb::Writer graph;
   for (size_t i = 0; i < graph_fields.size(); ++i)
-    if (keep[i]) graph.raw(graph_fields[i]);
+    if (graph_fields[i].number != 1) graph.raw(graph_fields[i]);
   feed_names_ = input_names_;
   for (const std::string& name : folded) {  // std::set: sorted like the emulator's sorted(folded)
     if (!used.count(name)) continue;
@@ -328,25 +433,47 @@ Engine::Engine(const std::string& model_bytes, std::vector<Weight> weights, std:
     initializers_.push_back(value);
     external_names.push_back(name);
   }
-  pb::Writer out_model;
-  pb::Reader again(model_bytes.data(), model_bytes.size());
-  while (again.next(f)) {
-    if (f.number == 7) out_model.bytes_field(7, graph.out);
-    else out_model.raw(f);
-  }
+  auto model_with = [&](const std::string& nodes, bool custom_domain) {
+    pb::Writer out_model;
+    pb::Reader again(model_bytes.data(), model_bytes.size());
+    while (again.next(f)) {
+      if (f.number == 7) out_model.bytes_field(7, nodes + graph.out);
+      else out_model.raw(f);
+    }
+    if (custom_domain) {
+      pb::Writer opset;
+      opset.bytes_field(1, std::string(kFakeQuantDomain));
+      opset.int_field(2, 1);
+      out_model.bytes_field(8, opset.out);
+    }
+    return out_model.out;
+  };
 
-  OrtSessionOptions* options = nullptr;
-  check(ort->CreateSessionOptions(&options));
-  std::unique_ptr<OrtSessionOptions, void (*)(OrtSessionOptions*)> hold(options, ort->ReleaseSessionOptions);
-  check(ort->SetSessionGraphOptimizationLevel(options, ORT_DISABLE_ALL));
-  check(ort->SetSessionLogSeverityLevel(options, 3));
-  if (!external_names.empty()) {
-    std::vector<const char*> names;
-    for (const auto& n : external_names) names.push_back(n.c_str());
-    check(ort->AddExternalInitializers(options, names.data(), initializers_.data(), names.size()));
-  }
   check(ort->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "maia-ep", &env_));  // ORT's one process-wide environment
-  check(ort->CreateSessionFromArray(env_, out_model.out.data(), out_model.out.size(), options, &session_));
+  auto create = [&](const std::string& model, bool custom_domain) {
+    OrtSessionOptions* options = nullptr;
+    check(ort->CreateSessionOptions(&options));
+    std::unique_ptr<OrtSessionOptions, void (*)(OrtSessionOptions*)> hold(options, ort->ReleaseSessionOptions);
+    check(ort->SetSessionGraphOptimizationLevel(options, ORT_DISABLE_ALL));
+    check(ort->SetSessionLogSeverityLevel(options, 3));
+    if (custom_domain) check(ort->AddCustomOpDomain(options, fake_quant_domain()));
+    if (!external_names.empty()) {
+      std::vector<const char*> names;
+      for (const auto& n : external_names) names.push_back(n.c_str());
+      check(ort->AddExternalInitializers(options, names.data(), initializers_.data(), names.size()));
+    }
+    check(ort->CreateSessionFromArray(env_, model.data(), model.size(), options, &session_));
+  };
+  if (fused > 0) {
+    try {
+      create(model_with(fused_node_bytes, true), true);
+      fused_pairs_ = fused;
+      return;
+    } catch (const Error&) {
+      session_ = nullptr;  // e.g. a pair over a non-float32 activation: run the pairs unfused, as ORT would
+    }
+  }
+  create(model_with(plain_nodes.out, false), false);
 }
 
 Engine::~Engine() {

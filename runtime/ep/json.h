@@ -1,8 +1,11 @@
-// A small JSON reader for the EP's data files: Maia program headers, side-file indexes, device profiles and the
-// capability table (runtime/capability_table.json). Parses the JSON the Python side writes (json.dumps); no writer.
+// A small JSON reader and writer for the EP's data files: Maia program headers, side-file indexes, device profiles
+// and the capability table (runtime/capability_table.json). Parses the JSON the Python side writes (json.dumps);
+// dump() writes what json.dumps(sort_keys=True, separators=(",", ":")) writes for the same values.
 #pragma once
 
 #include <cctype>
+#include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -40,6 +43,45 @@ struct Json {
   // a profile figure: a plain number or {"value": N, ...}
   double figure() const { return kind == Object ? (*this)["value"].num : num; }
 
+  static Json of(double v) {
+    Json j;
+    j.kind = Number;
+    j.num = v;
+    return j;
+  }
+  static Json of(const std::string& s) {
+    Json j;
+    j.kind = String;
+    j.str = s;
+    return j;
+  }
+  static Json of(const char* s) { return of(std::string(s)); }
+  static Json list() {
+    Json j;
+    j.kind = Array;
+    return j;
+  }
+  static Json object() {
+    Json j;
+    j.kind = Object;
+    return j;
+  }
+  Json& set(const std::string& key, Json value) {
+    kind = Object;
+    return obj[key] = std::move(value);
+  }
+  Json& push(Json value) {
+    kind = Array;
+    arr.push_back(std::move(value));
+    return arr.back();
+  }
+
+  std::string dump() const {
+    std::string out;
+    write(out);
+    return out;
+  }
+
   static Json parse(const char* begin, size_t length) {
     Parser p{begin, begin + length};
     Json out = p.value();
@@ -50,6 +92,92 @@ struct Json {
   static Json parse(const std::string& text) { return parse(text.data(), text.size()); }
 
  private:
+  void write(std::string& out) const {
+    switch (kind) {
+      case Null: out += "null"; return;
+      case Bool: out += b ? "true" : "false"; return;
+      case Number: {
+        char buf[32];
+        if (std::isnan(num)) out += "NaN";
+        else if (std::isinf(num)) out += num > 0 ? "Infinity" : "-Infinity";
+        else if (num == std::floor(num) && std::fabs(num) < 9.0e15) {
+          std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(num));
+          out += buf;
+        } else {
+          std::snprintf(buf, sizeof buf, "%.17g", num);
+          out += buf;
+        }
+        return;
+      }
+      case String: write_string(str, out); return;
+      case Array: {
+        out += '[';
+        for (size_t i = 0; i < arr.size(); ++i) {
+          if (i) out += ',';
+          arr[i].write(out);
+        }
+        out += ']';
+        return;
+      }
+      case Object: {
+        out += '{';
+        bool first = true;
+        for (const auto& [key, value] : obj) {  // std::map: sorted keys, as sort_keys=True
+          if (!first) out += ',';
+          first = false;
+          write_string(key, out);
+          out += ':';
+          value.write(out);
+        }
+        out += '}';
+        return;
+      }
+    }
+  }
+
+  // ensure_ascii: control characters and non-ASCII (decoded from UTF-8) as \uXXXX escapes
+  static void write_string(const std::string& s, std::string& out) {
+    auto escape = [&out](uint32_t cp) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", cp);
+      out += buf;
+    };
+    out += '"';
+    for (size_t i = 0; i < s.size();) {
+      const unsigned char c = static_cast<unsigned char>(s[i]);
+      if (c == '"') out += "\\\"";
+      else if (c == '\\') out += "\\\\";
+      else if (c == '\n') out += "\\n";
+      else if (c == '\r') out += "\\r";
+      else if (c == '\t') out += "\\t";
+      else if (c == '\b') out += "\\b";
+      else if (c == '\f') out += "\\f";
+      else if (c < 0x20) escape(c);
+      else if (c < 0x80) out += static_cast<char>(c);
+      else {
+        const int extra = c >= 0xF0 ? 3 : c >= 0xE0 ? 2 : c >= 0xC0 ? 1 : -1;
+        if (extra < 0 || i + extra >= s.size()) {  // not a UTF-8 lead byte, or truncated: escape the byte
+          escape(c);
+          ++i;
+          continue;
+        }
+        uint32_t cp = c & (0x3F >> extra);
+        for (int k = 1; k <= extra; ++k) cp = (cp << 6) | (static_cast<unsigned char>(s[i + k]) & 0x3F);
+        if (cp >= 0x10000) {
+          cp -= 0x10000;
+          escape(0xD800 + (cp >> 10));
+          escape(0xDC00 + (cp & 0x3FF));
+        } else {
+          escape(cp);
+        }
+        i += extra + 1;
+        continue;
+      }
+      ++i;
+    }
+    out += '"';
+  }
+
   struct Parser {
     const char* at;
     const char* end;

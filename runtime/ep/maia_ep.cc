@@ -5,14 +5,19 @@
 // name in the device metadata (maia.device). Session options (ORT lower-cases the EP name):
 //   ep.maiaexecutionprovider.device   device profile (default: the chosen EP device's profile)
 //   ep.maiaexecutionprovider.cpu_ops  comma-separated op types kept on the CPU (plain models)
+//   ep.maiaexecutionprovider.dims     symbolic dims for the programs' memory plans, e.g. "batch=1,seq=128"
 // GetCapability claims the Maia EPContext nodes of compiled models, and for plain models the partitions the
-// capability table allows; Compile loads each partition into an Engine (engine.cc).
+// capability table allows; Compile loads each partition into an Engine (engine.cc). When ORT compiles to an
+// EPContext model (ModelCompiler; ep.context_enable=1), Compile writes each partition as a Maia program
+// (program_writer.cc, the format of runtime/compile.py) and returns one EPContext node per partition: the program
+// embedded (ep.context_embed_mode=1) or in <output stem>_maia.bin beside the output model (MAIACTX1 side file).
 #include <dlfcn.h>
 #include <limits.h>
 #include <stdlib.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <sstream>
 
@@ -119,15 +124,26 @@ struct Kernel {
 
 class Factory;
 
+// How ORT asked for an EPContext model (session options of the compile API).
+struct ContextOptions {
+  bool enable = false;
+  bool embed = true;
+  std::string model_path;                // the output model (ep.context_file_path); side files go beside it
+  std::map<std::string, int64_t> dims;   // for the memory plans
+};
+
+constexpr size_t kEmbedLimitBytes = 1500000000;  // runtime/compile.py EMBED_LIMIT_BYTES: protobuf's 2 GiB cap
+
 class Ep : public OrtEp {
  public:
-  Ep(Factory& factory, DeviceProfile profile, std::set<std::string> cpu_ops, bool context_enable,
+  Ep(Factory& factory, DeviceProfile profile, std::set<std::string> cpu_ops, ContextOptions context,
      const OrtLogger* logger);
 
   Factory& factory;
   DeviceProfile profile;
   std::set<std::string> cpu_ops;
-  bool context_enable;
+  ContextOptions context;
+  size_t next_partition = 0;
   const OrtLogger* logger;
   SideFiles side_files;
   std::mutex mutex;
@@ -138,8 +154,16 @@ class Ep : public OrtEp {
     if (s) ort->ReleaseStatus(s);
   }
 
+  void log_fusion(const std::string& partition, const Engine& engine) const {
+    log(ORT_LOGGING_LEVEL_INFO, "partition " + partition + ": " + std::to_string(engine.fused_pairs()) +
+                                    " FP8 QuantizeLinear->DequantizeLinear pairs run as one fake-quant pass");
+  }
+
   std::unique_ptr<Kernel> compile_context(const OrtGraph* graph, const OrtNode* node, const OrtNode* fused);
   std::unique_ptr<Kernel> compile_plain(const OrtGraph* graph, const OrtNode* fused);
+  std::unique_ptr<Kernel> compile_program(const std::shared_ptr<std::string>& program, const OrtNode* fused);
+  OrtNode* context_node(const OrtGraph* graph, const OrtNode* fused, const std::string& partition,
+                        const std::string& payload, bool main_context);
 
   static const char* ORT_API_CALL GetNameImpl(const OrtEp*) noexcept { return kEpName; }
   static OrtStatus* ORT_API_CALL GetCapabilityImpl(OrtEp* self, const OrtGraph* graph,
@@ -286,15 +310,31 @@ class Factory : public OrtEpFactory {
     std::string op;
     while (std::getline(ss, op, ','))
       if (!op.empty()) cpu_ops.insert(op);
-    bool context_enable = session_option(options, "ep.context_enable", "0") == "1";
-    *ep = new Ep(*factory, *profile, std::move(cpu_ops), context_enable, logger);
+    ContextOptions context;
+    context.enable = session_option(options, "ep.context_enable", "0") == "1";
+    context.embed = session_option(options, "ep.context_embed_mode", "1") == "1";
+    context.model_path = session_option(options, "ep.context_file_path", "");
+    std::stringstream dims(session_option(options, std::string(kOptionPrefix) + "dims", ""));
+    std::string item;
+    while (std::getline(dims, item, ',')) {
+      auto eq = item.find('=');
+      if (item.empty()) continue;
+      try {
+        if (eq == std::string::npos) throw std::invalid_argument(item);
+        context.dims[item.substr(0, eq)] = std::stoll(item.substr(eq + 1));
+      } catch (const std::exception&) {
+        throw Error("bad Maia dims option '" + item + "': use name=size pairs, e.g. batch=1,seq=128",
+                    ORT_INVALID_ARGUMENT);
+      }
+    }
+    *ep = new Ep(*factory, *profile, std::move(cpu_ops), std::move(context), logger);
     return nullptr;
     MAIA_CATCH
   }
 };
 
-Ep::Ep(Factory& f, DeviceProfile p, std::set<std::string> ops, bool ctx, const OrtLogger* l)
-    : OrtEp{}, factory(f), profile(std::move(p)), cpu_ops(std::move(ops)), context_enable(ctx), logger(l) {
+Ep::Ep(Factory& f, DeviceProfile p, std::set<std::string> ops, ContextOptions ctx, const OrtLogger* l)
+    : OrtEp{}, factory(f), profile(std::move(p)), cpu_ops(std::move(ops)), context(std::move(ctx)), logger(l) {
   ort_version_supported = kOrtApiVersion;
   GetName = GetNameImpl;
   GetCapability = GetCapabilityImpl;
@@ -323,7 +363,7 @@ OrtStatus* ORT_API_CALL Ep::GetCapabilityImpl(OrtEp* self, const OrtGraph* graph
   OrtNodeFusionOptions drop{};
   drop.ort_version_supported = kOrtApiVersion;
   drop.drop_constant_initializers = true;  // Compile copies the weights it needs
-  for (const auto& part : plain_partitions(graph, ep.factory.table, ep.profile, ep.cpu_ops))
+  for (const auto& part : plain_partitions(graph, ep.factory.table, ep.profile, ep.cpu_ops, ep.context.enable))
     check(ep_api->EpGraphSupportInfo_AddNodesToFuse(info, part.data(), part.size(), &drop));
   return nullptr;
   MAIA_CATCH
@@ -368,6 +408,7 @@ std::unique_ptr<Kernel> Ep::compile_context(const OrtGraph* graph, const OrtNode
   }
   auto kernel = std::make_unique<Kernel>();
   kernel->engine = engine_from_program(program);
+  log_fusion(partition, *kernel->engine);
   kernel->in_slots = slots(kernel->engine->input_names(), io_names(fused, true), "input");
   kernel->out_slots = slots(kernel->engine->output_names(), io_names(fused, false), "output");
   return kernel;
@@ -380,9 +421,66 @@ std::unique_ptr<Kernel> Ep::compile_plain(const OrtGraph* graph, const OrtNode* 
   std::string model = serialize_graph(graph, weights, inputs, outputs, store);
   auto kernel = std::make_unique<Kernel>();
   kernel->engine = std::make_unique<Engine>(model, std::move(weights), inputs, outputs, store);
+  log_fusion(node_name(fused), *kernel->engine);
   kernel->in_slots = slots(inputs, io_names(fused, true), "input");
   kernel->out_slots = slots(outputs, io_names(fused, false), "output");
   return kernel;
+}
+
+std::unique_ptr<Kernel> Ep::compile_program(const std::shared_ptr<std::string>& program, const OrtNode* fused) {
+  auto kernel = std::make_unique<Kernel>();
+  // the engine runs the very program the EPContext node carries (parsed back, as a compiled model loads it)
+  kernel->engine = engine_from_program(
+      parse_program(reinterpret_cast<const uint8_t*>(program->data()), program->size(), program));
+  log_fusion(node_name(fused), *kernel->engine);
+  kernel->in_slots = slots(kernel->engine->input_names(), io_names(fused, true), "input");
+  kernel->out_slots = slots(kernel->engine->output_names(), io_names(fused, false), "output");
+  return kernel;
+}
+
+OrtNode* Ep::context_node(const OrtGraph* graph, const OrtNode* fused, const std::string& partition,
+                          const std::string& payload, bool main_context) {
+  const OrtModelEditorApi* editor = ort->GetModelEditorApi();
+  if (editor == nullptr) throw Error("this ONNX Runtime build cannot create EPContext nodes (minimal build)");
+  std::vector<OrtOpAttr*> attrs;
+  struct Release {
+    std::vector<OrtOpAttr*>& attrs;
+    ~Release() {
+      for (OrtOpAttr* a : attrs) ort->ReleaseOpAttr(a);
+    }
+  } release{attrs};
+  auto text = [&](const char* name, const std::string& value) {
+    if (value.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+      throw Error("Maia program of " + partition + " is too big to embed: compile with the programs in a side file");
+    OrtOpAttr* a = nullptr;
+    check(ort->CreateOpAttr(name, value.data(), static_cast<int>(value.size()), ORT_OP_ATTR_STRING, &a));
+    attrs.push_back(a);
+  };
+  auto integer = [&](const char* name, int64_t value) {
+    OrtOpAttr* a = nullptr;
+    check(ort->CreateOpAttr(name, &value, 1, ORT_OP_ATTR_INT, &a));
+    attrs.push_back(a);
+  };
+  text("source", kEpName);
+  integer("main_context", main_context ? 1 : 0);
+  integer("embed_mode", context.embed ? 1 : 0);
+  text("ep_cache_context", payload);
+  text("ep_sdk_version", "maia-onnx-emulator-1");  // runtime/compile.py EP_SDK_VERSION
+  text("partition_name", partition);
+  text("hardware_architecture", profile.name);
+  const ORTCHAR_T* model_path = nullptr;
+  check(ort->Graph_GetModelPath(graph, &model_path));
+  std::string source = model_path ? model_path : "";
+  if (!source.empty()) text("onnx_model_filename", source.substr(source.rfind('/') + 1));
+  std::vector<std::string> ins = io_names(fused, true), outs = io_names(fused, false);
+  std::vector<const char*> in_ptrs, out_ptrs;
+  for (const auto& n : ins) in_ptrs.push_back(n.c_str());
+  for (const auto& n : outs) out_ptrs.push_back(n.c_str());
+  OrtNode* node = nullptr;
+  // ORT swaps each fused node for the EPContext node of the same name
+  check(editor->CreateNode("EPContext", "com.microsoft", node_name(fused).c_str(), in_ptrs.data(), in_ptrs.size(),
+                           out_ptrs.data(), out_ptrs.size(), attrs.data(), attrs.size(), &node));
+  return node;
 }
 
 OrtStatus* ORT_API_CALL Ep::CompileImpl(OrtEp* self, const OrtGraph** graphs, const OrtNode** fused_nodes,
@@ -394,6 +492,7 @@ OrtStatus* ORT_API_CALL Ep::CompileImpl(OrtEp* self, const OrtGraph** graphs, co
     infos[i] = nullptr;
     if (ep_context_nodes) ep_context_nodes[i] = nullptr;
   }
+  std::vector<std::pair<std::string, std::shared_ptr<std::string>>> written;  // programs for EPContext nodes
   for (size_t i = 0; i < count; ++i) {
     size_t n = 0;
     check(ort->Graph_GetNumNodes(graphs[i], &n));
@@ -401,11 +500,17 @@ OrtStatus* ORT_API_CALL Ep::CompileImpl(OrtEp* self, const OrtGraph** graphs, co
     if (n) check(ort->Graph_GetNodes(graphs[i], nodes.data(), n));
     std::unique_ptr<Kernel> kernel;
     if (n == 1 && is_maia_context(nodes[0])) {
+      if (ep.context.enable)
+        throw Error("model already contains Maia EPContext nodes (it is compiled): compile the original model instead",
+                    ORT_INVALID_GRAPH);
       kernel = ep.compile_context(graphs[i], nodes[0], fused_nodes[i]);
+    } else if (ep.context.enable) {
+      const std::string partition = "maia_partition_" + std::to_string(ep.next_partition++);
+      auto program = std::make_shared<std::string>(write_program(graphs[i], partition, ep.profile.name,
+                                                                 ep.context.dims));
+      kernel = ep.compile_program(program, fused_nodes[i]);
+      written.push_back({partition, program});
     } else {
-      if (ep.context_enable)
-        throw Error("MaiaExecutionProvider does not write EPContext models through ORT's compile API yet: "
-                    "compile with `maia-onnx compile`", ORT_NOT_IMPLEMENTED);
       kernel = ep.compile_plain(graphs[i], fused_nodes[i]);
     }
     {
@@ -413,6 +518,33 @@ OrtStatus* ORT_API_CALL Ep::CompileImpl(OrtEp* self, const OrtGraph** graphs, co
       ep.kernels[node_name(fused_nodes[i])] = std::move(kernel);
     }
     infos[i] = new ComputeInfo(ep);
+  }
+  if (!written.empty()) {
+    if (ep_context_nodes == nullptr) throw Error("ONNX Runtime asked for an EPContext model but gave no node slots");
+    std::string side_name;
+    if (!ep.context.embed) {
+      const std::string& out = ep.context.model_path;
+      if (out.empty())
+        throw Error("writing Maia programs to a side file needs the output model's path: compile to a file, or "
+                    "embed the programs (embed_compiled_data_into_model=True)", ORT_INVALID_ARGUMENT);
+      const size_t slash = out.rfind('/');
+      const std::string dir = slash == std::string::npos ? "" : out.substr(0, slash + 1);
+      std::string stem = out.substr(slash == std::string::npos ? 0 : slash + 1);
+      const size_t dot = stem.rfind('.');
+      if (dot != std::string::npos && dot > 0) stem = stem.substr(0, dot);
+      side_name = stem + "_maia.bin";  // runtime/compile.py: <output stem>_maia.bin beside the model
+      std::vector<std::pair<std::string, std::string>> programs;
+      for (const auto& [name, bytes] : written) programs.emplace_back(name, *bytes);
+      write_container(dir + side_name, programs);
+    }
+    for (size_t k = 0; k < written.size(); ++k) {
+      const auto& [name, bytes] = written[k];
+      if (ep.context.embed && bytes->size() > kEmbedLimitBytes)
+        throw Error("Maia program " + name + " exceeds 1430 MiB, too big to embed in the ONNX file (protobuf limit "
+                    "2 GiB): compile with the programs in a side file", ORT_INVALID_ARGUMENT);
+      ep_context_nodes[k] = ep.context_node(graphs[k], fused_nodes[k], name, ep.context.embed ? *bytes : side_name,
+                                            ep.context.embed || k == 0);
+    }
   }
   return nullptr;
   MAIA_CATCH

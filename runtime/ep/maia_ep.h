@@ -35,6 +35,13 @@ int32_t element_type(const std::string& name);
 std::string element_type_name(int32_t type);
 size_t element_bytes(int32_t type, size_t count);  // packed 4-bit types take half a byte per element
 
+// Fused FP8 fake-quantization (fake_quant.cc): com.maia.emulator::FakeQuantFp8 in the engines' inner sessions.
+constexpr const char* kFakeQuantDomain = "com.maia.emulator";
+constexpr const char* kFakeQuantOp = "FakeQuantFp8";
+OrtCustomOpDomain* fake_quant_domain();
+// float(fp8(x / scale)) * scale with ORT's QuantizeLinear (saturate) + DequantizeLinear numerics, per tensor.
+void fake_quant_fp8(const float* x, float* y, size_t n, float scale, bool e5m2);
+
 // A weight as the device stores it: points into a program (embedded bytes or a memory-mapped side file) or into
 // a buffer the engine owns. ``e8m0``: one biased exponent byte per element, decoded to FLOAT for the session.
 struct Weight {
@@ -58,6 +65,7 @@ class Engine {
 
   const std::vector<std::string>& input_names() const { return input_names_; }
   const std::vector<std::string>& output_names() const { return output_names_; }
+  size_t fused_pairs() const { return fused_pairs_; }  // QuantizeLinear->DequantizeLinear pairs run as one pass
   // inputs[i] feeds input_names()[i]; outputs go to the kernel context's output slot out_slots[j].
   void run(OrtKernelContext* context, const std::vector<const OrtValue*>& inputs, const std::vector<size_t>& out_slots);
 
@@ -72,6 +80,7 @@ class Engine {
   OrtMemoryInfo* cpu_ = nullptr;
   OrtEnv* env_ = nullptr;
   OrtSession* session_ = nullptr;
+  size_t fused_pairs_ = 0;
 };
 
 // A loaded Maia program (MAIAPRG1): header, graph bytes and weights, over storage kept alive by ``storage``.
@@ -119,13 +128,35 @@ struct DeviceProfile {
 };
 std::vector<DeviceProfile> load_profiles(const std::string& builtin_dir);
 
-// GetCapability for a plain graph: the device partitions (node lists) the table and profile allow.
+// GetCapability for a plain graph: the device partitions (node lists) the table and profile allow. With
+// ``wide_boundaries`` (compiling to an EPContext model) no narrow (FP8/4-bit) value crosses a partition boundary.
 std::vector<std::vector<const OrtNode*>> plain_partitions(const OrtGraph* graph, const CapabilityTable& table,
                                                           const DeviceProfile& profile,
-                                                          const std::set<std::string>& cpu_ops);
-// A fused plain partition as an ONNX model (no weights) plus copies of its weights (ORT drops its own).
+                                                          const std::set<std::string>& cpu_ops,
+                                                          bool wide_boundaries = false);
+// A fused plain partition as an ONNX model (no weights) plus its weights: copies (ORT drops its own after
+// Compile), or with ``copy_weights`` false pointers into ORT's initializers, valid while Compile runs.
 std::string serialize_graph(const OrtGraph* graph, std::vector<Weight>& weights, std::vector<std::string>& inputs,
-                            std::vector<std::string>& outputs, std::shared_ptr<std::vector<std::vector<uint8_t>>>& store);
+                            std::vector<std::string>& outputs, std::shared_ptr<std::vector<std::vector<uint8_t>>>& store,
+                            bool copy_weights = true);
+
+// Writes a fused plain partition as a Maia program (MAIAPRG1, the layout runtime/compile.py writes): header JSON
+// (sorted keys), the partition's ONNX graph, its weights in device formats (FP8 as stored, MX elements, E8M0
+// scales as exponent bytes), the schedule and a liveness-based memory arena plan at ``dims``.
+std::string write_program(const OrtGraph* graph, const std::string& partition, const std::string& device,
+                          const std::map<std::string, int64_t>& dims);
+// A MAIACTX1 side file: the programs, then the JSON index {partition: [offset, length]}; written atomically.
+void write_container(const std::string& path, const std::vector<std::pair<std::string, std::string>>& programs);
+
+// A value's tensor type as ORT knows it (dims -1 where symbolic or unknown; symbols "" where unnamed).
+struct TypeInfo {
+  bool tensor = false;
+  int32_t elem = 0;
+  std::vector<int64_t> dims;
+  std::vector<std::string> symbols;
+};
+TypeInfo type_of(const OrtValueInfo* value);
+std::vector<const OrtValueInfo*> node_values(const OrtNode* node, bool inputs);
 
 // Attribute helpers over OrtNode.
 bool read_string_attr(const OrtNode* node, const char* name, std::string& out);  // text: trailing NULs dropped
