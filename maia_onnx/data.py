@@ -114,19 +114,21 @@ def source_checkpoint(model: ir.Model) -> Path | None:
     return Path(recorded[3:]) if recorded.startswith("hf:") else None
 
 
+def checkpoint_dir(model: ir.Model, explicit: str | os.PathLike | None, need: str, option: str) -> Path:
+    """``explicit`` (the ``option`` the user passed), else the ``hf:`` directory recorded in the model at export;
+    a one-line error saying how to give one when neither exists (``need``: what it is needed for)."""
+    path = Path(explicit) if explicit is not None else source_checkpoint(model)
+    if path is None:
+        raise UserError(f"{need} needs the Hugging Face checkpoint directory the model came from: pass {option} DIR "
+                        "(models exported from hf:DIR remember theirs)")
+    if not path.is_dir():
+        raise UserError(f"{option} {path} is not a directory: pass the Hugging Face checkpoint directory")
+    return path
+
+
 def tokenizer_dir(model: ir.Model, explicit: str | os.PathLike | None) -> Path:
     """The tokenizer to use: ``--tokenizer DIR``, else the ``hf:`` directory recorded in the model at export."""
-    if explicit is not None:
-        path = Path(explicit)
-    else:
-        recorded = source_checkpoint(model)
-        if recorded is None:
-            raise UserError("text data needs a tokenizer: pass --tokenizer DIR (a Hugging Face checkpoint directory); "
-                            "models exported from hf:DIR remember theirs")
-        path = recorded
-    if not path.is_dir():
-        raise UserError(f"tokenizer directory {path} not found: pass --tokenizer DIR with tokenizer.json or vocab files")
-    return path
+    return checkpoint_dir(model, explicit, "text data (its tokenizer)", "--tokenizer")
 
 
 def load_tokenizer(path: Path):

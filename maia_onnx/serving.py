@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.data import source_checkpoint
+from maia_onnx.data import checkpoint_dir
 from maia_onnx.errors import UnsupportedModelError, UserError
 from maia_onnx.io import atomic_dir
 from maia_onnx.partition.checkpoint import read_safetensors, read_safetensors_header, write_safetensors
@@ -93,13 +93,7 @@ def find_scales(model: ir.Model) -> FoundScales:
 
 
 def source_directory(model: ir.Model, explicit: str | os.PathLike | None = None) -> Path:
-    if explicit is not None:
-        path = Path(explicit)
-    else:
-        path = source_checkpoint(model)
-        if path is None:
-            raise UserError("--emit-checkpoint needs the Hugging Face checkpoint the model was exported from: export "
-                            "with hf:DIR (recorded in the model) or pass --source-checkpoint DIR")
+    path = checkpoint_dir(model, explicit, "--emit-checkpoint", "--tokenizer")  # the checkpoint holds the tokenizer too
     if not (path / "config.json").is_file():
         raise UserError(f"source checkpoint {path} has no config.json: pass the Hugging Face directory the model came from")
     return path

@@ -209,7 +209,7 @@ def quantize_model(
             check_output_path(path, *([source_path] if source_path else []))
     reference, model, source_path = _load(model_or_path)
     if config.emit_checkpoint is not None:
-        source_directory(reference)  # no source checkpoint to complete: refused before any work
+        source_directory(reference, config.tokenizer)  # no source checkpoint to complete: refused before any work
     if config.kv_cache is not None and not kv_pairs(model):
         raise UnsupportedModelError(
             f"--kv-cache: {source_path or 'the model'} has no KV cache (past_key_values.{{i}}.key/value inputs "
@@ -288,7 +288,8 @@ def quantize_model(
         report.sizes = measure_sizes(source_path, Path(output))
     if config.emit_checkpoint is not None:
         try:
-            report.checkpoint = emit_checkpoint(model, config.emit_checkpoint, activation_scheme=config.checkpoint_scheme)
+            report.checkpoint = emit_checkpoint(model, config.emit_checkpoint, source=config.tokenizer,
+                                                activation_scheme=config.checkpoint_scheme)
         except Exception:
             if output is not None:  # no half-done run: the model goes with the checkpoint that could not be written
                 _discard(Path(output))
