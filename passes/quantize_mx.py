@@ -1,19 +1,22 @@
-"""QuantizeMxPass: block-scaled weights (and activations) for MatMul/Gemm/Conv in OCP MX or Maia mx9/mx6 numerics.
+"""QuantizeMxPass: block-scaled weights (and activations) for MatMul/Gemm/Conv in OCP MX, 4-bit or Maia mx9/mx6 numerics.
 
-Formats (NumPy reference: ``maia_onnx.formats.mx``):
+Formats (NumPy references: ``maia_onnx.formats.mx``, ``formats.fp4``, ``formats.smx``):
 
-- OCP MX ``mxfp8-e4m3``, ``mxfp8-e5m2``, ``mxint8`` (weights + activations) and ``mxfp4`` (weight-only):
-  blocks of ``block_size`` (32) along the reduction axis, power-of-two shared scales.  Weights are
-  stored quantised (1 byte per element; FLOAT4E2M1 is half a byte in the standard form) and read
-  through a blocked ``DequantizeLinear``.  Two ONNX forms give bit-identical dequantised weights:
+- OCP MX ``mxfp8-e4m3``, ``mxfp8-e5m2``, ``mxint8`` (weights + activations): blocks of ``block_size`` (32)
+  along the reduction axis, power-of-two shared scales, 1-byte elements read through a blocked
+  ``DequantizeLinear``.  Two ONNX forms give bit-identical dequantised weights:
 
   * ``form="ort"`` (default, opset >= 21): float32 scales that are exact powers of two (mxint8's
-    implicit 2^-6 folded in).  ORT's CPU provider runs it.  ORT CPU has no FLOAT4E2M1
-    DequantizeLinear, so mxfp4 elements are stored as FLOAT8E4M3FN holding the exact E2M1 values
-    (every E2M1 value is exactly representable in E4M3FN; 1 byte per element instead of 0.5).
-  * ``form="standard"`` (opset >= 24): real FLOAT8E8M0 scales and FLOAT4E2M1 elements for mxfp4
-    (``DequantizeLinear(output_dtype=FLOAT)``); mxint8 keeps INT8 elements with the 2^-6 folded into
-    the E8M0 code (code - 6).  ORT rejects E8M0 scales today; ``onnx.reference`` runs this form.
+    implicit 2^-6 folded in).  ORT's CPU provider runs it.
+  * ``form="standard"`` (opset >= 24): real FLOAT8E8M0 scales (``DequantizeLinear(output_dtype=FLOAT)``);
+    mxint8 keeps INT8 elements with the 2^-6 folded into the E8M0 code (code - 6).  ORT rejects E8M0
+    scales today; ``onnx.reference`` runs this form.
+
+- 4-bit weights, weight-only: ``mxfp4`` (E2M1, E8M0 scales per 32) and ``fp4-e4m3`` (E2M1, FP8 E4M3 scales
+  per 16 times one FP32 tensor scale, NVFP4's layout), stored packed two elements per byte
+  (``passes.packed_weights``: FLOAT4E2M1 + ``DequantizeLinear`` in the standard form, UINT8 bytes decoded by
+  table lookups in the ORT form, whose CPU provider has no FP4 kernel).  ``encoded`` takes weights rounded
+  elsewhere (GPTQ, ``passes.gptq``) and stores them as given.
 
   Activations (mxfp8/mxint8, the MatMul/Gemm data input when its last axis is a multiple of the
   block size): dynamic MX quantise-dequantise inserted in the graph: per block of the last axis,
@@ -23,20 +26,17 @@ Formats (NumPy reference: ``maia_onnx.formats.mx``):
   reference clamps mxint8 symmetrically to +-127 (they differ only for a block value that rounds to
   exactly -2.0 * X).  Shared activations (q/k/v reading one input) are quantised once.
 
-- Maia 100 ``mx9`` / ``mx6`` (shared micro-exponents, block 16, sub-blocks of 2): fake quant.  No ONNX
-  type or op expresses per-sub-block micro-exponents, so the pass stores the reference's
-  quantise-dequantised weights as FLOAT (bit-exact to ``fake_quant_mx9/mx6``) and tags each such
-  initializer with ``maia.format`` / ``maia.block_axis`` metadata; a Maia compiler re-encodes them
-  losslessly.  Activations (on by default; ``activations=False`` / ``--weights-only`` turns it off):
-  each quantised MatMul/Gemm/Conv's data input goes through ``maia.MxFakeQuant``, a model-local ONNX
-  function of standard ops (ORT inlines it) that is bit-exact to ``fake_quant_smx`` -- blocks along the
-  reduction axis (MatMul: last, Gemm: 0 with transA, Conv: channels, per group) zero-padded to a
-  multiple of the block, floor(log2 amax) from Log corrected exactly against a table of powers of two,
-  micro-exponent per sub-block of 2, Round (half to even), Clip to +-(2^m - 1) steps, NaN/Inf blocks NaN.
+- Maia 100 ``mx9`` / ``mx6`` (shared micro-exponents, block 16, sub-blocks of 2).  Weights are stored as their
+  fields (sign-magnitude elements, micro-exponent bits, shared-exponent bytes; ``formats.smx``) and decoded in
+  the graph by table lookups, bit-exact to ``fake_quant_mx9/mx6``.  Activations (on by default;
+  ``activations=False`` / ``--weights-only`` turns it off): each quantised MatMul/Gemm/Conv's data input goes
+  through ``maia.MxFakeQuant`` (``passes.smx_function``), a model-local ONNX function of standard ops (ORT
+  inlines it) that is bit-exact to ``fake_quant_smx`` -- blocks along the reduction axis (MatMul: last, Gemm: 0
+  with transA, Conv: channels, per group).
 
-``QuantizeMxPass(fmt, form="ort"|"standard", block_size=None (32 for MX, 16 for mx9/mx6), exclude=(...),
-activations=None (True where the format supports it: all but mxfp4))``; ``exclude`` takes fnmatch patterns
-matched against checkpoint layer names (``model.layers.0.mlp.*``), node names and weight names.
+``QuantizeMxPass(fmt, form="ort"|"standard", block_size=None (32 for MX, 16 for mx9/mx6/fp4-e4m3), exclude=(...),
+activations=None (True where the format supports it: not the 4-bit ones), encoded=None)``; ``exclude`` takes
+fnmatch patterns matched against checkpoint layer names (``model.layers.0.mlp.*``), node names and weight names.
 ``call`` returns an ``MxPassResult`` whose ``layers`` holds one ``MxLayerRecord`` per quantised weight (layer
 name, shape, axis, SQNR in dB, bytes before/after, whether its activations are quantised too).
 """
@@ -47,25 +47,24 @@ import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats import mx as mxf
+from maia_onnx.formats.fp4 import FP4_KINDS, Fp4Weight, quantize_fp4
 from maia_onnx.formats.registry import MX_FORMS, FormatSpec, formats_of, get_format
+from maia_onnx.formats.smx import SMX_MANTISSA_BITS, smx_encode
+from maia_onnx.passes.packed_weights import Namer, WeightDecoder
+from maia_onnx.passes.smx_function import SMX_FUNCTION_DOMAIN, SMX_FUNCTION_NAME, smx_fake_quant_function  # noqa: F401
 from maia_onnx.scales import WeightTarget, weight_targets
 
 FORMS = MX_FORMS
-MX_FAMILIES = ("mx", "maia-mx")
-SMX_FUNCTION_DOMAIN = "maia"
-SMX_FUNCTION_NAME = "MxFakeQuant"
-SMX_MANTISSA_BITS = {"mx9": 7, "mx6": 4}
+MX_FAMILIES = ("mx", "maia-mx", "fp4")
 SMX_MIN_OPSET = 18  # ReduceMax / ReduceProd take their axes as an input
-_POW2_MIN, _POW2_MAX = -149, 128  # the function's table of 2^k: every float32 subnormal power up to 2^128 = +inf
 ORT_OPSET = 21  # blocked DequantizeLinear / QuantizeLinear with output_dtype
 STANDARD_OPSET = 24  # FLOAT8E8M0 scales
 _ELEMENT_IR = {
@@ -135,96 +134,6 @@ def _matches(patterns: Iterable[str], *names: str) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
-def smx_fake_quant_function(opset: int):
-    """The ``maia.MxFakeQuant`` FunctionProto: shared-microexponent fake quant from standard ONNX ops.
-
-    Attributes: ``axis`` (the block axis, negative allowed), ``mantissa_bits`` (7: mx9, 4: mx6),
-    ``block_size`` (16; even).  Bit-exact to ``maia_onnx.formats.mx.fake_quant_smx``: every step is a
-    power of two taken from a constant table (never Pow/Exp), so ``x / step`` and ``q * step`` are exact
-    and Round is the only rounding; signed zeros survive (Round(-0.3) = -0).
-    """
-    import onnx
-    import onnx.helper as h
-    from onnx import TensorProto
-
-    nodes = []
-    counter = [0]
-
-    def fresh(stem: str) -> str:
-        counter[0] += 1
-        return f"t{counter[0]}_{stem}"
-
-    def op(op_type, inputs, **attrs):
-        out = fresh(op_type.lower())
-        nodes.append(h.make_node(op_type, list(inputs), [out], **attrs))
-        return out
-
-    def const(value, dtype):
-        return op("Constant", [], value=onnx.numpy_helper.from_array(np.asarray(value, dtype=dtype)))
-
-    def attr_const(attr):
-        out = fresh(attr)
-        node = h.make_node("Constant", [], [out])
-        node.attribute.append(h.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attr))
-        nodes.append(node)
-        return op("Unsqueeze", [out, const([0], np.int64)])
-
-    i64, f32 = np.int64, np.float32
-    with np.errstate(over="ignore"):
-        pow2 = np.ldexp(np.float32(1.0), np.arange(_POW2_MIN, _POW2_MAX + 1)).astype(np.float32)
-    table = const(pow2, f32)
-
-    def pow2_of(exponent):  # exact 2^exponent for an int64 exponent in [_POW2_MIN, _POW2_MAX]
-        return op("Gather", [table, op("Add", [exponent, const(-_POW2_MIN, i64)])])
-
-    zero, one, two = const([0], i64), const([1], i64), const([2], i64)
-    axis, block, mbits = attr_const("axis"), attr_const("block_size"), attr_const("mantissa_bits")
-    # view x as [prod(shape[:axis]), D, prod(shape[axis+1:])] and zero-pad D to whole blocks
-    shape = op("Shape", ["x"])
-    rank = op("Size", [shape])
-    ax = op("Mod", [op("Add", [axis, rank]), rank])
-    ax_next = op("Add", [ax, one])
-    pre = op("ReduceProd", [op("Concat", [one, op("Slice", [shape, zero, ax])], axis=0)], keepdims=1)
-    length = op("Slice", [shape, ax, ax_next])
-    post = op("ReduceProd", [op("Concat", [one, op("Slice", [shape, ax_next, const([np.iinfo(i64).max], i64)])], axis=0)], keepdims=1)
-    x3 = op("Reshape", ["x", op("Concat", [pre, length, post], axis=0)])
-    nblocks = op("Div", [op("Sub", [op("Add", [length, block]), one]), block])
-    padded = op("Mul", [nblocks, block])
-    xp = op("Pad", [x3, op("Concat", [zero, zero, zero, zero, op("Sub", [padded, length]), zero], axis=0)])
-    # [pre, blocks, sub-blocks, 2, post]
-    xb = op("Reshape", [xp, op("Concat", [pre, nblocks, op("Div", [block, two]), two, post], axis=0)])
-    # NaN/Inf anywhere in a block makes the whole block NaN (x * 0 is NaN exactly for NaN/Inf); the
-    # rest of the arithmetic runs on the block with those zeroed so no index goes out of range
-    bad = op("IsNaN", [op("Mul", [xb, const(0.0, f32)])])
-    block_bad = op("Cast", [op("ReduceMax", [op("Cast", [bad], to=TensorProto.FLOAT), const([2, 3], i64)], keepdims=1)], to=TensorProto.BOOL)
-    xc = op("Where", [bad, const(0.0, f32), xb])
-    sub_amax = op("ReduceMax", [op("Abs", [xc]), const([3], i64)], keepdims=1)
-    amax = op("ReduceMax", [sub_amax, const([2], i64)], keepdims=1)
-    # floor(log2 amax): Log is good to a few ulp, so its floor is at most one off next to a power of two;
-    # two compares against the exact table fix it.  Log sees amax floored at 2^-126 (subnormal logs are
-    # not trusted); the compares see the true amax, and the shared exponent is clamped to [-127, 127].
-    log2 = op("Mul", [op("Log", [op("Max", [amax, const(2.0**-126, f32)])]), const(1.0 / np.log(2.0), f32)])
-    e0 = op("Cast", [op("Clip", [op("Floor", [log2]), const(-126.0, f32), const(127.0, f32)])], to=TensorProto.INT64)
-    too_big = op("Cast", [op("Greater", [pow2_of(e0), amax])], to=TensorProto.INT64)
-    too_small = op("Cast", [op("LessOrEqual", [pow2_of(op("Add", [e0, one])), amax])], to=TensorProto.INT64)
-    e = op("Add", [op("Sub", [e0, too_big]), too_small])
-    shared = op("Min", [op("Max", [e, const(-127, i64)]), const(127, i64)])
-    # 1-bit micro-exponent: a sub-block whose amax sits below 2^E uses E - 1
-    micro = op("Cast", [op("Less", [sub_amax, pow2_of(shared)])], to=TensorProto.INT64)
-    step = pow2_of(op("Sub", [op("Sub", [shared, micro]), op("Sub", [mbits, one])]))
-    qmax = op("Sub", [pow2_of(mbits), const(1.0, f32)])
-    q = op("Clip", [op("Round", [op("Div", [xc, step])]), op("Neg", [qmax]), qmax])
-    y = op("Where", [block_bad, const(np.nan, f32), op("Mul", [q, step])])
-    y = op("Slice", [op("Reshape", [y, op("Concat", [pre, padded, post], axis=0)]), zero, length, one])
-    nodes.append(h.make_node("Reshape", [y, shape], ["y"]))
-    defaults = [h.make_attribute("axis", -1), h.make_attribute("mantissa_bits", 7), h.make_attribute("block_size", 16)]
-    return h.make_function(
-        SMX_FUNCTION_DOMAIN, SMX_FUNCTION_NAME, ["x"], ["y"], nodes, [h.make_opsetid("", opset)],
-        attribute_protos=defaults,
-        doc_string="Maia shared-microexponent (mx9/mx6) fake quant; bit-exact to maia_onnx.formats.mx.fake_quant_smx",
-    )
-
-
 @dataclass
 class MxLayerRecord:
     """What the pass did to one weight (one row of the report's ``mx_layers``)."""
@@ -255,21 +164,6 @@ class MxPassResult(onnx_ir.passes.PassResult):
     layers: list[MxLayerRecord] = field(default_factory=list)
 
 
-class _Namer:
-    """Fresh value/node names that don't collide with anything already in the graph."""
-
-    def __init__(self, graph: ir.Graph):
-        self.used = {v.name for n in graph for v in (*n.inputs, *n.outputs) if v is not None and v.name}
-        self.used |= set(graph.initializers) | {v.name for v in graph.inputs}
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
-
-
 class QuantizeMxPass(onnx_ir.passes.InPlacePass):
     """Quantise MatMul/Gemm/Conv weights (and MatMul/Gemm activations) to an MX or mx9/mx6 format."""
 
@@ -280,6 +174,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         block_size: int | None = None,
         exclude: Iterable[str] = (),
         activations: bool | None = None,
+        encoded: Mapping[str, Fp4Weight] | None = None,
     ):
         super().__init__()
         spec = _mx_spec(fmt)
@@ -298,15 +193,11 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             )
         self.activations = spec.activations if activations is None else bool(activations)
         self.exclude = tuple(exclude)
+        self.encoded = dict(encoded or {})  # weight name -> 4-bit weight rounded elsewhere (GPTQ), stored as given
 
     # ------------------------------------------------------------------ weights
-    def _smx(self, data: np.ndarray, axis: int) -> np.ndarray:
-        if self.block_size == mxf.SMX_BLOCK_SIZE:
-            return mxf.SMX_FORMATS[self.fmt](data, axis=axis)
-        return mxf.fake_quant_smx(data, 7 if self.fmt == "mx9" else 4, axis, self.block_size)
-
-    def _quantize_weight(self, graph: ir.Graph, target: WeightTarget, namer: _Namer, front: list[ir.Node],
-                         layers: list[MxLayerRecord]) -> ir.Value:
+    def _quantize_weight(self, graph: ir.Graph, target: WeightTarget, namer: Namer, front: list[ir.Node],
+                         layers: list[MxLayerRecord], decoder: WeightDecoder) -> ir.Value:
         w = target.weight
         axis = target.reduction_axis
         source = w.const_value
@@ -322,41 +213,24 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             signal += float(np.dot(r, r))
             noise += float(np.dot(d, d))
 
-        if self.smx:
-            data = source.numpy()
-            if lazy_source:
-                # FP32 out: computing it now would hold a second full copy of the weights; produce it at save time
-                for sl in _chunks(shape, axis):
-                    chunk = np.asarray(data[sl], np.float32)
-                    measure(chunk, self._smx(chunk, axis))
-                    del chunk  # no view of the mapping may survive, or it cannot be released
-                del data
-                _release(source)
-
-                def produce(source=source, name=w.name, axis=axis):
-                    src = source.numpy()
-                    out = np.empty(shape, np.float32)
-                    for sl in _chunks(shape, axis):
-                        out[sl] = self._smx(np.asarray(src[sl], np.float32), axis)
-                    del src
-                    _release(source)
-                    return ir.Tensor(out, name=name)
-
-                tensor = ir.LazyTensor(produce, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(shape)), name=w.name)
+        if self.smx or self.fmt in FP4_KINDS:
+            # packed storage (a quarter of the FP32 bytes or less) is built now; the FP32 source is released after
+            data = np.asarray(source.numpy(), np.float32)
+            if self.fmt in FP4_KINDS:
+                packed = self.encoded.get(w.name) or quantize_fp4(data, self.fmt, axis, self.block_size)
+                out = decoder.fp4(packed, w.name, self.form)
+                row.form = self.form
             else:
-                fq = np.empty(shape, np.float32)
-                for sl in _chunks(shape, axis):
-                    chunk = np.asarray(data[sl], np.float32)
-                    fq[sl] = self._smx(chunk, axis)
-                    measure(chunk, fq[sl])
-                tensor = ir.tensor(fq, name=w.name)
-            w.const_value = tensor
-            w.metadata_props["maia.format"] = self.fmt
-            w.metadata_props["maia.block_axis"] = str(axis)
-            w.metadata_props["maia.block_size"] = str(self.block_size)
-            row.sqnr_db, row.bytes_after, row.form = _db(signal, noise), int(tensor.nbytes), "fake-quant"
+                packed = smx_encode(data, SMX_MANTISSA_BITS[self.fmt], axis, self.block_size)
+                out = decoder.smx(packed, w.name, self.fmt)
+                row.form = "packed"
+            measure(data, packed.dequantize())
+            del data
+            if lazy_source:
+                _release(source)
+            row.sqnr_db, row.bytes_after = _db(signal, noise), int(packed.nbytes)
             layers.append(row)
-            return w
+            return out
 
         # 1-byte elements + one scale per block are held in memory (a quarter of the FP32 bytes); the FP32
         # source is read chunk by chunk (memory-mapped for external data) and released afterwards.
@@ -377,8 +251,6 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             _release(source)
         row.sqnr_db = _db(signal, noise)
         if self.form == "ort":
-            if self.fmt == "mxfp4":
-                elems = elems.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)  # exact: E2M1 is a subset of E4M3FN
             scale = mxf.mx_scale_float(exps, self.fmt)
             attrs = {"axis": axis, "block_size": self.block_size}
         else:
@@ -404,7 +276,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         return out
 
     # ------------------------------------------------------------------ activations
-    def _const(self, graph: ir.Graph, namer: _Namer, base: str, array: np.ndarray) -> ir.Value:
+    def _const(self, graph: ir.Graph, namer: Namer, base: str, array: np.ndarray) -> ir.Value:
         v = ir.Value(name=namer(base), const_value=ir.tensor(array))
         v.const_value.name = v.name
         v.shape = ir.Shape(v.const_value.shape)
@@ -412,7 +284,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
         graph.register_initializer(v)
         return v
 
-    def _activation_fake_quant(self, graph: ir.Graph, node: ir.Node, x: ir.Value, namer: _Namer, consts: dict) -> ir.Value:
+    def _activation_fake_quant(self, graph: ir.Graph, node: ir.Node, x: ir.Value, namer: Namer, consts: dict) -> ir.Value:
         """Dynamic MX quantise-dequantise of ``x`` in blocks of its last axis, inserted before ``node``."""
         f = mxf.mx_format(self.fmt)
         b = self.block_size
@@ -460,7 +332,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             graph.insert_before(node, n)
         return out
 
-    def _smx_activations(self, model: ir.Model, targets: list[WeightTarget], namer: _Namer) -> set[str]:
+    def _smx_activations(self, model: ir.Model, targets: list[WeightTarget], namer: Namer) -> set[str]:
         """Put ``maia.MxFakeQuant`` on every quantised node's data input, blocked along its reduction axis."""
         graph = model.graph
         if model.opset_imports.get("", 0) < SMX_MIN_OPSET:
@@ -527,7 +399,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
     # ------------------------------------------------------------------ driver
     def call(self, model: ir.Model) -> MxPassResult:
         graph = model.graph
-        namer = _Namer(graph)
+        namer = Namer(graph)
         targets = [
             t
             for t in weight_targets(graph)
@@ -539,14 +411,16 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             require_opset(model, STANDARD_OPSET if self.form == "standard" else ORT_OPSET)
         layers: list[MxLayerRecord] = []
         front: list[ir.Node] = []
+        decoder = WeightDecoder(graph, namer)
         done: dict[int, ir.Value] = {}
         for t in targets:
             key = id(t.weight)
             if key not in done:
-                done[key] = self._quantize_weight(graph, t, namer, front, layers)
+                done[key] = self._quantize_weight(graph, t, namer, front, layers, decoder)
             if done[key] is not t.weight:
                 t.node.replace_input_with(t.input_index, done[key])
-        # Dequantised weights depend on initializers only: put their DequantizeLinear nodes first.
+        # Dequantised weights depend on initializers only: put their DequantizeLinear / decode nodes first.
+        front += decoder.nodes
         if front:
             first = graph.node(0)
             for n in front:

@@ -108,6 +108,15 @@ def _fold_weight_dequantize(proto, specs: dict, arrays: dict[str, np.ndarray]) -
                     arrays[x], scale_arr.reshape(()) if per_tensor else scale_arr,
                     axis=None if per_tensor else axis, block_size=block or None)
                 continue
+            if (x in specs and specs[x]["dtype"] == "FLOAT4E2M1" and scale in arrays and zero is None
+                    and out_dtype in (0, 1) and arrays[scale].dtype == np.float32 and (block or arrays[scale].size == 1)):
+                # FP4 weights (ORT's CPU provider has no FP4 kernel): E2M1 x scale from the formats reference; the
+                # scale is a stored weight (E8M0 bytes read as float32) or an already folded one (E4M3 x tensor scale)
+                from maia_onnx.formats.fp4 import dequantize_onnx_fp4
+
+                arrays[node.output[0]] = dequantize_onnx_fp4(arrays[x], specs[x]["shape"], arrays[scale],
+                                                             attrs["axis"].i if "axis" in attrs else 1, block)
+                continue
         keep.append(node)
     del proto.graph.node[:]
     proto.graph.node.extend(keep)

@@ -60,13 +60,17 @@ def test_every_format_name_resolves_to_its_spec(name):
         assert spec.element_bits == spec.mx.bits
     elif spec.family == "maia-mx":
         assert spec.block_size == SMX_BLOCK_SIZE and spec.scale == "microexponent"
+    elif spec.family in ("fp4", "w4a8"):  # packed 4-bit weights (w4a8: mxfp4 weights, FP8 E4M3 activations)
+        assert spec.four_bit and spec.element_bits == 4 and spec.block_scaled
+        assert spec.weight_format in ("mxfp4", "fp4-e4m3") and (spec.family != "w4a8" or spec.fp8 is FP8_E4M3FN)
     else:
         assert spec.element == "bfloat16" and spec.element_bits == 16 and not spec.block_scaled
-    assert spec.activations == (name != "mxfp4")  # mxfp4 is the one weight-only format
+    assert spec.activations == (name not in ("mxfp4", "fp4-e4m3"))  # the weight-only 4-bit formats
 
 
 def test_registry_facts_and_aliases():
-    assert FORMAT_NAMES == ("fp8-e4m3", "fp8-e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "mxint8", "mxfp4", "mx9", "mx6", "bf16")
+    assert FORMAT_NAMES == ("fp8-e4m3", "fp8-e5m2", "mxfp8-e4m3", "mxfp8-e5m2", "mxint8", "mxfp4", "fp4-e4m3", "w4a8",
+                            "mx9", "mx6", "bf16")
     assert get_format("fp8-e4m3fn") is FORMATS["fp8-e4m3"]
     assert KV_CACHE_FORMATS == ("fp8-e4m3", "fp8-e5m2")
     assert kv_cache_format("fp8-e5m2") is FP8_E5M2 and kv_cache_format("e4m3fn") is FP8_E4M3FN

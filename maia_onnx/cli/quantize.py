@@ -21,7 +21,7 @@ from maia_onnx.cli.options import (
     report_option,
 )
 from maia_onnx.decode import step_rows
-from maia_onnx.formats.registry import FORMAT_NAMES, KV_CACHE_FORMATS, MX_FORMS
+from maia_onnx.formats.registry import FORMAT_NAMES, KV_CACHE_FORMATS, MX_FORMS, ROUNDINGS
 from maia_onnx.passes.kv_cache import GRANULARITIES as KV_GRANULARITIES
 from maia_onnx.passes.quantize_fp8 import GRANULARITIES
 from maia_onnx.quantize import QuantizeConfig, QuantizeReport, quantize_model
@@ -51,8 +51,12 @@ from maia_onnx.report import human_bytes, print_table
               help="FP8 weight scales: per output channel, per tensor, or per block along the reduction axis.")
 @click.option("--block-size", type=int, default=None, help="Block size for --granularity block (FP8) or MX formats.")
 @click.option("--mx-form", type=click.Choice(MX_FORMS), default="ort", show_default=True,
-              help="OCP MX weight encoding: 'ort' (float32 power-of-two scales, runs in ONNX Runtime) or 'standard' "
-                   "(FLOAT8E8M0 scales, FLOAT4E2M1 mxfp4 elements, opset 24; ORT cannot run it yet: needs --no-eval).")
+              help="OCP MX / 4-bit weight encoding: 'ort' (float32 power-of-two scales; 4-bit elements packed two per "
+                   "byte and decoded in the graph: runs in ONNX Runtime) or 'standard' (FLOAT8E8M0 scales, FLOAT4E2M1 "
+                   "elements, opset 24; ORT cannot run it yet: needs --no-eval).")
+@click.option("--rounding", type=click.Choice(ROUNDINGS), default="rtn", show_default=True,
+              help="4-bit weights (mxfp4, fp4-e4m3, w4a8): round to nearest, or GPTQ (error-compensating rounding from "
+                   "calibration Hessians of each layer's inputs; needs --calib).")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave nodes matching this fnmatch pattern (node name, op type or layer name, e.g. '*lm_head*') unquantized.")
 @click.option("--weights-only", is_flag=True, help="Quantize weights only; activations stay in float (no calibration).")
@@ -80,12 +84,12 @@ from maia_onnx.report import human_bytes, print_table
 @external_data_option
 @report_option
 @json_option
-def command(model, output, fmt, calib, tokenizer, seq_len, image_size, method, percentile, granularity, block_size, mx_form, exclude, weights_only, no_attention,
+def command(model, output, fmt, calib, tokenizer, seq_len, image_size, method, percentile, granularity, block_size, mx_form, rounding, exclude, weights_only, no_attention,
             embeddings, num_samples, batch_size, eval_samples, dims, kv_cache, kv_granularity, scales_path, emit_scales, emit_checkpoint, activation_scheme, qat,
             target_cosine, no_eval, seed, max_layers, external_data, report_path, as_json):
     config = QuantizeConfig(
         format=fmt, calib=calib, tokenizer=tokenizer, seq_len=seq_len, image_size=image_size, method=method, percentile=percentile, granularity=granularity, block_size=block_size,
-        mx_form=mx_form, exclude=exclude, weights_only=weights_only, attention=not no_attention, embeddings=embeddings,
+        mx_form=mx_form, rounding=rounding, exclude=exclude, weights_only=weights_only, attention=not no_attention, embeddings=embeddings,
         num_samples=num_samples, batch_size=batch_size, eval_samples=eval_samples, dims=parse_dims(dims), kv_cache=kv_cache,
         kv_granularity=kv_granularity, scales=scales_path, emit_scales=emit_scales,
         emit_checkpoint=emit_checkpoint, activation_scheme=activation_scheme, qat=qat, target_cosine=target_cosine,

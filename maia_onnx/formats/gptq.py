@@ -45,30 +45,47 @@ class GroupQuantizer:
 
 
 class HessianAccumulator:
-    """Streams ``2/n * sum x^T x`` over calibration rows of one layer input (``[..., in]``), in float64."""
+    """Streams ``2/n * sum x^T x`` over calibration rows of one layer input (``[..., in]``), in float64.
 
-    def __init__(self, columns: int):
-        self.h = np.zeros((columns, columns), dtype=np.float64)
+    ``normalize_tokens``: every row (token) enters scaled to norm ``sqrt(in)``, so each token weighs the same.  In
+    transformers a few tokens carry activations orders of magnitude larger than the rest (attention sinks) and would
+    own the plain Hessian, while the next LayerNorm divides every token by its own norm: what matters downstream is
+    each token's error relative to its size."""
+
+    def __init__(self, columns: int, normalize_tokens: bool = False):
+        self._sum = np.zeros((columns, columns), dtype=np.float64)  # sum x^T x: one in-place add per batch
         self.rows = 0
+        self.normalize_tokens = normalize_tokens
+
+    @property
+    def h(self) -> np.ndarray:
+        return self._sum * (2.0 / self.rows) if self.rows else np.zeros_like(self._sum)
 
     def update(self, x: np.ndarray, valid: np.ndarray | None = None) -> None:
         x = np.asarray(x, dtype=np.float64)
         if valid is not None and x.ndim >= 3 and x.shape[:2] == valid.shape:
             x = x[valid]  # padded positions say nothing about the layer
         x = x.reshape(-1, x.shape[-1])
+        if self.normalize_tokens:
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x * np.where(norms > 0, np.sqrt(x.shape[1]) / np.where(norms > 0, norms, 1.0), 0.0)
         n = x.shape[0]
         if n == 0:
             return
-        total = self.rows + n
-        self.h *= self.rows / total
-        self.h += (2.0 / total) * (x.T @ x)
-        self.rows = total
+        self._sum += x.T @ x
+        self.rows += n
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, quantizer: GroupQuantizer, damp: float = 0.01,
-         block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+         block: int = 128, act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ-rounded ``[out, in]`` weight (dequantized values) and the per-group scales ``[out, groups]`` it used:
-    every value is an element of the format times its group's scale, so it packs exactly."""
+    every value is an element of the format times its group's scale, so it packs exactly.
+
+    ``act_order``: round the input channels with the largest Hessian diagonal (outlier activations) first, while
+    the most freedom is left to compensate their error; the group scales are then fixed up front from the weights
+    as given (static groups), since the groups are no longer reached in order."""
+    if act_order:
+        return _gptq_act_order(weight, hessian, quantizer, damp, block)
     w = np.array(weight, dtype=np.float64, copy=True)
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
@@ -105,10 +122,46 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, quantizer: GroupQuantizer, dam
     return q.astype(weight.dtype), scales
 
 
+def _gptq_act_order(weight: np.ndarray, hessian: np.ndarray, quantizer: GroupQuantizer, damp: float,
+                    block: int) -> tuple[np.ndarray, np.ndarray]:
+    w = np.array(weight, dtype=np.float64, copy=True)
+    rows, cols = w.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian {hessian.shape} does not match {cols} input channels")
+    group = quantizer.group_size
+    _, scales = quantizer.fake_quant(np.asarray(weight, np.float32))  # static groups: the RTN scales
+    h = np.array(hessian, dtype=np.float64, copy=True)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
+    perm = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    q = np.zeros_like(w)
+    col_scale = scales[:, perm // group].astype(np.float32)  # [out, in]: each permuted column's group scale
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        wb = w[:, b0:b1].copy()
+        err = np.zeros_like(wb)
+        hb = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            wc = wb[:, i:i + 1]
+            qc = quantizer.round(wc.astype(np.float32), col_scale[:, b0 + i:b0 + i + 1]).astype(np.float64)
+            q[:, b0 + i:b0 + i + 1] = qc
+            e = (wc - qc) / hb[i, i]
+            wb[:, i + 1:] -= e @ hb[i:i + 1, i + 1:]
+            err[:, i:i + 1] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    out = np.empty_like(q)
+    out[:, perm] = q
+    return out.astype(weight.dtype), scales
+
+
 def output_error(weight: np.ndarray, quantized: np.ndarray, hessian: np.ndarray) -> float:
     """Mean squared output error ``tr(D H D^T) / 2`` of using ``quantized`` for ``weight`` on the calibration inputs."""
     d = np.asarray(weight, np.float64) - np.asarray(quantized, np.float64)
-    return float(np.einsum("ij,jk,ik->", d, hessian, d) / 2.0 / d.shape[0])
+    return float(np.sum((d @ hessian) * d) / 2.0 / d.shape[0])
 
 
 def _fp4_round(column: np.ndarray, scale: np.ndarray) -> np.ndarray:

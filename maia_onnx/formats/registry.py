@@ -14,8 +14,10 @@ from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats.fp8 import Fp8Format, get_fp8_format
 from maia_onnx.formats.mx import MX_BLOCK_SIZE, MX_FORMATS, SMX_BLOCK_SIZE, MxFormat
 
-FAMILIES = ("fp8", "mx", "maia-mx", "bf16")
-MX_FORMS = ("ort", "standard")  # ONNX encodings of OCP MX weights (see passes/quantize_mx.py)
+FAMILIES = ("fp8", "mx", "maia-mx", "fp4", "w4a8", "bf16")
+MX_FORMS = ("ort", "standard")  # ONNX encodings of OCP MX and 4-bit weights (see passes/quantize_mx.py)
+FOUR_BIT = ("mxfp4", "fp4-e4m3", "w4a8")  # packed 4-bit weights: what --rounding gptq applies to
+ROUNDINGS = ("rtn", "gptq")  # how 4-bit weights are rounded: to nearest, or GPTQ from calibration Hessians
 
 
 @dataclass(frozen=True)
@@ -23,16 +25,19 @@ class FormatSpec:
     """One quantization format: the facts every layer (CLI, recipes, passes) needs about it."""
 
     name: str
-    family: str  # "fp8" | "mx" (OCP MX) | "maia-mx" (Maia mx9/mx6) | "bf16"
-    element: str  # element dtype: an Fp8Format / MxFormat name, "mx9"/"mx6" or "bfloat16"
-    scale: str  # "float32" (fp8: per tensor/channel/block), "e8m0" (MX), "microexponent" (mx9/mx6), "none"
+    family: str  # "fp8" | "mx" (OCP MX) | "maia-mx" (Maia mx9/mx6) | "fp4" | "w4a8" (4-bit weights, FP8 acts) | "bf16"
+    element: str  # weight element: an Fp8Format / MxFormat name, "mx9"/"mx6", "fp4-e4m3" or "bfloat16"
+    scale: str  # "float32" (fp8: per tensor/channel/block), "e8m0" (MX), "e4m3" (fp4-e4m3: E4M3 blocks x FP32 tensor),
+    # "microexponent" (mx9/mx6), "none"
     block_size: int | None = None  # default elements per shared scale (None: not block-scaled)
     activations: bool = True  # activations can be quantized in this format too (mxfp4: weight-only)
     element_bits: int = 8
 
     @property
     def fp8(self) -> Fp8Format:
-        """The FP8 element format (fp8 family only)."""
+        """The FP8 element format (fp8 family), or the FP8 activation format of w4a8."""
+        if self.family == "w4a8":
+            return get_fp8_format("e4m3fn")
         if self.family != "fp8":
             raise InvalidOptionError(f"{self.name} is not an FP8 format")
         return get_fp8_format(self.element)
@@ -46,7 +51,22 @@ class FormatSpec:
 
     @property
     def block_scaled(self) -> bool:
-        return self.family in ("mx", "maia-mx")
+        return self.family in ("mx", "maia-mx", "fp4", "w4a8")
+
+    @property
+    def four_bit(self) -> bool:
+        """Packed 4-bit weights (``weight_format`` names the element and scale layout)."""
+        return self.name in FOUR_BIT
+
+    @property
+    def weight_format(self) -> str:
+        """The format the weights are stored in (w4a8: its 4-bit weight format; others: the format itself)."""
+        return self.element if self.family == "w4a8" else self.name
+
+    @property
+    def calibrated_activations(self) -> bool:
+        """Activations get static FP8 scales from calibration (fp8 and w4a8)."""
+        return self.family in ("fp8", "w4a8")
 
 
 def _mx(name: str, activations: bool = True) -> FormatSpec:
@@ -62,6 +82,8 @@ FORMATS: dict[str, FormatSpec] = {
         _mx("mxfp8-e5m2"),
         _mx("mxint8"),
         _mx("mxfp4", activations=False),
+        FormatSpec("fp4-e4m3", "fp4", "fp4-e4m3", "e4m3", 16, False, 4),
+        FormatSpec("w4a8", "w4a8", "mxfp4", "e8m0", MX_BLOCK_SIZE, True, 4),
         FormatSpec("mx9", "maia-mx", "mx9", "microexponent", SMX_BLOCK_SIZE, True, 9),
         FormatSpec("mx6", "maia-mx", "mx6", "microexponent", SMX_BLOCK_SIZE, True, 6),
         FormatSpec("bf16", "bf16", "bfloat16", "none", element_bits=16),

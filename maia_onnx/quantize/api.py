@@ -227,8 +227,14 @@ def quantize_model(
         report.qat_import = list(qat_pass(model).records)
 
     sources = _Sources(config)
-    if spec.family == "fp8":
+    if spec.calibrated_activations:  # fp8, w4a8
         inputs.activation_scales = _calibrate_fp8(config, reference, model, imported_act_scales, sources, source_path, report)
+    if config.rounding == "gptq":  # the GPTQ pass streams the calibration samples for its Hessians
+        if str(config.calib) == "random":
+            warnings.warn("GPTQ on random inputs: pass --calib text:FILE (or .npz) for Hessians of real data", stacklevel=2)
+        if sources.calib is None:
+            sources.split()
+        inputs.calib_batches = sources.calib.batches
     elif spec.block_scaled and config.activations and config.calib not in (None, "random"):
         logger.info("%s needs no activation scales (dynamic); calibration data is used for the accuracy report only", spec.name)
     if config.kv_cache is not None and config.calib is not None:

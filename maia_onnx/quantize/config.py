@@ -16,7 +16,7 @@ from maia_onnx.calib import check_method
 from maia_onnx.data import data_kind
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats.mx import SMX_SUB_BLOCK
-from maia_onnx.formats.registry import KV_CACHE_FORMATS, MX_FORMS, FormatSpec, get_format
+from maia_onnx.formats.registry import FOUR_BIT, KV_CACHE_FORMATS, MX_FORMS, ROUNDINGS, FormatSpec, get_format
 from maia_onnx.passes.kv_cache import GRANULARITIES as KV_GRANULARITIES
 from maia_onnx.passes.mixed_precision import KEEP_DTYPES
 from maia_onnx.passes.quantize_fp8 import GRANULARITIES
@@ -27,7 +27,7 @@ _TYPES = {
     int: ("block_size", "num_samples", "batch_size", "seed", "eval_samples", "seq_len"),
     float: ("percentile", "target_cosine"),
     bool: ("embeddings", "weights_only", "attention", "qat", "evaluate", "show_progress", "external_data"),
-    str: ("format", "granularity", "mx_form", "method", "kv_cache", "kv_granularity", "keep_dtype",
+    str: ("format", "granularity", "mx_form", "rounding", "method", "kv_cache", "kv_granularity", "keep_dtype",
           "activation_scheme") + _PATH_FIELDS,
 }
 
@@ -61,6 +61,7 @@ class QuantizeConfig:
     mx_form: str = "ort"  # OCP MX weight encoding: ort (float32 power-of-two scales) | standard (E8M0 scales)
     exclude: tuple[str, ...] = ()  # fnmatch patterns of nodes / layers left unquantized
     embeddings: bool = False  # FP8: also Gather tables, per-row scales
+    rounding: str = "rtn"  # 4-bit weights: rtn (round to nearest) | gptq (error-compensating, from calibration Hessians)
     # activations
     weights_only: bool = False  # False: activations are quantized too (where the format allows)
     attention: bool = True  # quantize the attention matmuls (Q.K^T, P.V)
@@ -158,8 +159,15 @@ class QuantizeConfig:
             raise InvalidOptionError("--block-size does not apply to --format bf16 (no shared scales): drop it")
         if self.mx_form not in MX_FORMS:
             raise InvalidOptionError(f"--mx-form {self.mx_form!r} is not one of {', '.join(MX_FORMS)}")
-        if self.mx_form != "ort" and spec.family != "mx":
-            raise InvalidOptionError(f"--mx-form applies to the OCP MX formats (mxfp8-*, mxint8, mxfp4), not --format {self.format}")
+        if self.mx_form != "ort" and spec.family not in ("mx", "fp4", "w4a8"):
+            raise InvalidOptionError(f"--mx-form applies to the OCP MX formats and 4-bit weights (mxfp8-*, mxint8, {', '.join(FOUR_BIT)}), "
+                                     f"not --format {self.format}")
+        if self.rounding not in ROUNDINGS:
+            raise InvalidOptionError(f"--rounding {self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+        if self.rounding == "gptq" and not spec.four_bit:
+            raise InvalidOptionError(f"--rounding gptq applies to the 4-bit formats ({', '.join(FOUR_BIT)}), not --format {self.format}")
+        if self.rounding == "gptq" and self.calib is None:
+            raise InvalidOptionError("--rounding gptq needs calibration data for its Hessians: pass --calib (text:FILE, npz, ...)")
         if self.mx_form == "standard" and self.evaluate:
             raise InvalidOptionError("--mx-form standard: ONNX Runtime cannot run FLOAT8E8M0 scales yet, so the accuracy "
                                      "report cannot run; add --no-eval (evaluate=False) or use --mx-form ort")

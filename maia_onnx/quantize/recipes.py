@@ -1,4 +1,4 @@
-"""Recipes: the passes a ``QuantizeConfig`` asks for, one builder per format family (fp8, mx, maia-mx, bf16).
+"""Recipes: the passes a ``QuantizeConfig`` asks for, one builder per format family (fp8, mx, maia-mx, fp4, w4a8, bf16).
 
 A recipe only builds passes; data it needs from the model (calibrated activation scales, imported
 scales, KV-cache calibration batches) arrives in ``RecipeInputs``.  ``quantize_passes(config, inputs,
@@ -9,13 +9,14 @@ kept)`` leaves the ``kept`` node names out, which is how a mixed-precision plan 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir.passes
 
 from maia_onnx.formats.registry import FormatSpec
 from maia_onnx.passes.bf16 import Bf16Pass
+from maia_onnx.passes.gptq import GptqPass
 from maia_onnx.passes.kv_cache import KvCacheFp8Pass
 from maia_onnx.passes.mixed_precision import MixedPrecisionPass, exclude_patterns
 from maia_onnx.passes.qat_import import QatImportPass
@@ -34,6 +35,7 @@ class RecipeInputs:
     weight_scales: dict[str, np.ndarray] = field(default_factory=dict)  # imported: weight initializer -> scale
     kv_scales: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)  # imported k_scale / v_scale per layer
     kv_feeds: list[dict[str, np.ndarray]] | None = None  # KV-cache calibration batches
+    calib_batches: Callable[[Any], Iterable[Mapping[str, np.ndarray]]] | None = None  # GPTQ: model -> batches
 
 
 def fp8_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
@@ -54,8 +56,38 @@ def fp8_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, e
 
 def mx_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
     """OCP MX and Maia mx9/mx6: activations are dynamic (no calibration), on where the format supports them."""
+    if spec.four_bit:
+        return four_bit_weights(config, spec, inputs, exclude)
     activations = False if config.weights_only else None
     return [QuantizeMxPass(spec.name, form=config.mx_form, block_size=config.block_size, exclude=exclude, activations=activations)]
+
+
+def four_bit_weights(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
+    """Packed 4-bit weights, rounded to nearest or by GPTQ (``--rounding gptq``) from the calibration batches."""
+    fmt = spec.weight_format
+    if config.rounding == "gptq":
+        if inputs.calib_batches is None:
+            raise ValueError("--rounding gptq: the recipe needs RecipeInputs.calib_batches")
+        return [GptqPass(fmt, inputs.calib_batches, form=config.mx_form, block_size=config.block_size, exclude=exclude)]
+    return [QuantizeMxPass(fmt, form=config.mx_form, block_size=config.block_size, exclude=exclude, activations=False)]
+
+
+def fp4_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
+    return four_bit_weights(config, spec, inputs, exclude)
+
+
+def w4a8_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
+    """Maia 200's W4A8: packed 4-bit weights, then static FP8 E4M3 QDQ on the activations calibrated for them.
+
+    The FP8 pass runs second and only quantizes values that have a calibrated scale: the linears' decoded
+    4-bit weights have none, so they stay as they are (``attention=True`` lets it reach those linears; the
+    attention matmuls' inputs have scales only when the config asked for them).
+    """
+    passes = four_bit_weights(config, spec, inputs, exclude)
+    if not config.weights_only:
+        passes.append(QuantizeFp8Pass(fmt=spec.fp8, activation_scales=inputs.activation_scales, exclude=exclude,
+                                      attention=True))
+    return passes
 
 
 def bf16_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
@@ -66,6 +98,8 @@ RECIPES: dict[str, Callable[[QuantizeConfig, FormatSpec, RecipeInputs, tuple[str
     "fp8": fp8_recipe,
     "mx": mx_recipe,
     "maia-mx": mx_recipe,
+    "fp4": fp4_recipe,
+    "w4a8": w4a8_recipe,
     "bf16": bf16_recipe,
 }
 
