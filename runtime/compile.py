@@ -32,6 +32,9 @@ import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError, ValidationError
 from maia_onnx.graph.costs import ANY_DIM, value_numel
+from maia_onnx.inputs import make_inputs
+from maia_onnx.io import atomic_write, check_output_path, load_model, quiet_binary_attribute_warnings, save_model
+from maia_onnx.ortutil import compare, run_model
 from maia_onnx.runtime.capability import Placement, get_capability
 from maia_onnx.runtime.fusions import FusionReport, FusionRule, fold_host_arithmetic, fuse_device_partitions
 
@@ -332,8 +335,6 @@ def _widen_narrow_io(graph: ir.Graph, members: list[ir.Node], inputs: list[ir.Va
 
 
 def _silence_utf8_warnings():
-    from maia_onnx.io import quiet_binary_attribute_warnings
-
     quiet_binary_attribute_warnings()
 
 
@@ -361,11 +362,8 @@ def compile_model(
     ``engine="ort"`` has ONNX Runtime's ModelCompiler write the model through the Maia plugin EP instead
     (runtime/ort_compile.py: same program format, no fusions).
     """
-    from maia_onnx.io import check_output_path, load_model
-
     if engine == "ort":
         from maia_onnx.runtime.ort_compile import compile_with_ort  # it builds on this module: imported on use
-
         return compile_with_ort(model, output, device=device, embed=embed, excluded_ops=excluded_ops, dims=dims,
                                 external_data=external_data, verify=verify)
     if engine != "python":
@@ -429,9 +427,6 @@ def compile_model(
 def _reference_run(source, model: ir.Model, dims: Mapping[str, int]) -> tuple[dict | None, dict | str]:
     """(feeds, outputs) of the input model in ONNX Runtime on synthesized inputs, before compile touches it;
     (None, why) when no synthesized input runs (string inputs, shape tensors no generator can guess)."""
-    from maia_onnx.inputs import make_inputs
-    from maia_onnx.ortutil import run_model
-
     target = source if isinstance(source, (str, os.PathLike)) else model
     feeds = make_inputs(model, seed=0, dims=dims)
     try:
@@ -451,13 +446,16 @@ def _check(result: CompileResult, compiled, device: str, reference) -> None:
     if feeds is None:
         result.unverified = outputs
     else:
-        result.verification = _verify(compiled, device, feeds, outputs)
+        result.verification = verify_compiled(compiled, device, feeds, outputs)
 
 
-def _verify(compiled, device: str, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict:
-    """Run the compiled model (emulated Maia) on ``feeds``; raise ValidationError when it disagrees with ``reference``."""
-    from maia_onnx.ortutil import compare
-    from maia_onnx.runtime.session import EmulatorSession
+def verify_compiled(compiled, device: str, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                    what: str = "compiled model",
+                    hint: str = "--no-optimize compiles without fusions, --no-verify skips this check") -> dict:
+    """Run the compiled model (emulated Maia) on ``feeds``; raise ValidationError when it disagrees with ``reference``.
+
+    Per output: compare() figures plus ``bit_identical``; NaN where both have NaN counts as equal."""
+    from maia_onnx.runtime.session import EmulatorSession  # session imports this module: a top-level import would cycle
 
     session = EmulatorSession(str(compiled) if isinstance(compiled, Path) else compiled, device=device)
     names = [o.name for o in session.get_outputs()]
@@ -466,25 +464,24 @@ def _verify(compiled, device: str, feeds: Mapping[str, np.ndarray], reference: M
     for name, ref in reference.items():
         actual = got.get(name)
         if actual is None or np.shape(actual) != np.shape(ref):
-            raise ValidationError(f"compiled model output {name!r} is missing or has shape {np.shape(actual)} instead of "
+            raise ValidationError(f"{what} output {name!r} is missing or has shape {np.shape(actual)} instead of "
                                   f"{np.shape(ref)}: the compile is wrong (nothing written)")
         ref64, act64 = np.asarray(ref, dtype=np.float64), np.asarray(actual, dtype=np.float64)
         both_nan = np.isnan(ref64) & np.isnan(act64)
         report[name] = compare(np.where(both_nan, 0, ref64), np.where(both_nan, 0, act64))
+        report[name]["bit_identical"] = bool(np.array_equal(np.ascontiguousarray(ref).view(np.uint8),
+                                                            np.ascontiguousarray(actual).view(np.uint8)))
     worst = max(report, key=lambda n: report[n]["max_rel"] if report[n]["max_rel"] == report[n]["max_rel"] else np.inf, default=None)
     if worst is not None and not report[worst]["max_rel"] <= VERIFY_TOLERANCE:
         raise ValidationError(
-            f"compiled model disagrees with the input model on synthesized inputs: output {worst!r} relative error "
-            f"{report[worst]['max_rel']:.3e} > {VERIFY_TOLERANCE:g} (nothing written; --no-optimize compiles without "
-            "fusions, --no-verify skips this check)")
+            f"{what} disagrees with the input model on synthesized inputs: output {worst!r} relative error "
+            f"{report[worst]['max_rel']:.3e} > {VERIFY_TOLERANCE:g} (nothing written; {hint})")
     return report
 
 
 def _lower(model: ir.Model, placement: Placement, output: Path | None, device: str, embed: bool, dims: Mapping[str, int],
            source_name: str | None, external_data: bool | None, progress: bool) -> CompileResult:
     """Replace every device partition of ``placement`` with an EPContext node; save to ``output`` when given."""
-    from maia_onnx.io import atomic_write, save_model
-
     graph = model.graph
     nodes = list(graph)
     partitions = [(p, [nodes[i] for i in p.node_indices]) for p in placement.partitions]

@@ -22,19 +22,17 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
-import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
-from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError, ValidationError
+from maia_onnx.errors import InvalidOptionError, ModelLoadError, UserError
 from maia_onnx.inputs import make_inputs
 from maia_onnx.io import check_output_path, load_model, quiet_binary_attribute_warnings
-from maia_onnx.ortutil import compare, run_model, session_options as plain_options
+from maia_onnx.ortutil import run_model, session_options as plain_options
 from maia_onnx.runtime import plugin_ep
 from maia_onnx.runtime.capability import get_capability
-from maia_onnx.runtime.compile import CompileResult
-from maia_onnx.runtime.emulator import MaiaProgram
-from maia_onnx.runtime.session import EmulatorSession, _is_maia_context
+from maia_onnx.runtime.compile import CompileResult, verify_compiled
+from maia_onnx.runtime.session import _is_maia_context
 
 VERIFY_TOLERANCE = 1e-5  # max |diff| / max |reference| per output, as the Python engine's self-check
 
@@ -67,29 +65,6 @@ def _device_nodes(model: ir.Model, model_dir: Path | None) -> tuple[int, dict[st
             blob = node.attributes["ep_cache_context"].value
             programs[program.name] = blob if isinstance(blob, bytes) else blob.encode("utf-8")
     return nodes, programs
-
-
-def _verify(compiled: Path | bytes, device: str, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> dict:
-    """The compiled model in the shim vs the input model in plain ORT; ValidationError beyond VERIFY_TOLERANCE."""
-    session = EmulatorSession(compiled if isinstance(compiled, bytes) else str(compiled), device=device)
-    names = [o.name for o in session.get_outputs()]
-    got = dict(zip(names, session.run(names, feeds)))
-    report = {}
-    for name, ref in reference.items():
-        actual = got.get(name)
-        if actual is None or np.shape(actual) != np.shape(ref):
-            raise ValidationError(f"ORT-compiled model output {name!r} is missing or has shape {np.shape(actual)} "
-                                  f"instead of {np.shape(ref)}: the compile is wrong (nothing written)")
-        ref64, act64 = np.asarray(ref, dtype=np.float64), np.asarray(actual, dtype=np.float64)
-        both_nan = np.isnan(ref64) & np.isnan(act64)
-        report[name] = compare(np.where(both_nan, 0, ref64), np.where(both_nan, 0, act64))
-        report[name]["bit_identical"] = bool(np.array_equal(np.ascontiguousarray(ref).view(np.uint8),
-                                                            np.ascontiguousarray(actual).view(np.uint8)))
-        if not report[name]["max_rel"] <= VERIFY_TOLERANCE:
-            raise ValidationError(
-                f"ORT-compiled model disagrees with the input model on synthesized inputs: output {name!r} relative "
-                f"error {report[name]['max_rel']:.3e} > {VERIFY_TOLERANCE:g} (nothing written; --no-verify skips this check)")
-    return report
 
 
 def compile_with_ort(
@@ -148,7 +123,8 @@ def compile_with_ort(
             raise ModelLoadError(f"ONNX Runtime could not compile {source_path.name} with MaiaExecutionProvider: "
                                  f"{plugin_ep.ep_error(exc)}") from None
         side = staged.with_name(f"{staged.stem}_maia.bin")
-        verification = _verify(staged, device, *reference) if reference is not None else None
+        verification = (verify_compiled(staged, device, *reference, what="ORT-compiled model", hint="--no-verify skips this check")
+                        if reference is not None else None)
         compiled = load_model(staged)
         device_nodes, programs = _device_nodes(compiled, staging)
         if output is None:

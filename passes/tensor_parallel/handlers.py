@@ -138,22 +138,12 @@ def vocab_parallel_embedding(rw: RankRewriter, node: ir.Node) -> Refusal | None:
     table, ids = node.inputs[0], node.inputs[1]
     vocab = rw.shape(table)[0]
     n = vocab // rw.tp
-    ids_dtype = {ir.DataType.INT32: np.int32}.get(rw.dtype_of(ids), np.int64)
-    offset = rw.int_const(rw.rank * n, "vocab_offset", ids_dtype)
-    upper = rw.int_const(n, "vocab_size", ids_dtype)
-    zero_i = rw.int_const(0, "zero", ids_dtype)
-    local = rw.add_node(node, "Sub", [ids, offset]).outputs[0]
-    below = rw.add_node(node, "Less", [local, zero_i]).outputs[0]
-    above = rw.add_node(node, "GreaterOrEqual", [local, upper]).outputs[0]
-    outside = rw.add_node(node, "Or", [below, above]).outputs[0]
-    safe = rw.add_node(node, "Where", [outside, zero_i, local]).outputs[0]
+    safe, outside = rw.local_ids(node, ids, n, "vocab")
     shard = rw.shard_value(table, 0, "vocab")
     if refused(shard):
         return shard  # the id arithmetic above has no users and is dropped with the dead code
     node.replace_input_with(0, shard)
     node.replace_input_with(1, safe)
-    for v in (local, below, above, outside, safe):
-        rw.shapes[v.name] = rw.shape(ids)
     result = node.outputs[0]
     original = result.name
     # mask after the lookup: insert Where(outside[..., None], 0, emb) between Gather and its users

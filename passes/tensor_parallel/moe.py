@@ -138,19 +138,9 @@ def _local_ids(rw: RankRewriter, before: ir.Node, ids: ir.Value, n_local: int) -
     key = ("ep_ids", ids.name)
     if key in rw.shard_cache:
         return rw.shard_cache[key]
-    dtype = {ir.DataType.INT32: np.int32}.get(rw.dtype_of(ids), np.int64)
-    offset = rw.int_const(rw.rank * n_local, "expert_offset", dtype)
-    upper = rw.int_const(n_local, "experts_here", dtype)
-    zero = rw.int_const(0, "zero", dtype)
-    local = rw.add_node(before, "Sub", [ids, offset]).outputs[0]
-    below = rw.add_node(before, "Less", [local, zero]).outputs[0]
-    above = rw.add_node(before, "GreaterOrEqual", [local, upper]).outputs[0]
-    foreign = rw.add_node(before, "Or", [below, above]).outputs[0]
-    safe = rw.add_node(before, "Where", [foreign, zero, local]).outputs[0]
-    for v in (local, below, above, foreign, safe):
-        rw.shapes[v.name] = rw.shape(ids)
+    safe, foreign = rw.local_ids(before, ids, n_local, "expert")
+    for v in (safe, foreign):
         rw.state[v.name] = None
-    safe.dtype = rw.dtype_of(ids)
     rw.shard_cache[key] = (safe, foreign)
     return safe, foreign
 

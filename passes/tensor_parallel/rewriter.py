@@ -150,6 +150,23 @@ class RankRewriter:
         self.graph.insert_before(before, node)
         return node
 
+    def local_ids(self, before: ir.Node, ids: ir.Value, rows: int, stem: str) -> tuple[ir.Value, ir.Value]:
+        """Ids into a table whose ``rows``-row blocks are spread over the ranks: (this rank's local ids, with
+        foreign ids at 0 so the lookup stays in range; the mask of foreign ids)."""
+        dtype = {ir.DataType.INT32: np.int32}.get(self.dtype_of(ids), np.int64)
+        offset = self.int_const(self.rank * rows, f"{stem}_offset", dtype)
+        upper = self.int_const(rows, f"{stem}_rows", dtype)
+        zero = self.int_const(0, "zero", dtype)
+        local = self.add_node(before, "Sub", [ids, offset]).outputs[0]
+        below = self.add_node(before, "Less", [local, zero]).outputs[0]
+        above = self.add_node(before, "GreaterOrEqual", [local, upper]).outputs[0]
+        foreign = self.add_node(before, "Or", [below, above]).outputs[0]
+        safe = self.add_node(before, "Where", [foreign, zero, local]).outputs[0]
+        for v in (local, below, above, foreign, safe):
+            self.shapes[v.name] = self.shape(ids)
+        safe.dtype = self.dtype_of(ids)
+        return safe, foreign
+
     def record_tensor(self, name: str, kind: str, axis: int | None, full_shape, sections: int = 1) -> None:
         entry = self.fragment.tensors.setdefault(
             name, {"kind": kind, "axis": axis, "full_shape": [int(d) for d in full_shape], "shards": {}}
