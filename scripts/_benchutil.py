@@ -113,3 +113,21 @@ def scratch_dir(prefix: str, model: Path, workdir: Path | None, keep: bool):
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"kept {work}", file=sys.stderr)
+
+
+def run_measured(cmd: list[str], work: Path, tag: str) -> tuple[float, int, str]:
+    """Run ``cmd`` in a child process: (wall seconds, the child's own peak RSS in bytes, its stdout).
+
+    ``os.wait4`` reports the child's ru_maxrss (KiB on Linux), so the figure is the command's alone.
+    A non-zero exit raises with the tail of its stderr."""
+    import subprocess
+
+    out_txt, err_txt = work / f"{tag}-stdout.txt", work / f"{tag}-stderr.txt"
+    t0 = time.perf_counter()
+    with open(out_txt, "wb") as fo, open(err_txt, "wb") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{tag} failed: {err_txt.read_text()[-500:]}")
+    return wall, usage.ru_maxrss * 1024, out_txt.read_text()

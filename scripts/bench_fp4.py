@@ -8,6 +8,10 @@ sentences (``maia_onnx.evaluate``).  ``linears`` is the stored bytes of the quan
 exponent bytes) over their FP32 bytes; ``file`` the whole ONNX file (embeddings and norms stay FP32) over FP32.
 
     python scripts/bench_fp4.py [--json out.json] [--workdir .cache/fp4] [--only mxfp4-rtn ...]
+    python scripts/bench_fp4.py --large [.cache/llama-large/model.onnx]   # GPTQ at scale: wall time, peak RSS
+
+``--large``: MXFP4 weight-only with ``--rounding gptq`` (and RTN for reference) of the multi-GB llama made by
+scripts/make_large_models.py, each in a child process: wall time and the child's peak RSS against the weight bytes.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 
-from _benchutil import ROOT
+from _benchutil import LARGE_MODEL, ROOT, run_measured
 from bench_peers import CALIB, HELDOUT, SEQ, prepare_minilm, size
 
 VARIANTS = {
@@ -41,9 +46,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "fp4")
     parser.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
+    parser.add_argument("--large", type=Path, nargs="?", const=LARGE_MODEL, default=None,
+                        help="instead: GPTQ of the multi-GB llama (default path: .cache/llama-large/model.onnx)")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    if args.large is not None:
+        bench_large(args.large, work, args.json)
+        return
 
     import onnx_ir as ir
 
@@ -82,6 +92,34 @@ def main() -> None:
                              f"pooled-embedding cosine vs FP32"))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def bench_large(large: Path, work: Path, json_path: Path | None, samples: int = 8) -> None:
+    """MXFP4 weight-only, RTN and GPTQ (random calibration: the model ships no tokenizer), of the multi-GB llama."""
+    from maia_onnx.io import initializer_bytes, load_model
+    from maia_onnx.report import format_table
+
+    if not large.exists():
+        raise SystemExit(f"no {large}: run scripts/make_large_models.py first")
+    weight_bytes = initializer_bytes(load_model(large))
+    rows = []
+    for rounding in ("rtn", "gptq"):
+        out = work / f"large-mxfp4-{rounding}.onnx"
+        cmd = [sys.executable, "-m", "maia_onnx", "quantize", str(large), "-o", str(out), "--format", "mxfp4",
+               "--weights-only", "--rounding", rounding, "--no-eval", "--json"]
+        if rounding == "gptq":
+            cmd += ["--calib", "random", "--samples", str(samples), "--dim", "seq=64"]
+        wall, peak, _ = run_measured(cmd, work, f"large-{rounding}")
+        rows.append({"rounding": rounding, "seconds": wall, "peak_rss_gib": peak / 2**30,
+                     "rss_vs_weights": peak / weight_bytes, "file_ratio": size(out) / size(large)})
+        print(json.dumps(rows[-1]), flush=True)
+        for p in (out, Path(str(out) + ".data")):
+            p.unlink(missing_ok=True)
+    print(format_table(rows, ["rounding", "seconds", "peak_rss_gib", "rss_vs_weights", "file_ratio"],
+                       title=f"{large} ({weight_bytes / 2**30:.2f} GiB of weights): MXFP4 weight-only, "
+                             f"GPTQ on {samples} random samples x 64 tokens"))
+    if json_path:
+        json_path.write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from _benchutil import ROOT as REPO
-from _benchutil import best_of
+from _benchutil import best_of, run_measured
 
 
 def bench_conversion(rows: int = 8192, cols: int = 4096) -> dict:
@@ -141,17 +140,8 @@ def bench_large(large: Path, work: Path, embeddings: bool) -> dict:
     cmd = [sys.executable, "-m", "maia_onnx", "quantize", str(large), "-o", str(out), "--weights-only", "--json"]
     if embeddings:
         cmd.append("--embeddings")
-    t0 = time.perf_counter()
-    out_json, err_txt = work / "large-report.json", work / "large-stderr.txt"
-    with open(out_json, "wb") as fo, open(err_txt, "wb") as fe:
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
-        # wait4 gives this child's own peak RSS (ru_maxrss, KiB on Linux)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"large quantize failed: {err_txt.read_text()[-500:]}")
-    report = json.loads(out_json.read_text())
-    peak = usage.ru_maxrss * 1024
+    wall, peak, stdout = run_measured(cmd, work, "large")
+    report = json.loads(stdout)
     in_bytes = large.stat().st_size + Path(str(large) + ".data").stat().st_size
     out_bytes = out.stat().st_size + Path(str(out) + ".data").stat().st_size
     for p in (out, Path(str(out) + ".data")):
