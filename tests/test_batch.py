@@ -125,12 +125,13 @@ def test_every_step_records_metrics_that_match_its_artifact(builtin_batch):
     rank_bytes = sum(_weight_bytes(Path(part["artifact"]) / r["file"]) for r in manifest["ranks"])
     source_bytes = _weight_bytes(Path(steps["llama-tp2", "export"]["artifact"]))
     assert p["weight_bytes"] == pytest.approx(rank_bytes, rel=0.02) and p["weight_bytes"] == pytest.approx(source_bytes, rel=0.02)
-    # compile: one EPContext node per device partition; every node of the export placed somewhere
+    # compile: one EPContext node per device partition; every node left after host folding placed somewhere
     c = steps["llama-maia", "compile"]["metrics"]
     compiled = onnx.load(steps["llama-maia", "compile"]["artifact"], load_external_data=False)
     exported = onnx.load(steps["llama-maia", "export"]["artifact"], load_external_data=False)
     assert c["device"] == "maia100" and c["partitions"] == sum(n.op_type == "EPContext" for n in compiled.graph.node) >= 1
-    assert c["nodes_device"] + c["nodes_cpu"] == len(exported.graph.node) and c["nodes_device"] > 0
+    cpu_nodes = [n for n in compiled.graph.node if n.op_type != "EPContext"]
+    assert c["nodes_cpu"] == len(cpu_nodes) and 0 < c["nodes_device"] <= len(exported.graph.node) - c["nodes_cpu"]
     assert c["flops_device"] > 0 and c["est_device_time_s"] > 0
     # verify: FP32 artifacts match their reference to rounding, quantized ones to FP8 accuracy
     for name in ("llama-fp32", "llama-tp2", "llama-maia", "yolo-fp32"):

@@ -29,6 +29,7 @@ from maia_onnx.passes import tensor_parallel
 from maia_onnx.passes.pipeline_parallel import PipelinePlan, Stage, split_pipeline
 from maia_onnx.passes.tensor_parallel import TpFragment
 from maia_onnx.passes.tensor_parallel.slices import SourceCache
+from maia_onnx.passes.unpack_weights import UnpackWeightsPass
 from maia_onnx.runtime.perfmodel import allgather_time, allreduce_time
 
 PREPARE_BUFFERS_BYTES = 256 << 20  # above this much weight, staging buffers are allocated while the graph is rewritten
@@ -194,6 +195,8 @@ def partition_model(
         raise InvalidOptionError(f"--tp {tp} is invalid: the tensor-parallel degree must be >= 1")
     # the check's inputs come from the unsharded graph, before any pass rewrites it
     probe = make_probe(model, tp, pp) if verify else None
+    # packed 4-bit / mx9 / mx6 weights are decoded subgraphs no rewrite can slice: shards hold their exact values
+    unpacked = UnpackWeightsPass()(model) if tp > 1 else None
     skeleton_model = model.clone()  # the unsharded graph before PP/TP rewrite anything (tensors are shared)
     full_shapes = None
     if tp > 1:
@@ -217,6 +220,9 @@ def partition_model(
         merge_tp_fragments(manifest, fragments, tp)
         if ep > 1:
             manifest["extra"]["expert_parallel"] = ep
+        if unpacked is not None and unpacked.modified:
+            manifest["extra"]["unpacked_weights"] = {"count": len(unpacked.weights), "packed_bytes": unpacked.packed_bytes,
+                                                     "unpacked_bytes": unpacked.unpacked_bytes}
     in_shards = _names_in_shards(manifest, skeleton_model, rank_models)
     out_dir = Path(out_dir)
     own_writer = writer is None
