@@ -396,14 +396,15 @@ def _session_with_outputs(model: ir.Model, names: Sequence[str]):
             continue
         elem = dtypes.get(name) or ir.DataType.FLOAT
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, int(elem), None))
+    options = session_options(True)
     external = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]
     if external:
-        from onnx.external_data_helper import load_external_data_for_model
-
-        load_external_data_for_model(proto, external[0].base_dir)
+        # ORT reads the weights from their files itself: loading them into the proto would hold a second copy
+        # of every weight and stop at protobuf's 2 GB
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external[0].base_dir))
     import onnxruntime as ort
 
-    return ort.InferenceSession(proto.SerializeToString(), session_options(True), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def declared_shapes(model: ir.Model, names: Sequence[str]) -> dict[str, ir.Shape]:
