@@ -426,27 +426,25 @@ std::string value_info_proto(const std::string& name, const TypeInfo& t) {
 }
 
 std::string tensor_from_value(const std::string& name, const OrtValue* value) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  check(ort->GetTensorTypeAndShape(value, &info));
-  std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> hold(
-      info, ort->ReleaseTensorTypeAndShapeInfo);
-  ONNXTensorElementDataType elem;
-  check(ort->GetTensorElementType(info, &elem));
-  if (elem == ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING) throw Error("string tensor attributes are not supported");
-  size_t rank = 0;
-  check(ort->GetDimensionsCount(info, &rank));
-  std::vector<int64_t> dims(rank);
-  check(ort->GetDimensions(info, dims.data(), rank));
-  size_t bytes = 0;
-  check(ort->GetTensorSizeInBytes(value, &bytes));
+  const TensorLayout t = describe_tensor(value, "tensor attributes");
   const void* data = nullptr;
   check(ort->GetTensorData(value, &data));
   pb::Writer w;
-  for (int64_t d : dims) w.int_field(1, d);
-  w.int_field(2, elem);
+  for (int64_t d : t.dims) w.int_field(1, d);
+  w.int_field(2, t.elem);
   if (!name.empty()) w.bytes_field(8, name);
-  w.bytes_field(9, data, bytes);
+  w.bytes_field(9, data, t.bytes);
   return w.out;
+}
+
+// Calls ``emit`` on each value of an attribute array as ORT packs it: native-endian T after T.
+template <typename T, typename Emit>
+void for_each_packed(const std::string& buf, Emit emit) {
+  for (size_t i = 0; i + sizeof(T) <= buf.size(); i += sizeof(T)) {
+    T v;
+    std::memcpy(&v, buf.data() + i, sizeof(T));
+    emit(v);
+  }
 }
 
 std::string attribute_proto(const OrtOpAttr* attr) {
@@ -481,26 +479,14 @@ std::string attribute_proto(const OrtOpAttr* attr) {
       w.int_field(20, 3);
       break;
     }
-    case ORT_OP_ATTR_INTS: {
-      std::string buf = read(type);
-      for (size_t i = 0; i + 8 <= buf.size(); i += 8) {
-        int64_t v;
-        std::memcpy(&v, buf.data() + i, 8);
-        w.int_field(8, v);
-      }
+    case ORT_OP_ATTR_INTS:
+      for_each_packed<int64_t>(read(type), [&](int64_t v) { w.int_field(8, v); });
       w.int_field(20, 7);
       break;
-    }
-    case ORT_OP_ATTR_FLOATS: {
-      std::string buf = read(type);
-      for (size_t i = 0; i + 4 <= buf.size(); i += 4) {
-        float v;
-        std::memcpy(&v, buf.data() + i, 4);
-        w.float_field(7, v);
-      }
+    case ORT_OP_ATTR_FLOATS:
+      for_each_packed<float>(read(type), [&](float v) { w.float_field(7, v); });
       w.int_field(20, 6);
       break;
-    }
     case ORT_OP_ATTR_TENSOR: {
       OrtValue* value = nullptr;
       check(ort->OpAttr_GetTensorAttributeAsOrtValue(attr, &value));

@@ -502,26 +502,14 @@ void Engine::run(OrtKernelContext* context, const std::vector<const OrtValue*>& 
   check(ort->Run(session_, nullptr, in_names.data(), feeds.data(), feeds.size(), out_names.data(), out_names.size(),
                  results.data()));
   for (size_t j = 0; j < results.size(); ++j) {
-    OrtTensorTypeAndShapeInfo* info = nullptr;
-    check(ort->GetTensorTypeAndShape(results[j], &info));
-    std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> hold(
-        info, ort->ReleaseTensorTypeAndShapeInfo);
-    ONNXTensorElementDataType type;
-    check(ort->GetTensorElementType(info, &type));
-    if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING) throw Error("string outputs cannot leave a Maia partition");
-    size_t rank = 0;
-    check(ort->GetDimensionsCount(info, &rank));
-    std::vector<int64_t> dims(rank);
-    check(ort->GetDimensions(info, dims.data(), rank));
-    size_t bytes = 0;
-    check(ort->GetTensorSizeInBytes(results[j], &bytes));
+    const TensorLayout t = describe_tensor(results[j], "outputs of a Maia partition");
     OrtValue* out = nullptr;
-    check(ort->KernelContext_GetOutput(context, out_slots[j], dims.data(), rank, &out));
+    check(ort->KernelContext_GetOutput(context, out_slots[j], t.dims.data(), t.dims.size(), &out));
     void* dst = nullptr;
     const void* src = nullptr;
     check(ort->GetTensorMutableData(out, &dst));
     check(ort->GetTensorData(results[j], &src));
-    if (bytes) std::memcpy(dst, src, bytes);
+    if (t.bytes) std::memcpy(dst, src, t.bytes);
   }
 }
 

@@ -36,6 +36,22 @@ void check(OrtStatus* status) {
   throw Error(message, code);
 }
 
+TensorLayout describe_tensor(const OrtValue* value, const char* what) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(ort->GetTensorTypeAndShape(value, &info));
+  std::unique_ptr<OrtTensorTypeAndShapeInfo, void (*)(OrtTensorTypeAndShapeInfo*)> hold(
+      info, ort->ReleaseTensorTypeAndShapeInfo);
+  TensorLayout layout;
+  check(ort->GetTensorElementType(info, &layout.elem));
+  if (layout.elem == ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING) throw Error(std::string("string ") + what + " are not supported");
+  size_t rank = 0;
+  check(ort->GetDimensionsCount(info, &rank));
+  layout.dims.resize(rank);
+  check(ort->GetDimensions(info, layout.dims.data(), rank));
+  check(ort->GetTensorSizeInBytes(value, &layout.bytes));
+  return layout;
+}
+
 #define MAIA_TRY try {
 #define MAIA_CATCH                                                 \
   }                                                                \

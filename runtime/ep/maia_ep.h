@@ -30,6 +30,14 @@ struct Error : std::runtime_error {
 // Throws the status's message as an Error (and releases the status).
 void check(OrtStatus* status);
 
+// Element type, dims and byte size of a tensor OrtValue; ``what`` names it in the error a string tensor raises.
+struct TensorLayout {
+  ONNXTensorElementDataType elem = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> dims;
+  size_t bytes = 0;
+};
+TensorLayout describe_tensor(const OrtValue* value, const char* what);
+
 // ONNX element types by name (as the program header and the capability table spell them) and back.
 int32_t element_type(const std::string& name);
 std::string element_type_name(int32_t type);
