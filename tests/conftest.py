@@ -70,3 +70,4 @@ def make_topk_model(tmp_path):
         return path
 
     return make
+

@@ -5,36 +5,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
+from graphs import write_mlp
 
 from maia_onnx.cli import main
-from maia_onnx.io import load_model, save_model, sha256_file
+from maia_onnx.io import load_model, sha256_file
 from maia_onnx.ortutil import run_model
-
-TEXT = """
-<ir_version: 10, opset_import: ["" : 21]>
-g (float[batch, 16] x) => (float[batch, 10] logits) {
-   h = MatMul(x, W1)
-   r = Relu(h)
-   logits = Gemm <transB = 1> (r, W2, b)
-}
-"""
-
 
 @pytest.fixture
 def model_path(tmp_path):
-    rng = np.random.default_rng(0)
-    proto = onnx.parser.parse_model(TEXT)
-    proto.graph.initializer.extend([
-        onnx.numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "W1"),
-        onnx.numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32) * 0.2, "W2"),
-        onnx.numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b"),
-    ])
-    path = tmp_path / "mlp.onnx"
-    save_model(ir.serde.deserialize_model(proto), path)
-    return path
+    return write_mlp(tmp_path / "mlp.onnx", n_in=16)
 
 
 def test_quantize_fp8_with_npz_calibration_and_report(tmp_path, model_path, capsys):

@@ -6,9 +6,9 @@ import dataclasses
 import json
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import pytest
+from graphs import write_mlp
 
 import maia_onnx
 from maia_onnx.cli.quantize import command as quantize_command
@@ -16,35 +16,15 @@ from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats.fp8 import FP8_E4M3FN, FP8_E5M2
 from maia_onnx.formats.mx import MX_BLOCK_SIZE, SMX_BLOCK_SIZE
 from maia_onnx.formats.registry import FAMILIES, FORMAT_NAMES, FORMATS, KV_CACHE_FORMATS, get_format, kv_cache_format
-from maia_onnx.io import save_model
 from maia_onnx.ortutil import compare, run_model
 from maia_onnx.passes.quantize_fp8 import LayerRecord
 from maia_onnx.passes.quantize_mx import MxLayerRecord
 from maia_onnx.quantize import QuantizeConfig, QuantizeReport, QuantizeResult, quantize_model
 from maia_onnx.quantize.recipes import RECIPES, RecipeInputs, quantize_passes
 
-TEXT = """
-<ir_version: 10, opset_import: ["" : 21]>
-g (float[batch, 64] x) => (float[batch, 10] logits) {
-   h = MatMul(x, W1)
-   r = Relu(h)
-   logits = Gemm <transB = 1> (r, W2, b)
-}
-"""
-
-
 @pytest.fixture
 def mlp_path(tmp_path):
-    rng = np.random.default_rng(0)
-    proto = onnx.parser.parse_model(TEXT)
-    proto.graph.initializer.extend([
-        onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W1"),
-        onnx.numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32) * 0.2, "W2"),
-        onnx.numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b"),
-    ])
-    path = tmp_path / "mlp.onnx"
-    save_model(ir.serde.deserialize_model(proto), path)
-    return path
+    return write_mlp(tmp_path / "mlp.onnx", n_in=64)
 
 
 # --- the registry ------------------------------------------------------------------------------------------
