@@ -70,4 +70,3 @@ def make_topk_model(tmp_path):
         return path
 
     return make
-
