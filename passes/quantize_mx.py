@@ -220,11 +220,13 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
                 packed = self.encoded.get(w.name) or quantize_fp4(data, self.fmt, axis, self.block_size)
                 out = decoder.fp4(packed, w.name, self.form)
                 row.form = self.form
+                # chunk by chunk: a whole-tensor dequantize() would add two FP32-sized temporaries
+                signal, noise = packed.signal_noise(data)
             else:
                 packed = smx_encode(data, SMX_MANTISSA_BITS[self.fmt], axis, self.block_size)
                 out = decoder.smx(packed, w.name, self.fmt)
                 row.form = "packed"
-            measure(data, packed.dequantize())
+                measure(data, packed.dequantize())
             del data
             if lazy_source:
                 _release(source)

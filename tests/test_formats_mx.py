@@ -18,6 +18,7 @@ from maia_onnx.formats.mx import (
     mx_dequantize,
     mx_quantize,
     mx_shared_exponents,
+    saturate_cast,
 )
 
 
@@ -168,3 +169,32 @@ def test_dequantize_matches_manual_scale(fmt):
     if fmt == "mxint8":
         manual = manual / 64
     np.testing.assert_array_equal(mx_dequantize(elems, exps, fmt, axis=0), manual.astype(np.float32))
+
+
+@pytest.mark.parametrize("dtype, max_value", [(ml_dtypes.float4_e2m1fn, 6.0), (ml_dtypes.float8_e4m3fn, 448.0),
+                                              (ml_dtypes.float8_e5m2, 57344.0)])
+def test_saturate_cast_of_float32_equals_the_float64_formula(dtype, max_value):
+    """float32 input is clipped in float32: bit-identical to clipping in float64 on every value near the grid."""
+    old = lambda v: np.clip(np.asarray(v, np.float64), -max_value, max_value).astype(dtype)  # noqa: E731
+    codes = np.arange(16 if dtype == ml_dtypes.float4_e2m1fn else 256, dtype=np.uint8)
+    grid = np.unique(np.abs(codes.view(dtype).astype(np.float32)))
+    grid = grid[np.isfinite(grid)]
+    # grid points, the ties between them and past the bound, each with its 64 float32 neighbours on either side
+    centres = np.concatenate([grid, (grid[:-1] + grid[1:]) / 2, [max_value * 1.5, max_value * 2]]).astype(np.float32)
+    near = (centres.view(np.int32)[:, None] + np.arange(-64, 65, dtype=np.int32)).reshape(-1)
+    near = near[near >= 0].view(np.float32)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([
+        near, -near,
+        rng.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every exponent, NaNs
+        rng.uniform(-2 * max_value, 2 * max_value, 1 << 16).astype(np.float32),
+        np.float32([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1e-45, -1e-45, 1.1754942e-38, 3.4028235e38]),
+    ]).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN into E2M1 (which has none) warns on either path
+        got = saturate_cast(x, dtype, max_value)
+        assert got.dtype == dtype and got.shape == x.shape
+        np.testing.assert_array_equal(got.view(np.uint8), old(x).view(np.uint8))
+        x64 = x.astype(np.float64) * (1 + 2.0**-40)  # float64 input stays on the float64 path: values between float32s
+        np.testing.assert_array_equal(saturate_cast(x64, dtype, max_value).view(np.uint8), old(x64).view(np.uint8))
+        np.testing.assert_array_equal(saturate_cast(x, dtype, 5.9).view(np.uint8),  # a bound float32 cannot hold
+                                      np.clip(x.astype(np.float64), -5.9, 5.9).astype(dtype).view(np.uint8))

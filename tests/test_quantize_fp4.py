@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import warnings
 
 import ml_dtypes
@@ -13,10 +14,11 @@ from onnx.reference import ReferenceEvaluator
 
 from maia_onnx.data import Feeds
 from maia_onnx.errors import InvalidOptionError
-from maia_onnx.formats.fp4 import dequantize_onnx_fp4, encode_fp4, quantize_fp4
+from maia_onnx.formats.fp4 import FP4_KINDS, Fp4Weight, dequantize_onnx_fp4, encode_fp4, quantize_fp4
 from maia_onnx.formats.gptq import fp4_e4m3_global_scale, fp4_e4m3_quantizer, gptq, mxfp4_quantizer, output_error
-from maia_onnx.formats.mx import fake_quant_mx, fake_quant_smx
-from maia_onnx.formats.packing import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
+from maia_onnx.formats.fp8 import cast_fp8_saturate
+from maia_onnx.formats.mx import fake_quant_mx, fake_quant_smx, mx_quantize
+from maia_onnx.formats.packing import E2M1_VALUES, layout, pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 from maia_onnx.formats.smx import smx_encode
 from maia_onnx.ortutil import compare, run_model
 from maia_onnx.passes.gptq import GptqPass
@@ -78,6 +80,147 @@ def test_formats_references_agree(axis):
         xn[10, 11] = np.nan  # a NaN block stays NaN, as in fake_quant_smx
         np.testing.assert_array_equal(smx_encode(xn, m, axis).dequantize(), fake_quant_smx(xn, m, axis))
         np.testing.assert_array_equal(bits(smx_encode(x, m, axis).dequantize()), bits(fake_quant_smx(x, m, axis)))
+
+
+def unchunked_fp4(x, kind, axis, block_size=None, tensor_scale=None):
+    """quantize_fp4 as it was before chunking: the whole tensor at once, codes one per byte, a float64 clip."""
+    x = np.asarray(x, np.float32)
+    lay = layout(x.shape, axis, block_size or FP4_KINDS[kind])
+    if kind == "mxfp4":
+        elems, exps = mx_quantize(x, "mxfp4", axis=lay.axis, block_size=lay.block)
+        return lay, lay.to_blocked(elems.view(np.uint8)), lay.scales_from_onnx(exps).astype(np.uint8), np.float32(1.0)
+    amax = float(np.max(np.abs(x))) if x.size else 0.0
+    g = np.float32(tensor_scale if tensor_scale is not None else amax / (6.0 * 448.0) if amax > 0 else 1.0)
+    xb = lay.to_blocked(x)
+    scale_codes = cast_fp8_saturate(np.max(np.abs(xb), axis=2, keepdims=True) / (6.0 * g), "e4m3fn").view(np.uint8)
+    scale = scale_codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * g
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.where(scale > 0, xb / scale, np.float32(0.0))
+        codes = np.clip(v.astype(np.float64), -6.0, 6.0).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+    return lay, codes, scale_codes, g
+
+
+CHUNK_CASES = [  # shape, axis, block size (None: the kind's): short last blocks, odd code counts, 1-D, 3-D, both axes
+    ((50, 40), 0, None), ((50, 40), 1, None), ((64, 48), 0, None), ((37,), 0, None), ((1, 65), 1, None),
+    ((33, 1), 0, None), ((3, 7, 5), 1, 7), ((5, 8, 3), 1, 3), ((5, 9, 3), 1, 3), ((2, 3, 35), -1, None),
+    ((4, 5, 6), 0, 3),
+]
+
+
+@pytest.mark.parametrize("kind", FP4)
+@pytest.mark.parametrize("shape, axis, block_size", CHUNK_CASES)
+def test_chunked_quantize_equals_unchunked(kind, shape, axis, block_size):
+    rng = np.random.default_rng(sum(shape))
+    x = heavy_tailed(rng, shape).reshape(-1)
+    x[: x.size // 7] *= 40.0  # scales far apart across chunks: the fp4-e4m3 tensor scale must see them all
+    x[1], x[2], x[3] = -0.0, 1e-42, 0.0
+    x = x.reshape(shape)
+    lay, codes, scale_codes, g = unchunked_fp4(x, kind, axis, block_size)
+    for max_elements in (1, 2, 5, 64, 1000, 1 << 30):
+        w = quantize_fp4(x, kind, axis, block_size, max_elements=max_elements)
+        assert w.layout == lay and w.tensor_scale == g and w.tensor_scale.dtype == np.float32
+        np.testing.assert_array_equal(w.codes, codes, err_msg=str(max_elements))
+        np.testing.assert_array_equal(w.packed(), pack_nibbles(codes), err_msg=str(max_elements))
+        np.testing.assert_array_equal(w.scale_codes, scale_codes, err_msg=str(max_elements))
+        expected = lay.from_blocked(E2M1_VALUES[codes] * w.block_scales())
+        np.testing.assert_array_equal(bits(w.dequantize()), bits(expected))
+        # SQNR terms chunk by chunk == over the whole tensor at once (float32 dots: up to summation order)
+        d = x - expected
+        signal, noise = w.signal_noise(x, max_elements=max_elements)
+        assert signal == pytest.approx(float(np.dot(x.reshape(-1), x.reshape(-1))), rel=1e-5)
+        assert noise == pytest.approx(float(np.dot(d.reshape(-1), d.reshape(-1))), rel=1e-5)
+    if kind == "fp4-e4m3":  # a tensor scale given from outside (GPTQ's) is used as is
+        _, codes, scale_codes, g = unchunked_fp4(x, kind, axis, block_size, tensor_scale=0.25)
+        w = quantize_fp4(x, kind, axis, block_size, tensor_scale=0.25, max_elements=3)
+        assert w.tensor_scale == g
+        np.testing.assert_array_equal(w.codes, codes)
+        np.testing.assert_array_equal(w.scale_codes, scale_codes)
+
+
+@pytest.mark.parametrize("kind", FP4)
+def test_chunked_quantize_keeps_non_finite_blocks(kind):
+    x = heavy_tailed(np.random.default_rng(4), (70, 24))
+    x[5, 3], x[40, 7] = np.nan, np.inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        _, codes, scale_codes, g = unchunked_fp4(x, kind, 0)
+        w = quantize_fp4(x, kind, 0, max_elements=50)
+        assert bits(w.tensor_scale).tolist() == bits(g).tolist()
+        np.testing.assert_array_equal(w.codes, codes)
+        np.testing.assert_array_equal(w.scale_codes, scale_codes)
+
+
+@pytest.mark.parametrize("kind", FP4)
+def test_empty_tensors_quantize_to_empty_weights(kind):
+    for shape, axis in (((0, 32), 0), ((4, 0), 0), ((0, 32), 1), ((3, 0, 2), 1)):
+        w = quantize_fp4(np.zeros(shape, np.float32), kind, axis)
+        assert w.codes.shape == w.layout.blocked_shape and w.scale_codes.shape == w.layout.scale_shape
+        assert w.dequantize().shape == shape and w.signal_noise(np.zeros(shape, np.float32)) == (0.0, 0.0)
+
+
+class SpyMap(mmap.mmap):
+    """An mmap that records what it is told to drop."""
+
+    def madvise(self, option, start=0, length=None):
+        self.dropped = getattr(self, "dropped", 0) + length
+        return super().madvise(option, start, length)
+
+
+@pytest.mark.parametrize("kind", FP4)
+def test_memory_mapped_source_gives_its_pages_back_chunk_by_chunk(kind, tmp_path):
+    x = heavy_tailed(np.random.default_rng(8), (512, 64))
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 100 + x.tobytes())  # an unaligned offset, like a tensor inside an external-data file
+    _, codes, scale_codes, g = unchunked_fp4(x, kind, 0)
+    with open(path, "rb") as f:
+        ro = SpyMap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped = np.frombuffer(ro, np.float32, count=x.size, offset=100).reshape(x.shape)
+    w = quantize_fp4(mapped, kind, 0, max_elements=8192)
+    signal, noise = w.signal_noise(mapped, max_elements=8192)
+    passes = 3 if kind == "fp4-e4m3" else 2  # (tensor amax,) rounding, SQNR: each reads the file again
+    chunks = x.size // 8192  # each keeps at most its two partial edge pages
+    assert passes * (x.nbytes - 2 * chunks * mmap.PAGESIZE) <= ro.dropped <= passes * x.nbytes
+    # pages dropped are read back unchanged: every pass saw the file's numbers
+    assert w.tensor_scale == g
+    np.testing.assert_array_equal(w.codes, codes)
+    np.testing.assert_array_equal(w.scale_codes, scale_codes)
+    d = x - w.dequantize()
+    assert noise == pytest.approx(float(np.dot(d.reshape(-1), d.reshape(-1))), rel=1e-5)
+    del mapped
+    ro.close()
+    # a copy-on-write mapping's written pages are the only copy of what was written: never dropped
+    with open(path, "rb") as f:
+        cow = SpyMap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    written = np.frombuffer(cow, np.float32, count=x.size, offset=100).reshape(x.shape)
+    written *= 2.0
+    _, codes, _, _ = unchunked_fp4(2.0 * x, kind, 0)
+    np.testing.assert_array_equal(quantize_fp4(written, kind, 0, max_elements=8192).codes, codes)
+    np.testing.assert_array_equal(written, 2.0 * x)
+    assert getattr(cow, "dropped", 0) == 0
+    del written
+    cow.close()
+
+
+def test_fp4_weight_stores_codes_packed():
+    rng = np.random.default_rng(6)
+    lay = layout((5, 9, 3), 1, 3)  # 135 codes: an odd count, the last byte half padding
+    codes = rng.integers(0, 16, lay.blocked_shape).astype(np.uint8)
+    scale_codes = rng.integers(100, 140, lay.scale_shape).astype(np.uint8)
+    w = Fp4Weight("mxfp4", lay, codes, scale_codes)
+    assert w.packed() is w.packed() and w.packed().nbytes == 68  # stored bytes, not a packing of one byte per code
+    np.testing.assert_array_equal(w.packed(), pack_nibbles(codes))
+    np.testing.assert_array_equal(w.codes, codes)
+    assert w.codes.shape == lay.blocked_shape and w.codes.dtype == np.uint8
+    assert w.nbytes == 68 + scale_codes.nbytes
+    np.testing.assert_array_equal(bits(w.dequantize()), bits(lay.from_blocked(E2M1_VALUES[codes] * w.block_scales())))
+    np.testing.assert_array_equal(w.elements().view(np.uint8), lay.from_blocked(codes))
+    w.codes = codes[::-1].copy()  # encode_fp4 assigns the codes after the scales are known
+    np.testing.assert_array_equal(w.codes, codes[::-1])
+    same = Fp4Weight.from_packed("mxfp4", lay, w.packed(), scale_codes)
+    np.testing.assert_array_equal(same.codes, codes[::-1])
+    with pytest.raises(ValueError, match="codes"):
+        w.codes = codes[:2]
+    with pytest.raises(ValueError, match="packed bytes"):
+        Fp4Weight.from_packed("mxfp4", lay, w.packed()[:-1], scale_codes)
 
 
 @pytest.mark.parametrize("act_order", [False, True])

@@ -116,7 +116,15 @@ def e8m0_to_ml_dtypes(exps: np.ndarray) -> np.ndarray:
 
 def saturate_cast(v: np.ndarray, dtype, max_value: float) -> np.ndarray:
     """Round-to-nearest-even into ``dtype`` with saturation to +-max_value; NaN stays NaN."""
-    return np.clip(np.asarray(v, dtype=np.float64), -max_value, max_value).astype(dtype)
+    v = np.asarray(v)
+    # Clipping float32 in float32 gives the float64 formula's bits with one float32 temporary instead of two
+    # float64 ones: the bound is exact in float32 and a float32 value needs no rounding to reach float64, so the
+    # cast into dtype rounds the same number once either way.  Anything else (float64 input, a bound float32
+    # cannot hold) keeps float64.
+    exact = float(np.float32(max_value)) == max_value
+    work = np.float32 if v.dtype == np.float32 and exact else np.float64
+    bound = work(max_value)
+    return np.clip(v.astype(work, copy=False), -bound, bound).astype(dtype)
 
 
 def mx_shared_exponents(x: np.ndarray, fmt: str | MxFormat, axis: int = -1, block_size: int = MX_BLOCK_SIZE) -> np.ndarray:
