@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.external_data_helper import uses_external_data
@@ -317,3 +318,64 @@ def model_content_hash(path: str | os.PathLike) -> str:
     for data in external_data_files(ir.load(path)):
         h.update(sha256_file(data).encode())
     return h.hexdigest()
+
+
+class SpillFile:
+    """Arrays parked on disk while a long computation makes more of them (GPTQ's packed weights of a multi-GB
+    model), each read back whole on demand.  One unlinked temporary file (``TMPDIR``) that vanishes when closed or
+    when the process ends, so nothing is left behind; reads use ``pread`` into fresh memory, never a mapping, so the
+    pages read stay out of this process's resident set once the array is dropped."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self._file = tempfile.TemporaryFile(prefix="maia-spill-", dir=directory)
+        self._end = 0
+
+    def put(self, array: np.ndarray) -> tuple[int, np.dtype, tuple[int, ...]]:
+        """Write ``array``; returns the handle ``get`` takes."""
+        array = np.ascontiguousarray(array)
+        data = memoryview(array.reshape(-1).view(np.uint8))
+        offset = self._end
+        try:
+            written = os.pwrite(self._file.fileno(), data, offset)
+            while written < len(data):
+                written += os.pwrite(self._file.fileno(), data[written:], offset + written)
+        except OSError as exc:
+            raise _os_error(exc, Path(tempfile.gettempdir())) from exc
+        self._end += len(data)
+        return offset, array.dtype, tuple(array.shape)
+
+    def get(self, handle: tuple[int, np.dtype, tuple[int, ...]]) -> np.ndarray:
+        offset, dtype, shape = handle
+        out = np.empty(shape, dtype=dtype)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if n <= 0:
+                raise UserError(f"spill file ended {len(view) - done} bytes early: was {tempfile.gettempdir()} cleaned?")
+            done += n
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def give_back_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``).  Streaming a multi-GB model frees and
+    allocates arrays of tens of MB; glibc keeps those under its 32 MB mmap threshold in the heap, where freed
+    pieces still count in the resident set, so a long run's RSS would creep up by hundreds of MB.  A no-op where
+    the C library has no ``malloc_trim``."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None

@@ -85,6 +85,9 @@ def layer_name(node: ir.Node, weight: ir.Value | None = None) -> str:
     return node.name or ""
 
 
+NOT_A_WEIGHT_KEY = "maia.not_a_weight"  # metadata on constants a pass added that are no layer's weight (rotations)
+
+
 def _const_float(value: ir.Value | None) -> bool:
     return (
         value is not None
@@ -92,6 +95,7 @@ def _const_float(value: ir.Value | None) -> bool:
         and value.const_value is not None
         and value.dtype in FLOAT_TYPES
         and not value.is_graph_input()
+        and NOT_A_WEIGHT_KEY not in value.metadata_props
     )
 
 

@@ -1,13 +1,16 @@
 """GptqPass: 4-bit weights (mxfp4, fp4-e4m3) rounded by GPTQ from calibration Hessians, stored packed.
 
-Each quantized linear's input is made an extra output of the (still float) model, calibration batches stream
-through ONNX Runtime, and ``formats.gptq.HessianAccumulator`` sums ``2 X^T X`` over the real positions only (a
-batch's ``Feeds.valid`` mask drops padding).  Layers reading the same input (q/k/v) share one Hessian.  Only
-``max_hessian_bytes`` of float64 Hessians live at once: the inputs are grouped under that budget and the
-calibration data is streamed once per group, each group's layers rounded (``formats.gptq.gptq``) and packed
-(``formats.fp4.encode_fp4``, which stores GPTQ's values and scales exactly as given) before the next group's
-Hessians are made.  The graph is then rewritten by ``QuantizeMxPass`` with those weights; layers GPTQ cannot
-take (Conv, batched MatMul weights, Gemm with transA) are rounded to nearest.
+The calibration batches stream once through the (still float) model segment by segment (``maia_onnx.segments``):
+only one segment's weights (``max_segment_bytes``, cut between decoder layers) are in ONNX Runtime at a time, and
+a segment ends before the Hessians of the layer inputs it makes pass ``max_hessian_bytes``.  For each such input
+``formats.gptq.HessianAccumulator`` sums ``2 X^T X`` over the real positions only (a batch's ``Feeds.valid`` mask
+drops padding); layers reading the same input (q/k/v) share one Hessian and one factorization.  When a segment is
+done its inputs' layers are rounded (``formats.gptq.gptq_rows``, ``row_chunk`` output rows at a time from the
+memory-mapped weight) and packed (``formats.fp4.encode_fp4``, which stores GPTQ's values and scales exactly as
+given), and their Hessians are dropped before the next segment runs.  The graph is then rewritten by
+``QuantizeMxPass`` with those weights; layers GPTQ cannot take (Conv, batched MatMul weights, Gemm with transA)
+are rounded to nearest.  Every layer reads the float model's activations (not its already-rounded predecessors'),
+so the result does not depend on how the model was cut.
 
 Defaults measured on a trained sentence encoder (all-MiniLM-L6-v2, 64 calibration sentences; docs/benchmarks.md):
 plain GPTQ (damping 0.01, columns in order, every token weighted by its size) made the embeddings *worse* than
@@ -16,36 +19,42 @@ first (``act_order``, static group scales), damping 0.1 and token-normalized Hes
 next LayerNorm divides every token by its norm) turn that into a 2x smaller embedding error.
 
 ``GptqPass(fmt, batches, form="ort", block_size=None, exclude=(), damp=0.1, block=128, max_hessian_bytes=512 MiB,
-act_order=True, normalize_tokens=True)`` where ``batches(model)`` yields feed dicts (``maia_onnx.data.Feeds`` carry ``valid``).  The result is a
-``GptqPassResult`` (an ``MxPassResult``) whose ``gptq`` rows give each layer's output error for round-to-nearest
-and for GPTQ on the calibration inputs (``formats.gptq.output_error``).
+act_order=True, normalize_tokens=True, max_segment_bytes=256 MiB, progress=None)`` where ``batches(model)`` yields
+feed dicts (``maia_onnx.data.Feeds`` carry ``valid``) and ``progress(done, total, what)`` hears of each rounded
+layer.  The result is a ``GptqPassResult`` (an ``MxPassResult``) whose ``gptq`` rows give each layer's output error
+for round-to-nearest and for GPTQ on the calibration inputs (``formats.gptq.output_error``).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
-from maia_onnx.calib import run_with_intermediates
 from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.formats.fp4 import FP4_KINDS, Fp4Weight, encode_fp4
 from maia_onnx.formats.gptq import (
     GroupQuantizer,
     HessianAccumulator,
+    HessianFactor,
+    factor_hessian,
     fp4_e4m3_global_scale,
     fp4_e4m3_quantizer,
-    gptq,
+    gptq_rows,
     mxfp4_quantizer,
-    output_error,
+    output_error_sum,
 )
+from maia_onnx.formats.packing import BlockLayout, layout
+from maia_onnx.io import SpillFile, give_back_free_memory
 from maia_onnx.passes.quantize_mx import MxPassResult, QuantizeMxPass
 from maia_onnx.scales import WeightTarget, weight_targets
+from maia_onnx.segments import DEFAULT_SEGMENT_BYTES, run_segments
 
 DEFAULT_HESSIAN_BYTES = 512 << 20
+ROW_CHUNK_ELEMENTS = 1 << 22  # rows of a weight rounded together: ~16 MB of float32 working copies per array
 
 
 @dataclass
@@ -65,7 +74,8 @@ class GptqLayerRecord:
 @dataclass
 class GptqPassResult(MxPassResult):
     gptq: list[GptqLayerRecord] = field(default_factory=list)
-    calibration_passes: int = 0  # times the calibration data was streamed (one per Hessian group)
+    calibration_passes: int = 0  # times the calibration data was streamed through the model (1)
+    segments: int = 0  # pieces the model was run in (one segment's weights in ORT at a time)
 
 
 def _quantizer(fmt: str, weight: np.ndarray, block_size: int) -> tuple[GroupQuantizer, float]:
@@ -88,6 +98,38 @@ def _gptq_input(t: WeightTarget) -> ir.Value | None:
     return x
 
 
+class _SpilledWeights(Mapping[str, Fp4Weight]):
+    """Rounded weights parked in a ``SpillFile`` as they are made (a multi-GB model's packed weights would otherwise
+    pile up in memory while later layers are rounded); each is read back when the rewrite asks for it."""
+
+    def __init__(self):
+        self._spill = SpillFile()
+        self._index: dict[str, tuple[str, BlockLayout, np.float32, tuple, tuple]] = {}
+
+    def __setitem__(self, name: str, weight: Fp4Weight) -> None:
+        self._index[name] = (weight.kind, weight.layout, weight.tensor_scale, self._spill.put(weight.packed()),
+                             self._spill.put(weight.scale_codes))
+
+    def __getitem__(self, name: str) -> Fp4Weight:
+        kind, lay, tensor_scale, packed, scales = self._index[name]
+        return Fp4Weight.from_packed(kind, lay, self._spill.get(packed), self._spill.get(scales), tensor_scale)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def _release(source) -> None:
+    release = getattr(source, "release", None)
+    if isinstance(source, ir.ExternalTensor) and release is not None:
+        try:
+            release()
+        except BufferError:  # a view still exists: the mapping goes when it does
+            pass
+
+
 class GptqPass(QuantizeMxPass):
     """GPTQ-rounded packed 4-bit weights for MatMul/Gemm (see the module docstring)."""
 
@@ -103,6 +145,8 @@ class GptqPass(QuantizeMxPass):
         max_hessian_bytes: int = DEFAULT_HESSIAN_BYTES,
         act_order: bool = True,
         normalize_tokens: bool = True,
+        max_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        progress: Callable[[int, int, str], None] | None = None,
     ):
         if fmt not in FP4_KINDS:
             raise InvalidOptionError(f"GPTQ rounds 4-bit weights: format {fmt!r} is not one of {', '.join(FP4_KINDS)}")
@@ -115,19 +159,8 @@ class GptqPass(QuantizeMxPass):
         self.max_hessian_bytes = int(max_hessian_bytes)
         self.act_order = bool(act_order)
         self.normalize_tokens = bool(normalize_tokens)
-
-    def _groups(self, inputs: dict[str, int]) -> list[list[str]]:
-        """Input names in groups whose float64 Hessians fit the budget together (at least one per group)."""
-        groups: list[list[str]] = []
-        used = self.max_hessian_bytes + 1
-        for name, columns in inputs.items():
-            size = columns * columns * 8
-            if used + size > self.max_hessian_bytes:
-                groups.append([])
-                used = 0
-            groups[-1].append(name)
-            used += size
-        return groups
+        self.max_segment_bytes = int(max_segment_bytes)
+        self.progress = progress
 
     def call(self, model: ir.Model) -> GptqPassResult:
         targets = [t for t in weight_targets(model.graph)
@@ -141,63 +174,83 @@ class GptqPass(QuantizeMxPass):
                 continue
             by_input.setdefault(x.name, []).append(t)
             columns[x.name] = int(t.weight.shape[t.reduction_axis])
-        encoded: dict[str, Fp4Weight] = {}
+        encoded = _SpilledWeights()
         records: list[GptqLayerRecord] = []
-        groups = self._groups(columns)
-        for group in groups:
-            hessians = {name: HessianAccumulator(columns[name], self.normalize_tokens) for name in group}
-            current: dict[str, Any] = {}
+        hessians: dict[str, HessianAccumulator] = {}
+        total = sum(len(ts) for ts in by_input.values())
 
-            def tracked():
-                for feeds in self.batches(model):
-                    current["valid"] = getattr(feeds, "valid", None)
-                    yield feeds
+        def on_values(_, values, valid):
+            for name, x in values.items():
+                acc = hessians.get(name)
+                if acc is None:
+                    acc = hessians[name] = HessianAccumulator(columns[name], self.normalize_tokens, np.float32)
+                if valid is not None and x.ndim == 2 and x.shape[0] == valid.size:
+                    x, mask = x[valid.reshape(-1)], None  # [batch * seq, in] rows (a Gemm after a flatten)
+                else:
+                    mask = valid
+                acc.update(x, mask)
 
-            def update(_, values, hessians=hessians, current=current):
-                valid = current.get("valid")
-                for name, acc in hessians.items():
-                    x = values[name]
-                    if valid is not None and x.ndim == 2 and x.shape[0] == valid.size:
-                        x, mask = x[valid.reshape(-1)], None  # [batch * seq, in] rows (a Gemm after a flatten)
-                    else:
-                        mask = valid
-                    acc.update(x, mask)
-
-            run_with_intermediates(model, list(group), tracked(), update)
-            for name in group:
+        def on_segment(segment):
+            for name in segment.wanted:
                 acc = hessians.pop(name)
                 if acc.rows == 0:
                     raise UserError(f"GPTQ: calibration data gave no valid positions for {name!r}: pass non-empty samples")
-                h = acc.h
+                h = acc.take()
                 del acc
+                factor = factor_hessian(h, self.damp, self.act_order)
                 for t in by_input[name]:
                     if t.weight.name in encoded:
                         continue  # a weight shared by two nodes with one input: rounded once
-                    encoded[t.weight.name], row = self._round(t, name, h)
+                    encoded[t.weight.name], row = self._round(t, name, h, factor)
                     records.append(row)
-                del h
+                    give_back_free_memory()
+                    if self.progress is not None:
+                        self.progress(len(records), total, t.weight.name)
+                del h, factor
+
+        cost = {name: c * c * 4 for name, c in columns.items()}
+        streamed, segments = (0, []) if not by_input else run_segments(
+            model, list(by_input), self.batches(model), on_values, on_segment,
+            max_weight_bytes=self.max_segment_bytes, cost=cost, max_cost=self.max_hessian_bytes)
+        if by_input and streamed == 0:
+            raise UserError("GPTQ: the calibration source gave no batches: pass calibration data with samples")
         result = super().call(model) if not encoded else QuantizeMxPass(
             self.fmt, form=self.form, block_size=self.block_size, exclude=self.exclude, activations=False,
             encoded=encoded)(model)
-        return GptqPassResult(result.model, result.modified, list(result.layers), records, len(groups))
+        return GptqPassResult(result.model, result.modified, list(result.layers), records, 1 if by_input else 0,
+                              len(segments))
 
-    def _round(self, t: WeightTarget, input_name: str, hessian: np.ndarray) -> tuple[Fp4Weight, GptqLayerRecord]:
+    def _round(self, t: WeightTarget, input_name: str, hessian: np.ndarray,
+               factor: HessianFactor) -> tuple[Fp4Weight, GptqLayerRecord]:
+        """GPTQ of one weight, ``row_chunk`` output rows at a time, read from the (memory-mapped) source."""
         source = t.weight.const_value
-        data = np.asarray(source.numpy(), np.float32)
+        data = source.numpy()
         axis = t.reduction_axis
-        w = data.T if axis == 0 else data  # [out, in]
+        w = data.T if axis == 0 else data  # [out, in] view: rows are output channels
         quantizer, g = _quantizer(self.fmt, w, self.block_size)
-        rtn, _ = quantizer.fake_quant(np.ascontiguousarray(w))
-        values, scales = gptq(w, hessian, quantizer, damp=self.damp, block=self.block, act_order=self.act_order)
-        row = GptqLayerRecord(t.layer, t.weight.name, input_name, output_error(w, rtn, hessian), output_error(w, values, hessian))
-        if axis == 0:
-            values, scales = values.T, scales.T
-        packed = encode_fp4(values, scales, self.fmt, axis, self.block_size, tensor_scale=g)
-        del data, w, rtn, values
-        release = getattr(source, "release", None)
-        if isinstance(source, ir.ExternalTensor) and release is not None:
-            try:
-                release()
-            except BufferError:
-                pass
-        return packed, row
+        lay = layout(tuple(data.shape), axis, quantizer.group_size)
+        codes = np.zeros(lay.blocked_shape, np.uint8)
+        scale_codes = np.zeros(lay.scale_shape, np.uint8)
+        out_rows = w.shape[0]
+        step = max(1, ROW_CHUNK_ELEMENTS // max(1, w.shape[1]))
+        step += step % 2  # chunks of an even number of rows keep any nibble pairing whole
+        rtn_sum = gptq_sum = 0.0
+        for r0 in range(0, out_rows, step):
+            r1 = min(r0 + step, out_rows)
+            rows = np.ascontiguousarray(w[r0:r1], dtype=np.float32)
+            rtn, _ = quantizer.fake_quant(rows)
+            rtn_sum += output_error_sum(rows, rtn, hessian)
+            del rtn
+            values, scales = gptq_rows(rows, factor, quantizer, self.block)
+            gptq_sum += output_error_sum(rows, values, hessian)
+            # the chunk as its own ONNX-oriented tensor: [in, rows] (MatMul) or [rows, in] (Gemm transB)
+            piece = encode_fp4(values.T if axis == 0 else values, scales.T if axis == 0 else scales, self.fmt, axis,
+                               self.block_size, tensor_scale=g)
+            where = (slice(None), slice(None), slice(None), slice(r0, r1)) if axis == 0 else (slice(r0, r1),)
+            codes[where] = piece.codes
+            scale_codes[where] = piece.scale_codes
+            del rows, values, scales, piece
+        del data, w
+        _release(source)
+        row = GptqLayerRecord(t.layer, t.weight.name, input_name, rtn_sum / 2.0 / out_rows, gptq_sum / 2.0 / out_rows)
+        return Fp4Weight(self.fmt, lay, codes, scale_codes, np.float32(g)), row

@@ -193,7 +193,9 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             )
         self.activations = spec.activations if activations is None else bool(activations)
         self.exclude = tuple(exclude)
-        self.encoded = dict(encoded or {})  # weight name -> 4-bit weight rounded elsewhere (GPTQ), stored as given
+        # weight name -> 4-bit weight rounded elsewhere (GPTQ), stored as given; a mapping that reads each weight
+        # back from disk when asked (passes.gptq) is kept as it is, never loaded whole
+        self.encoded = encoded if encoded is not None else {}
 
     # ------------------------------------------------------------------ weights
     def _quantize_weight(self, graph: ir.Graph, target: WeightTarget, namer: Namer, front: list[ir.Node],

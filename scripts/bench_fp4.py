@@ -30,8 +30,11 @@ from bench_peers import CALIB, HELDOUT, SEQ, prepare_minilm, size
 VARIANTS = {
     "mxfp4 RTN": dict(format="mxfp4"),
     "mxfp4 GPTQ": dict(format="mxfp4", rounding="gptq"),
+    "mxfp4 RTN+hadamard": dict(format="mxfp4", hadamard=True),
+    "mxfp4 GPTQ+hadamard": dict(format="mxfp4", rounding="gptq", hadamard=True),
     "fp4-e4m3 RTN": dict(format="fp4-e4m3"),
     "fp4-e4m3 GPTQ": dict(format="fp4-e4m3", rounding="gptq"),
+    "fp4-e4m3 GPTQ+hadamard": dict(format="fp4-e4m3", rounding="gptq", hadamard=True),
     "w4a8 RTN": dict(format="w4a8"),
     "w4a8 GPTQ": dict(format="w4a8", rounding="gptq"),
     "mx9 W+A": dict(format="mx9"),

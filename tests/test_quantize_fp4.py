@@ -398,10 +398,10 @@ def test_gptq_beats_round_to_nearest_on_every_linear(fmt):
 
 def test_gptq_hessians_ignore_padding_and_group_under_a_budget():
     clean = GptqPass("mxfp4", lambda m: iter(calib_batches()))(make_model()).model
-    noisy_pass = GptqPass("mxfp4", lambda m: iter(calib_batches(pad_value=1e3)), max_hessian_bytes=80 * 80 * 8)
+    noisy_pass = GptqPass("mxfp4", lambda m: iter(calib_batches(pad_value=1e3)), max_hessian_bytes=80 * 80 * 4)
     noisy = noisy_pass(make_model())
-    # 72-, 96- and 48-column Hessians under an 80x80 budget: x alone, a alone (over it by itself), y2 alone
-    assert noisy.calibration_passes == 3
+    # 72-, 96- and 48-column float32 Hessians under an 80x80 budget: x alone, a alone (over it by itself), y2 alone
+    assert noisy.calibration_passes == 1 and noisy.segments == 3
     for name, value in clean.graph.initializers.items():
         np.testing.assert_array_equal(value.const_value.numpy(), noisy.model.graph.initializers[name].const_value.numpy())
 

@@ -57,6 +57,9 @@ from maia_onnx.report import human_bytes, print_table
 @click.option("--rounding", type=click.Choice(ROUNDINGS), default="rtn", show_default=True,
               help="4-bit weights (mxfp4, fp4-e4m3, w4a8): round to nearest, or GPTQ (error-compensating rounding from "
                    "calibration Hessians of each layer's inputs; needs --calib).")
+@click.option("--hadamard", is_flag=True,
+              help="mxfp4 / fp4-e4m3: rotate each linear's input channels by a block Hadamard (the format's block size) "
+                   "where that lowers the weights' 4-bit error; one small MatMul per rotated input at run time.")
 @click.option("--exclude", multiple=True, metavar="PATTERN",
               help="Leave nodes matching this fnmatch pattern (node name, op type or layer name, e.g. '*lm_head*') unquantized.")
 @click.option("--weights-only", is_flag=True, help="Quantize weights only; activations stay in float (no calibration).")
@@ -84,12 +87,12 @@ from maia_onnx.report import human_bytes, print_table
 @external_data_option
 @report_option
 @json_option
-def command(model, output, fmt, calib, tokenizer, seq_len, image_size, method, percentile, granularity, block_size, mx_form, rounding, exclude, weights_only, no_attention,
+def command(model, output, fmt, calib, tokenizer, seq_len, image_size, method, percentile, granularity, block_size, mx_form, rounding, hadamard, exclude, weights_only, no_attention,
             embeddings, num_samples, batch_size, eval_samples, dims, kv_cache, kv_granularity, scales_path, emit_scales, emit_checkpoint, activation_scheme, qat,
             target_cosine, no_eval, seed, max_layers, external_data, report_path, as_json):
     config = QuantizeConfig(
         format=fmt, calib=calib, tokenizer=tokenizer, seq_len=seq_len, image_size=image_size, method=method, percentile=percentile, granularity=granularity, block_size=block_size,
-        mx_form=mx_form, rounding=rounding, exclude=exclude, weights_only=weights_only, attention=not no_attention, embeddings=embeddings,
+        mx_form=mx_form, rounding=rounding, hadamard=hadamard, exclude=exclude, weights_only=weights_only, attention=not no_attention, embeddings=embeddings,
         num_samples=num_samples, batch_size=batch_size, eval_samples=eval_samples, dims=parse_dims(dims), kv_cache=kv_cache,
         kv_granularity=kv_granularity, scales=scales_path, emit_scales=emit_scales,
         emit_checkpoint=emit_checkpoint, activation_scheme=activation_scheme, qat=qat, target_cosine=target_cosine,
@@ -120,6 +123,15 @@ def _print_report(report: QuantizeReport, config: QuantizeConfig, output, max_la
         click.echo(f"mixed precision: kept {len(mixed.kept)} layer(s) in {mixed.keep_dtype} ({kept}); "
                    f"cosine {mixed.cosine_all_quantized:.6f} -> {mixed.final_cosine:.6f} "
                    f"(target {mixed.target_cosine}, {'met' if mixed.met else 'NOT met'})")
+    if report.gptq:
+        rtn = sum(r.rtn_error for r in report.gptq)
+        better = sum(r.gptq_error < r.rtn_error for r in report.gptq)
+        click.echo(f"GPTQ: {len(report.gptq)} layers, calibration output error {sum(r.gptq_error for r in report.gptq) / rtn:.3f}x "
+                   f"of round-to-nearest's (lower on {better} of {len(report.gptq)})" if rtn else f"GPTQ: {len(report.gptq)} layers")
+    if report.rotations:
+        turned = [r for r in report.rotations if r.rotated]
+        click.echo(f"Hadamard: rotated {len(turned)} of {len(report.rotations)} layer inputs (weight error "
+                   f"{sum(r.error_rotated for r in turned) / max(sum(r.error_plain for r in turned), 1e-30):.3f}x where rotated)")
     if report.kv_cache is not None:
         click.echo(f"KV cache: {report.kv_cache.format} ({len(report.kv_cache.record.scales)} cache tensors)")
     if report.decode:

@@ -27,6 +27,8 @@ from maia_onnx.evaluate import evaluate_models
 from maia_onnx.decode import decode_report
 from maia_onnx.errors import InvalidOptionError, UnsupportedModelError, UserError
 from maia_onnx.io import check_output_path, initializer_bytes, load_model, save_model, write_text_atomic
+from maia_onnx.passes.gptq import GptqPassResult
+from maia_onnx.passes.hadamard import HadamardPassResult
 from maia_onnx.passes.kv_cache import KvCachePassResult, kv_pairs
 from maia_onnx.passes.mixed_precision import kept_passes
 from maia_onnx.passes.quantize_fp8 import DEFAULT_OP_TYPES, Fp8PassResult, LayerRecord, activation_values, find_targets
@@ -261,6 +263,10 @@ def quantize_model(
             records += pass_result.records
         elif isinstance(pass_result, MxPassResult):
             report.mx_layers = list(pass_result.layers)
+            if isinstance(pass_result, GptqPassResult):
+                report.gptq = list(pass_result.gptq)
+        elif isinstance(pass_result, HadamardPassResult):
+            report.rotations = list(pass_result.rotations)
         elif isinstance(pass_result, KvCachePassResult):
             report.kv_cache = KvCacheReport(config.kv_cache, pass_result.record)
     report.activation_scales = inputs.activation_scales

@@ -26,7 +26,7 @@ _PATH_FIELDS = ("calib", "scales", "emit_scales", "report_path", "tokenizer", "e
 _TYPES = {
     int: ("block_size", "num_samples", "batch_size", "seed", "eval_samples", "seq_len"),
     float: ("percentile", "target_cosine"),
-    bool: ("embeddings", "weights_only", "attention", "qat", "evaluate", "show_progress", "external_data"),
+    bool: ("embeddings", "weights_only", "attention", "qat", "evaluate", "show_progress", "external_data", "hadamard"),
     str: ("format", "granularity", "mx_form", "rounding", "method", "kv_cache", "kv_granularity", "keep_dtype",
           "activation_scheme") + _PATH_FIELDS,
 }
@@ -62,6 +62,7 @@ class QuantizeConfig:
     exclude: tuple[str, ...] = ()  # fnmatch patterns of nodes / layers left unquantized
     embeddings: bool = False  # FP8: also Gather tables, per-row scales
     rounding: str = "rtn"  # 4-bit weights: rtn (round to nearest) | gptq (error-compensating, from calibration Hessians)
+    hadamard: bool = False  # mxfp4 / fp4-e4m3: block Hadamard rotation of layer inputs where it lowers the weight error
     # activations
     weights_only: bool = False  # False: activations are quantized too (where the format allows)
     attention: bool = True  # quantize the attention matmuls (Q.K^T, P.V)
@@ -168,6 +169,8 @@ class QuantizeConfig:
             raise InvalidOptionError(f"--rounding gptq applies to the 4-bit formats ({', '.join(FOUR_BIT)}), not --format {self.format}")
         if self.rounding == "gptq" and self.calib is None:
             raise InvalidOptionError("--rounding gptq needs calibration data for its Hessians: pass --calib (text:FILE, npz, ...)")
+        if self.hadamard and spec.name not in ("mxfp4", "fp4-e4m3"):
+            raise InvalidOptionError(f"--hadamard rotates 4-bit weight-only layers (mxfp4, fp4-e4m3), not --format {self.format}")
         if self.mx_form == "standard" and self.evaluate:
             raise InvalidOptionError("--mx-form standard: ONNX Runtime cannot run FLOAT8E8M0 scales yet, so the accuracy "
                                      "report cannot run; add --no-eval (evaluate=False) or use --mx-form ort")

@@ -8,6 +8,7 @@ kept)`` leaves the ``kept`` node names out, which is how a mixed-precision plan 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -17,6 +18,7 @@ import onnx_ir.passes
 from maia_onnx.formats.registry import FormatSpec
 from maia_onnx.passes.bf16 import Bf16Pass
 from maia_onnx.passes.gptq import GptqPass
+from maia_onnx.passes.hadamard import HadamardRotationPass
 from maia_onnx.passes.kv_cache import KvCacheFp8Pass
 from maia_onnx.passes.mixed_precision import MixedPrecisionPass, exclude_patterns
 from maia_onnx.passes.qat_import import QatImportPass
@@ -65,11 +67,33 @@ def mx_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, ex
 def four_bit_weights(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
     """Packed 4-bit weights, rounded to nearest or by GPTQ (``--rounding gptq``) from the calibration batches."""
     fmt = spec.weight_format
+    rotation = [HadamardRotationPass(fmt, config.block_size, exclude)] if config.hadamard else []
     if config.rounding == "gptq":
         if inputs.calib_batches is None:
             raise ValueError("--rounding gptq: the recipe needs RecipeInputs.calib_batches")
-        return [GptqPass(fmt, inputs.calib_batches, form=config.mx_form, block_size=config.block_size, exclude=exclude)]
-    return [QuantizeMxPass(fmt, form=config.mx_form, block_size=config.block_size, exclude=exclude, activations=False)]
+        return rotation + [GptqPass(fmt, inputs.calib_batches, form=config.mx_form, block_size=config.block_size,
+                                    exclude=exclude, progress=_layer_progress("GPTQ") if config.show_progress else None)]
+    return rotation + [QuantizeMxPass(fmt, form=config.mx_form, block_size=config.block_size, exclude=exclude,
+                                      activations=False)]
+
+
+def _layer_progress(desc: str):
+    """A progress callback ``(done, total, layer)`` drawing one tqdm bar on stderr (rounding a multi-GB model takes
+    minutes)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int, layer: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False)
+        bar.set_postfix_str(layer[-48:], refresh=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
 
 
 def fp4_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:

@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 from maia_onnx.accuracy import AccuracyReport
 from maia_onnx.io import external_data_files
+from maia_onnx.passes.gptq import GptqLayerRecord
+from maia_onnx.passes.hadamard import RotationRecord
 from maia_onnx.passes.kv_cache import KvCacheRecord
 from maia_onnx.passes.mixed_precision import MixedPrecisionPlan
 from maia_onnx.passes.qat_import import QatRecord
@@ -75,6 +77,8 @@ class QuantizeReport:
     qat_import: list[QatRecord] | None = None
     calibration: CalibrationInfo | None = None
     mx_layers: list[MxLayerRecord] | None = None
+    gptq: list[GptqLayerRecord] | None = None  # --rounding gptq: each layer's calibration output error, RTN vs GPTQ
+    rotations: list[RotationRecord] | None = None  # --hadamard: each layer input's 4-bit weight error, plain vs rotated
     mixed_precision: MixedPrecisionPlan | None = None
     kv_cache: KvCacheReport | None = None
     accuracy: AccuracyReport | None = None
@@ -114,6 +118,10 @@ class QuantizeReport:
             out["calibration"] = asdict(self.calibration)
         if self.mx_layers is not None:
             out["mx_layers"] = [r.as_dict() for r in self.mx_layers]
+        if self.gptq is not None:
+            out["gptq"] = [r.as_dict() for r in self.gptq]
+        if self.rotations is not None:
+            out["hadamard"] = [r.as_dict() for r in self.rotations]
         if self.mixed_precision is not None:
             out["mixed_precision"] = self.mixed_precision.as_dict()
         if self.kv_cache is not None:

@@ -1,0 +1,188 @@
+"""HadamardRotationPass: block Hadamard rotation of the input channels of linear layers, kept where it lowers the
+4-bit rounding error (``--hadamard``; run before ``QuantizeMxPass`` / ``GptqPass``).
+
+With ``R = blockdiag(H_b / sqrt(b))`` (Sylvester Hadamard, orthonormal and symmetric) a layer ``y = x W``
+(``W`` ``[in, out]``) equals ``y = (x R)(R W)``: the pass stores ``R W`` (rotated along the reduction axis; ``W R``
+for a Gemm with transB) and inserts ``x' = x R`` once per input, shared by every rotated layer that reads ``x``
+(q/k/v): ``Reshape(x, [-1, b]) -> MatMul(H_b / sqrt(b)) -> Reshape(Shape(x))``, b multiply-adds per element of
+``x``.  Inside one block an outlier weight is spread over all ``b`` elements, so the block's shared scale (MXFP4's
+E8M0 power of two, fp4-e4m3's E4M3 scale) is set by the block's energy instead of its largest entry; ``b`` is the
+format's block size so a rotation never mixes two blocks.
+
+"Where it helps": the layers reading one input are rotated together or not at all, and only when the sum of their
+round-to-nearest weight errors in the format falls (``R`` is orthonormal, so error energies before and after
+compare directly).  ``HadamardRotationPass(fmt, block_size=None, exclude=())``; the result's ``rotations`` rows
+give each input's error energy both ways and whether it was rotated.  Weights memory-mapped from external data stay
+lazy: the rotated weight is computed when it is read.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes
+
+from maia_onnx.errors import InvalidOptionError
+from maia_onnx.formats.fp4 import FP4_KINDS, quantize_fp4
+from maia_onnx.passes.packed_weights import Namer
+from maia_onnx.scales import NOT_A_WEIGHT_KEY, WeightTarget, weight_targets
+
+
+def hadamard(b: int) -> np.ndarray:
+    """The orthonormal Sylvester Hadamard matrix ``H_b / sqrt(b)`` (``b`` a power of two), float64."""
+    if b < 1 or b & (b - 1):
+        raise InvalidOptionError(f"a Hadamard block must be a power of two, got {b}")
+    h = np.ones((1, 1))
+    while h.shape[0] < b:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(b)
+
+
+def rotate(weight: np.ndarray, axis: int, b: int) -> np.ndarray:
+    """``weight`` with its ``axis`` (length divisible by ``b``) multiplied block by block by ``H_b / sqrt(b)``."""
+    w = np.moveaxis(np.asarray(weight, np.float64), axis, -1)
+    shape = w.shape
+    out = (w.reshape(-1, shape[-1] // b, b) @ hadamard(b)).reshape(shape)  # H is symmetric: R^T = R
+    return np.ascontiguousarray(np.moveaxis(out, -1, axis), dtype=np.float32)
+
+
+@dataclass
+class RotationRecord:
+    """One layer input: the summed RTN weight error energy of its layers without and with the rotation."""
+
+    input: str
+    weights: list[str]
+    error_plain: float
+    error_rotated: float
+    rotated: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class HadamardPassResult(onnx_ir.passes.PassResult):
+    rotations: list[RotationRecord] = field(default_factory=list)
+
+
+def _rotatable(t: WeightTarget, b: int) -> ir.Value | None:
+    """The input ``x`` of a 2-D linear whose reduction axis splits into whole blocks, when it can be rotated."""
+    node = t.node
+    if node.op_type not in ("MatMul", "Gemm") or len(t.weight.shape) != 2:
+        return None
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+        return None
+    if int(t.weight.shape[t.reduction_axis]) % b:
+        return None
+    x = node.inputs[0]
+    return x if x is not None and x.const_value is None and x.name else None
+
+
+def _rotated_tensor(source: ir.TensorProtocol, axis: int, b: int, name: str) -> ir.TensorProtocol:
+    if isinstance(source, ir.ExternalTensor):
+        def compute() -> ir.Tensor:
+            out = rotate(source.numpy(), axis, b)
+            try:
+                source.release()  # the mapped pages go as soon as the rotated copy exists
+            except BufferError:
+                pass
+            return ir.Tensor(out, name=name)
+
+        return ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(source.shape)), name=name, cache=False)
+    return ir.Tensor(rotate(source.numpy(), axis, b), name=name)
+
+
+class HadamardRotationPass(onnx_ir.passes.InPlacePass):
+    """Block Hadamard rotation of 4-bit layers' inputs where it lowers their rounding error (module docstring)."""
+
+    def __init__(self, fmt: str, block_size: int | None = None, exclude: Iterable[str] = ()):
+        if fmt not in FP4_KINDS:
+            raise InvalidOptionError(f"--hadamard rotates for 4-bit weights: format {fmt!r} is not one of "
+                                     f"{', '.join(FP4_KINDS)}")
+        self.fmt = fmt
+        self.block_size = int(block_size or FP4_KINDS[fmt])
+        hadamard(self.block_size)  # refuses a block that is not a power of two
+        self.exclude = tuple(exclude)
+
+    def _error(self, weight: np.ndarray, axis: int) -> float:
+        _, noise = quantize_fp4(weight, self.fmt, axis, self.block_size).signal_noise(weight)
+        return float(noise)
+
+    def call(self, model: ir.Model) -> HadamardPassResult:
+        graph = model.graph
+        b = self.block_size
+        groups: dict[str, tuple[ir.Value, list[WeightTarget]]] = {}
+        for t in weight_targets(graph):
+            if any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in (t.layer, t.node.name or "", t.weight.name or "") if n):
+                continue
+            x = _rotatable(t, b)
+            if x is not None:
+                groups.setdefault(x.name, (x, []))[1].append(t)
+        namer = Namer(graph)
+        table = None
+        records: list[RotationRecord] = []
+        for name, (x, targets) in groups.items():
+            plain = rotated = 0.0
+            for t in targets:
+                w = np.asarray(t.weight.const_value.numpy(), np.float32)
+                plain += self._error(w, t.reduction_axis)
+                rotated += self._error(rotate(w, t.reduction_axis, b), t.reduction_axis)
+                del w
+                _release(t.weight.const_value)
+            weights = list(dict.fromkeys(t.weight.name for t in targets))
+            records.append(RotationRecord(name, weights, plain, rotated, rotated < plain))
+            if not rotated < plain:
+                continue
+            if table is None:
+                table = _initializer(graph, namer("maia_hadamard"), hadamard(b).astype(np.float32))
+                # the rotation stays exact float: no weight pass may quantize it as a layer
+                table.metadata_props[NOT_A_WEIGHT_KEY] = "hadamard"
+            x_rot = self._insert_rotation(graph, namer, x, table, targets[0].node)
+            done: dict[str, ir.Value] = {}
+            for t in targets:
+                w = t.weight
+                if w.name not in done:  # a weight shared by two nodes reading x: rotated once
+                    source = w.const_value
+                    new_name = namer(f"{w.name}_hadamard")
+                    done[w.name] = _initializer(graph, new_name, _rotated_tensor(source, t.reduction_axis, b, new_name))
+                t.node.replace_input_with(t.input_index, done[w.name])
+                t.node.replace_input_with(0, x_rot)
+        for value in list(graph.initializers.values()):
+            if not value.uses() and value.name not in {o.name for o in graph.outputs}:
+                graph.initializers.pop(value.name)  # the unrotated weights nothing reads any more
+        return HadamardPassResult(model, any(r.rotated for r in records), records)
+
+    def _insert_rotation(self, graph: ir.Graph, namer: Namer, x: ir.Value, table: ir.Value, before: ir.Node) -> ir.Value:
+        """``x R`` = Reshape(MatMul(Reshape(x, [-1, b]), H), Shape(x)), placed before the first layer reading it."""
+        base = x.name
+        blocks = _initializer(graph, namer(f"{base}_hadamard_blocks"), np.array([-1, self.block_size], np.int64))
+
+        def op(op_type, inputs, dtype=ir.DataType.FLOAT, shape=None):
+            out = ir.Value(name=namer(f"{base}_hadamard_{op_type.lower()}"), type=ir.TensorType(dtype), shape=shape)
+            graph.insert_before(before, ir.node(op_type, inputs, outputs=[out], name=namer(f"{base}_Hadamard{op_type}")))
+            return out
+
+        shape = op("Shape", [x], ir.DataType.INT64)
+        flat = op("Reshape", [x, blocks])
+        turned = op("MatMul", [flat, table])
+        return op("Reshape", [turned, shape], shape=x.shape)
+
+
+def _initializer(graph: ir.Graph, name: str, value) -> ir.Value:
+    tensor = value if not isinstance(value, np.ndarray) else ir.Tensor(value, name=name)
+    tensor.name = name
+    v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype))
+    graph.register_initializer(v)
+    return v
+
+
+def _release(tensor) -> None:
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:
+            pass
