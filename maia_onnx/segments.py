@@ -155,14 +155,17 @@ def plan_segments(proto: onnx.ModelProto, wanted: Sequence[str], max_weight_byte
             end = best
         bounds.append((start, end))
         start = end
+    if not bounds and wanted_at:
+        bounds.append((0, 0))  # only graph inputs are wanted: one segment that runs nothing and hands them over
 
     segments: list[Segment] = []
     made_in: dict[str, int] = {name: 0 for name in graph.graph_inputs}
     for k, (a, b) in enumerate(bounds):
         seg = Segment(k, [order[p] for p in range(a, b)])
-        for p in range(a, b):
+        for p in range(a, max(b, a + 1)):  # an empty segment (only graph inputs wanted) still hands them over
             seg.wanted += wanted_at.get(p, [])
-            for out in graph.nodes[order[p]].output:
+        for i in seg.nodes:
+            for out in graph.nodes[i].output:
                 if out:
                     made_in[out] = k
         inits = {n for i in seg.nodes for n in graph.reads[i] if n in graph.inits}

@@ -37,6 +37,7 @@ import onnx_ir as ir
 from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.formats.fp4 import FP4_KINDS, Fp4Weight, encode_fp4
 from maia_onnx.formats.gptq import (
+    DEFAULT_HESSIAN_BYTES,
     GroupQuantizer,
     HessianAccumulator,
     HessianFactor,
@@ -53,7 +54,6 @@ from maia_onnx.passes.quantize_mx import MxPassResult, QuantizeMxPass
 from maia_onnx.scales import WeightTarget, weight_targets
 from maia_onnx.segments import DEFAULT_SEGMENT_BYTES, run_segments
 
-DEFAULT_HESSIAN_BYTES = 512 << 20
 ROW_CHUNK_ELEMENTS = 1 << 22  # rows of a weight rounded together: ~16 MB of float32 working copies per array
 
 
@@ -184,11 +184,7 @@ class GptqPass(QuantizeMxPass):
                 acc = hessians.get(name)
                 if acc is None:
                     acc = hessians[name] = HessianAccumulator(columns[name], self.normalize_tokens, np.float32)
-                if valid is not None and x.ndim == 2 and x.shape[0] == valid.size:
-                    x, mask = x[valid.reshape(-1)], None  # [batch * seq, in] rows (a Gemm after a flatten)
-                else:
-                    mask = valid
-                acc.update(x, mask)
+                acc.update(x, valid)
 
         def on_segment(segment):
             for name in segment.wanted:

@@ -74,7 +74,7 @@ def main() -> None:
         if args.only and variant not in args.only:
             continue
         out = work / f"{variant.replace(' ', '_').replace('+', '')}.onnx"
-        needs_calib = options.get("rounding") == "gptq" or options["format"] == "w4a8"
+        needs_calib = options.get("rounding") == "gptq" or options["format"] == "w4a8" or options.get("hadamard")
         calib = f"text:{calib_txt}" if needs_calib else None
         t = time.perf_counter()
         with warnings.catch_warnings():

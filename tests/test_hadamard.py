@@ -135,8 +135,35 @@ def test_cli_gptq_with_hadamard_reports_both(tmp_path):
     assert "Hadamard: rotated 2 of 3 layer inputs" in text.output and "GPTQ: 4 layers" in text.output
     report = json.loads(CliRunner().invoke(cli, args + ["--json"]).output)
     assert [r["rotated"] for r in report["hadamard"]] == [True, True, False]
+    assert {r["measure"] for r in report["hadamard"]} == {"output"}  # judged on the calibration data
     assert all(r["gptq_error"] <= r["rtn_error"] * 1.001 for r in report["gptq"])
     f = feeds(seed=11, tokens=64)
     fp32, q = run(make_model(), f), run(ir.load(out), f)
     for name in ("q", "k", "z", "e"):
         assert np.corrcoef(fp32[name].ravel(), q[name].ravel())[0, 1] > 0.97, name
+
+
+def test_calibration_hessians_refuse_a_rotation_the_weight_error_would_take():
+    """x's channel 7 carries outlier activations and its weights are zero (exactly representable): the rotation halves
+    the weight error but moves error into channel 7, so the layers' output error on the calibration data rises."""
+
+    def model_with_quiet_channel():
+        model = make_model()
+        for name in ("wq", "wk"):
+            w = model.graph.initializers[name].const_value.numpy().copy()
+            w[7] = 0.0
+            model.graph.initializers[name].const_value = ir.Tensor(w, name=name)
+        return model
+
+    def calib():
+        for s in range(4):
+            f = feeds(seed=s, tokens=128)
+            f["x"][..., 7] *= 60
+            yield f
+
+    by_weight = {r.input: r for r in HadamardRotationPass("mxfp4")(model_with_quiet_channel()).rotations}
+    by_output = {r.input: r for r in HadamardRotationPass("mxfp4", batches=lambda m: calib())(model_with_quiet_channel()).rotations}
+    assert by_weight["x"].rotated and by_weight["x"].measure == "weight"
+    assert not by_output["x"].rotated and by_output["x"].measure == "output"
+    assert by_output["x"].error_rotated > by_output["x"].error_plain
+    assert by_output["u"].rotated  # u has no outlier activations: the rotation still pays there

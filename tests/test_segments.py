@@ -112,3 +112,36 @@ def test_gptq_does_not_depend_on_the_cut(monkeypatch):
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert [r.gptq_error for r in whole.gptq] == pytest.approx([r.gptq_error for r in cut.gptq], rel=1e-5)
+
+
+def test_only_graph_inputs_wanted_gives_one_empty_segment():
+    got = {}
+    n, segments = run_segments(make_model(), ["x"], batches(), lambda b, values, valid: got.update({b: values["x"]}))
+    assert n == 3 and len(segments) == 1 and segments[0].nodes == [] and sorted(got) == [0, 1, 2]
+    np.testing.assert_array_equal(got[1], batches()[1]["x"])
+
+
+def test_shape_inference_never_enumerates_a_packed_weight():
+    """ONNX's data propagation turns a 1-D integer tensor into one symbolic dim per element: a packed 4-bit weight
+    (millions of bytes) fed to Cast exhausted memory in `maia-onnx run` of a multi-GB MXFP4 model."""
+    from maia_onnx.graph.shapes import _shape_only_proto, infer_shapes
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 21]>
+    g (float[4] s) => (float[64, 2048] w) {
+      c = Cast <to = 6> (packed)
+      t = Gather <axis = 0> (table, c)
+      w = Reshape (t, shape)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    proto.graph.initializer.extend([
+        onnx.numpy_helper.from_array(np.arange(64 * 1024, dtype=np.uint8) % 251, "packed"),
+        onnx.numpy_helper.from_array(np.arange(512, dtype=np.float32).reshape(256, 2), "table"),
+        onnx.numpy_helper.from_array(np.array([64, 2048], np.int64), "shape")])
+    model = ir.from_proto(proto)
+    declared = {i.name: i for i in _shape_only_proto(model).graph.input}
+    assert not declared["packed"].type.tensor_type.shape.dim[0].HasField("dim_value")  # length left unknown
+    model.graph.node(0).outputs[0].shape = None
+    infer_shapes(model)
+    assert list(model.graph.node(2).outputs[0].shape) == [64, 2048]

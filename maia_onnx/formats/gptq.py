@@ -21,6 +21,8 @@ import numpy as np
 from maia_onnx.formats.fp8 import cast_fp8_saturate
 from maia_onnx.formats.mx import MX_BLOCK_SIZE, mx_scale_float, mx_shared_exponents, saturate_cast
 
+DEFAULT_HESSIAN_BYTES = 512 << 20  # of layer-input Hessians alive at once while calibration streams
+
 ScaleFn = Callable[[np.ndarray], np.ndarray]  # group [out, g] -> per-row scale [out, 1]
 RoundFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (column [out, 1], scale [out, 1]) -> dequantized column
 
@@ -76,9 +78,13 @@ class HessianAccumulator:
         return h
 
     def update(self, x: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Add a batch's inputs ``[batch, seq, ..., in]`` (or ``[batch * seq, in]`` token rows, a Gemm after a
+        flatten); ``valid`` is the batch's ``[batch, seq]`` real-position mask."""
         x = np.asarray(x, dtype=self._sum.dtype)
         if valid is not None and x.ndim >= 3 and x.shape[:2] == valid.shape:
             x = x[valid]  # padded positions say nothing about the layer
+        elif valid is not None and x.ndim == 2 and x.shape[0] == valid.size:
+            x = x[valid.reshape(-1)]
         x = x.reshape(-1, x.shape[-1])
         if self.normalize_tokens:
             norms = np.linalg.norm(x, axis=1, keepdims=True)

@@ -169,6 +169,11 @@ def _shape_only_proto(model: ir.Model) -> onnx.ModelProto:
             tensor = value.const_value
             dtype = (value.dtype or tensor.dtype).value
             shape = list(tensor.shape.numpy()) if tensor is not None else [d if isinstance(d, int) else None for d in value.shape or ()]
+            if len(shape) == 1 and ir.DataType(dtype).is_integer() and (shape[0] or 0) > SMALL_CONSTANT_ELEMENTS:
+                # ONNX's data propagation treats a 1-D integer tensor as a shape and makes one symbolic dim per
+                # element: a packed 4-bit weight (millions of bytes) would exhaust memory.  Its length is never
+                # needed: the decode reshapes it to a constant shape.
+                shape = [None]
             proto.graph.input.append(onnx.helper.make_tensor_value_info(value.name, dtype, shape))
     _stand_in_collectives(proto.graph)
     return proto

@@ -231,8 +231,10 @@ def quantize_model(
     sources = _Sources(config)
     if spec.calibrated_activations:  # fp8, w4a8
         inputs.activation_scales = _calibrate_fp8(config, reference, model, imported_act_scales, sources, source_path, report)
-    if config.rounding == "gptq":  # the GPTQ pass streams the calibration samples for its Hessians
-        if str(config.calib) == "random":
+    real_data = config.calib is not None and str(config.calib) != "random"
+    if config.rounding == "gptq" or (config.hadamard and real_data):
+        # GPTQ (and --hadamard's choice, given real data) stream the calibration samples for layer-input Hessians
+        if config.rounding == "gptq" and not real_data:
             warnings.warn("GPTQ on random inputs: pass --calib text:FILE (or .npz) for Hessians of real data", stacklevel=2)
         if sources.calib is None:
             sources.split()

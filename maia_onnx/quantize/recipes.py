@@ -67,7 +67,8 @@ def mx_recipe(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, ex
 def four_bit_weights(config: QuantizeConfig, spec: FormatSpec, inputs: RecipeInputs, exclude: tuple[str, ...]) -> Passes:
     """Packed 4-bit weights, rounded to nearest or by GPTQ (``--rounding gptq``) from the calibration batches."""
     fmt = spec.weight_format
-    rotation = [HadamardRotationPass(fmt, config.block_size, exclude)] if config.hadamard else []
+    # with calibration data the rotation is judged by the layers' output error on it, not their weight error
+    rotation = [HadamardRotationPass(fmt, config.block_size, exclude, batches=inputs.calib_batches)] if config.hadamard else []
     if config.rounding == "gptq":
         if inputs.calib_batches is None:
             raise ValueError("--rounding gptq: the recipe needs RecipeInputs.calib_batches")
