@@ -379,3 +379,13 @@ def give_back_free_memory() -> None:
 
 
 _MALLOC_TRIM = None
+
+
+def release_mapping(tensor) -> None:
+    """Unmap a memory-mapped external tensor's file now, so streaming a model keeps one tensor resident, not all
+    of them; the tensor maps again if read later.  Anything else is left alone."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # a view of the mapping is still alive: it goes when the view does
+            pass

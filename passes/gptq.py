@@ -49,7 +49,7 @@ from maia_onnx.formats.gptq import (
     output_error_sum,
 )
 from maia_onnx.formats.packing import BlockLayout, layout
-from maia_onnx.io import SpillFile, give_back_free_memory
+from maia_onnx.io import SpillFile, give_back_free_memory, release_mapping
 from maia_onnx.passes.quantize_mx import MxPassResult, QuantizeMxPass
 from maia_onnx.scales import WeightTarget, weight_targets
 from maia_onnx.segments import DEFAULT_SEGMENT_BYTES, run_segments
@@ -119,15 +119,6 @@ class _SpilledWeights(Mapping[str, Fp4Weight]):
 
     def __len__(self) -> int:
         return len(self._index)
-
-
-def _release(source) -> None:
-    release = getattr(source, "release", None)
-    if isinstance(source, ir.ExternalTensor) and release is not None:
-        try:
-            release()
-        except BufferError:  # a view still exists: the mapping goes when it does
-            pass
 
 
 class GptqPass(QuantizeMxPass):
@@ -247,6 +238,6 @@ class GptqPass(QuantizeMxPass):
             scale_codes[where] = piece.scale_codes
             del rows, values, scales, piece
         del data, w
-        _release(source)
+        release_mapping(source)
         row = GptqLayerRecord(t.layer, t.weight.name, input_name, rtn_sum / 2.0 / out_rows, gptq_sum / 2.0 / out_rows)
         return Fp4Weight(self.fmt, lay, codes, scale_codes, np.float32(g)), row

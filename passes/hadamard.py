@@ -33,7 +33,7 @@ import onnx_ir.passes
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats.fp4 import FP4_KINDS, quantize_fp4
 from maia_onnx.formats.gptq import DEFAULT_HESSIAN_BYTES, HessianAccumulator
-from maia_onnx.io import give_back_free_memory
+from maia_onnx.io import give_back_free_memory, release_mapping
 from maia_onnx.passes.packed_weights import Namer
 from maia_onnx.scales import NOT_A_WEIGHT_KEY, WeightTarget, weight_targets
 from maia_onnx.segments import run_segments
@@ -94,10 +94,7 @@ def _rotated_tensor(source: ir.TensorProtocol, axis: int, b: int, name: str) -> 
     if isinstance(source, ir.ExternalTensor):
         def compute() -> ir.Tensor:
             out = rotate(source.numpy(), axis, b)
-            try:
-                source.release()  # the mapped pages go as soon as the rotated copy exists
-            except BufferError:
-                pass
+            release_mapping(source)  # the mapped pages go as soon as the rotated copy exists
             return ir.Tensor(out, name=name)
 
         return ir.LazyTensor(compute, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(source.shape)), name=name, cache=False)
@@ -138,7 +135,7 @@ class HadamardRotationPass(onnx_ir.passes.InPlacePass):
             plain += self._error(w, t.reduction_axis, hessian)
             rotated += self._error(rotate(w, t.reduction_axis, b), t.reduction_axis, turned_h)
             del w
-            _release(t.weight.const_value)
+            release_mapping(t.weight.const_value)
         weights = list(dict.fromkeys(t.weight.name for t in targets))
         return RotationRecord(name, weights, plain, rotated, rotated < plain, "weight" if hessian is None else "output")
 
@@ -221,11 +218,3 @@ def _initializer(graph: ir.Graph, name: str, value) -> ir.Value:
     v = ir.Value(name=name, const_value=tensor, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype))
     graph.register_initializer(v)
     return v
-
-
-def _release(tensor) -> None:
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:
-            pass

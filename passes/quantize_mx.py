@@ -58,6 +58,7 @@ from maia_onnx.formats import mx as mxf
 from maia_onnx.formats.fp4 import FP4_KINDS, Fp4Weight, quantize_fp4
 from maia_onnx.formats.registry import MX_FORMS, FormatSpec, formats_of, get_format
 from maia_onnx.formats.smx import SMX_MANTISSA_BITS, smx_encode
+from maia_onnx.io import release_mapping
 from maia_onnx.passes.packed_weights import Namer, WeightDecoder
 from maia_onnx.passes.smx_function import SMX_FUNCTION_DOMAIN, SMX_FUNCTION_NAME, smx_fake_quant_function  # noqa: F401
 from maia_onnx.scales import WeightTarget, weight_targets
@@ -105,16 +106,6 @@ def _chunks(shape: tuple[int, ...], block_axis: int, max_elements: int = 1 << 23
         sl[split] = slice(start, min(start + step, shape[split]))
         out.append(tuple(sl))
     return out
-
-
-def _release(tensor) -> None:
-    """Unmap an external tensor's pages now (peak memory stays one tensor, not the whole model)."""
-    release = getattr(tensor, "release", None)
-    if release is not None:
-        try:
-            release()
-        except BufferError:  # a view is still alive; the mapping goes when it does
-            pass
 
 
 def require_opset(model: ir.Model, version: int) -> None:
@@ -231,7 +222,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
                 measure(data, packed.dequantize())
             del data
             if lazy_source:
-                _release(source)
+                release_mapping(source)
             row.sqnr_db, row.bytes_after = _db(signal, noise), int(packed.nbytes)
             layers.append(row)
             return out
@@ -252,7 +243,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
             del chunk, e, x  # no view of the mapping may survive, or it cannot be released
         del data
         if lazy_source:
-            _release(source)
+            release_mapping(source)
         row.sqnr_db = _db(signal, noise)
         if self.form == "ort":
             scale = mxf.mx_scale_float(exps, self.fmt)
