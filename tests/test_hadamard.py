@@ -167,3 +167,27 @@ def test_calibration_hessians_refuse_a_rotation_the_weight_error_would_take():
     assert not by_output["x"].rotated and by_output["x"].measure == "output"
     assert by_output["x"].error_rotated > by_output["x"].error_plain
     assert by_output["u"].rotated  # u has no outlier activations: the rotation still pays there
+
+
+def test_rotated_mxfp4_llama_compiles_whole_and_runs_bit_exactly(llama_tiny_onnx, tmp_path):
+    """The rotation (Shape/Reshape/MatMul) runs on the device with the 4-bit decode: compiled, the Maia emulator's
+    outputs equal plain ONNX Runtime's on the same quantized file, bit for bit."""
+    from maia_onnx.ortutil import make_inputs
+    from maia_onnx.quantize import quantize_model
+    from maia_onnx.runtime import EmulatorSession
+    from maia_onnx.runtime.compile import compile_model
+
+    q = tmp_path / "rot.onnx"
+    result = quantize_model(llama_tiny_onnx, q, format="mxfp4", hadamard=True, calib=None, weights_only=True,
+                            evaluate=False, show_progress=False)
+    rotated = [r for r in result.quantize_report.rotations if r.rotated]
+    assert rotated and all(r.measure == "weight" for r in result.quantize_report.rotations)
+    model = ir.load(q)
+    assert sum(n.op_type == "Shape" and n.name.endswith("HadamardShape") for n in model.graph) == len(rotated)
+    compiled = compile_model(q, tmp_path / "rot_ctx.onnx", device="maia200", optimize=False)
+    assert compiled.placement.summary()["nodes_cpu"] == 0 and len(compiled.programs) == 1
+    sess = EmulatorSession(compiled.path, providers=["MaiaExecutionProvider", "CPUExecutionProvider"])
+    f = make_inputs(model, seed=3, dims={"batch": 2, "seq": 5, "past": 3})
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, f)))
+    for name, ref in run(model, f).items():
+        np.testing.assert_array_equal(got[name], ref, err_msg=name)
