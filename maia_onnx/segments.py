@@ -70,11 +70,11 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 class _Graph:
     """The top-level graph as index tables: what each node reads / writes, where each value is made and last read."""
 
-    def __init__(self, proto: onnx.ModelProto, wanted: Sequence[str]):
+    def __init__(self, proto: onnx.ModelProto, wanted: Sequence[str], init_bytes: Mapping[str, int] | None = None):
         g = proto.graph
         self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.init_bytes = {name: _tensor_bytes(t) for name, t in self.inits.items()}
+        self.init_bytes = dict(init_bytes) if init_bytes is not None else {t.name: _tensor_bytes(t) for t in g.initializer}
+        self.inits = self.init_bytes.keys()
         self.graph_inputs = [v.name for v in g.input if v.name not in self.inits]
         self.reads = [_reads(n) for n in self.nodes]
         self.maker: dict[str, int] = {name: -1 for name in self.graph_inputs}
@@ -101,10 +101,12 @@ class _Graph:
 
 
 def plan_segments(proto: onnx.ModelProto, wanted: Sequence[str], max_weight_bytes: int = DEFAULT_SEGMENT_BYTES,
-                  cost: Mapping[str, int] | None = None, max_cost: int | None = None) -> list[Segment]:
+                  cost: Mapping[str, int] | None = None, max_cost: int | None = None,
+                  init_bytes: Mapping[str, int] | None = None) -> list[Segment]:
     """Contiguous segments of the nodes the wanted values need (see the module docstring).  A single node heavier
-    than a budget gets a segment of its own."""
-    graph = _Graph(proto, wanted)
+    than a budget gets a segment of its own.  ``init_bytes`` names the initializers (and their sizes) when the
+    proto was made without them."""
+    graph = _Graph(proto, wanted, init_bytes)
     cost = dict(cost or {})
     order = graph.live_nodes
     position = {i: pos for pos, i in enumerate(order)}
@@ -184,8 +186,16 @@ def plan_segments(proto: onnx.ModelProto, wanted: Sequence[str], max_weight_byte
     return segments
 
 
+def _initializer_proto(value: ir.Value) -> onnx.TensorProto:
+    """One initializer as the segment needs it: a file reference for external data, the values otherwise (a lazy
+    tensor, e.g. a rotated weight, is computed now, for this segment only)."""
+    tensor = ir.serde.serialize_tensor(value.const_value)
+    tensor.name = value.name
+    return tensor
+
+
 def _segment_model(proto: onnx.ModelProto, graph_nodes: list[onnx.NodeProto], seg: Segment,
-                   inits: Mapping[str, onnx.TensorProto], examples: Mapping[str, np.ndarray]) -> bytes:
+                   inits: Mapping[str, ir.Value], examples: Mapping[str, np.ndarray]) -> bytes:
     nodes = [graph_nodes[i] for i in seg.nodes]
     reads = {n for node in nodes for n in _reads(node)}
     made = {o for node in nodes for o in node.output if o}
@@ -195,7 +205,7 @@ def _segment_model(proto: onnx.ModelProto, graph_nodes: list[onnx.NodeProto], se
         [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(examples[n].dtype),
                                             [None] * examples[n].ndim) for n in seg.inputs],
         [onnx.ValueInfoProto(name=n) for n in outputs],  # ORT infers the types of untyped outputs
-        initializer=[inits[n] for n in sorted(reads & inits.keys())])
+        initializer=[_initializer_proto(inits[n]) for n in sorted(reads & inits.keys())])
     model = onnx.helper.make_model(g, opset_imports=proto.opset_import, ir_version=proto.ir_version)
     model.functions.extend(proto.functions)
     return model.SerializeToString()
@@ -217,9 +227,16 @@ def run_segments(
     Returns (batches, segments)."""
     import onnxruntime as ort
 
-    proto = ir.to_proto(model)
-    segments = plan_segments(proto, list(wanted), max_weight_bytes, cost, max_cost)
-    inits = {t.name: t for t in proto.graph.initializer}
+    # the graph without its initializers: each segment serializes only its own (lazy tensors would otherwise all
+    # be computed here, and a multi-GB model would not fit a protobuf)
+    inits = dict(model.graph.initializers)
+    model.graph.initializers.clear()
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        model.graph.initializers.update(inits)
+    sizes = {name: int(v.const_value.nbytes) if v.const_value is not None else 0 for name, v in inits.items()}
+    segments = plan_segments(proto, list(wanted), max_weight_bytes, cost, max_cost, init_bytes=sizes)
     graph_nodes = list(proto.graph.node)
     options = session_options(True)
     external = [v.const_value for v in model.graph.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)]

@@ -31,12 +31,15 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from maia_onnx.errors import InvalidOptionError
-from maia_onnx.formats.fp4 import FP4_KINDS, quantize_fp4
+from maia_onnx.formats.fp4 import FP4_KINDS, quantize_fp4, tensor_scale_e4m3
 from maia_onnx.formats.gptq import DEFAULT_HESSIAN_BYTES, HessianAccumulator
 from maia_onnx.io import give_back_free_memory, release_mapping
 from maia_onnx.passes.packed_weights import Namer
 from maia_onnx.scales import NOT_A_WEIGHT_KEY, WeightTarget, weight_targets
 from maia_onnx.segments import run_segments
+
+
+ROW_SLAB_ELEMENTS = 1 << 22  # weight elements rotated / quantized together while judging a rotation
 
 
 def hadamard(b: int) -> np.ndarray:
@@ -49,12 +52,23 @@ def hadamard(b: int) -> np.ndarray:
     return h / np.sqrt(b)
 
 
-def rotate(weight: np.ndarray, axis: int, b: int) -> np.ndarray:
-    """``weight`` with its ``axis`` (length divisible by ``b``) multiplied block by block by ``H_b / sqrt(b)``."""
-    w = np.moveaxis(np.asarray(weight, np.float64), axis, -1)
-    shape = w.shape
-    out = (w.reshape(-1, shape[-1] // b, b) @ hadamard(b)).reshape(shape)  # H is symmetric: R^T = R
-    return np.ascontiguousarray(np.moveaxis(out, -1, axis), dtype=np.float32)
+def rotate(weight: np.ndarray, axis: int, b: int, chunk_elements: int = 1 << 22) -> np.ndarray:
+    """A 2-D ``weight`` with its ``axis`` (length divisible by ``b``) multiplied block by block by ``H_b / sqrt(b)``,
+    in float32, a slab of ``chunk_elements`` at a time (an lm_head is 262 MB: no whole-tensor temporaries)."""
+    w = np.asarray(weight)
+    h = hadamard(b).astype(np.float32)  # symmetric: R^T = R
+    out = np.empty(w.shape, np.float32)
+    if axis == 0:  # [in, out]: R W, one group of whole b-row blocks at a time
+        step = max(b, chunk_elements // max(1, w.shape[1]) // b * b)
+        for r0 in range(0, w.shape[0], step):
+            part = np.asarray(w[r0:r0 + step], np.float32)
+            out[r0:r0 + step] = np.matmul(h, part.reshape(-1, b, w.shape[1])).reshape(part.shape)
+    else:  # [out, in]: W R, a slab of output rows at a time
+        step = max(1, chunk_elements // max(1, w.shape[1]))
+        for r0 in range(0, w.shape[0], step):
+            part = np.asarray(w[r0:r0 + step], np.float32)
+            out[r0:r0 + step] = (part.reshape(part.shape[0], -1, b) @ h).reshape(part.shape)
+    return out
 
 
 @dataclass
@@ -117,23 +131,36 @@ class HadamardRotationPass(onnx_ir.passes.InPlacePass):
         self.batches = batches
         self.normalize_tokens = normalize_tokens
 
-    def _error(self, weight: np.ndarray, axis: int, hessian: np.ndarray | None) -> float:
-        """Round-to-nearest error of ``weight``: its energy, or ``tr(D^T H D)`` over output rows with a Hessian."""
-        packed = quantize_fp4(weight, self.fmt, axis, self.block_size)
-        if hessian is None:
-            return float(packed.signal_noise(weight)[1])
-        d = np.asarray(weight, np.float32) - packed.dequantize()
-        rows = d.T if axis == 0 else d  # [out, in]
-        return float(np.sum((rows @ hessian) * rows, dtype=np.float64))
+    def _error(self, weight: np.ndarray, axis: int, hessian: np.ndarray | None, rotated: bool) -> float:
+        """Round-to-nearest error of ``weight`` (rotated first if asked): its energy, or ``tr(D^T H D)`` with a
+        Hessian (of the rotated input ``R H R`` when rotated).  Output rows go a slab at a time, each rotated and
+        quantized on its own (blocks run along the input axis, so a slab quantizes exactly as the whole does), and
+        fp4-e4m3's tensor scale comes from the whole (rotated) weight first."""
+        rows = weight.T if axis == 0 else weight  # [out, in] view of the (memory-mapped) weight
+        step = max(1, ROW_SLAB_ELEMENTS // max(1, rows.shape[1]))
+
+        def slabs():
+            for r0 in range(0, rows.shape[0], step):
+                part = np.asarray(rows[r0:r0 + step], np.float32)
+                yield rotate(part, 1, self.block_size) if rotated else part
+
+        scale = None
+        if self.fmt == "fp4-e4m3":
+            scale = tensor_scale_e4m3(np.array([max((float(np.max(np.abs(p))) for p in slabs()), default=0.0)]))
+        total = 0.0
+        for part in slabs():
+            d = part - quantize_fp4(part, self.fmt, 1, self.block_size, tensor_scale=scale).dequantize()
+            total += float(np.sum((d @ hessian) * d if hessian is not None else d * d, dtype=np.float64))
+        return total
 
     def _decide(self, name: str, targets: list[WeightTarget], hessian: np.ndarray | None) -> RotationRecord:
         b = self.block_size
-        turned_h = None if hessian is None else rotate(rotate(hessian, 0, b), 1, b)  # R H R: x R is what the layer sees
+        turned_h = None if hessian is None else rotate(rotate(hessian, 0, b), 1, b)  # R H R: what x R gives
         plain = rotated = 0.0
         for t in dict((t.weight.name, t) for t in targets).values():
-            w = np.asarray(t.weight.const_value.numpy(), np.float32)
-            plain += self._error(w, t.reduction_axis, hessian)
-            rotated += self._error(rotate(w, t.reduction_axis, b), t.reduction_axis, turned_h)
+            w = t.weight.const_value.numpy()
+            plain += self._error(w, t.reduction_axis, hessian, rotated=False)
+            rotated += self._error(w, t.reduction_axis, turned_h, rotated=True)
             del w
             release_mapping(t.weight.const_value)
         weights = list(dict.fromkeys(t.weight.name for t in targets))

@@ -191,3 +191,13 @@ def test_rotated_mxfp4_llama_compiles_whole_and_runs_bit_exactly(llama_tiny_onnx
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, f)))
     for name, ref in run(model, f).items():
         np.testing.assert_array_equal(got[name], ref, err_msg=name)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_rotate_in_slabs_equals_the_block_diagonal_product(axis):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((96, 64) if axis == 0 else (40, 96)).astype(np.float32)
+    r = np.kron(np.eye(3), hadamard(32))  # the whole 96 x 96 block-diagonal rotation
+    want = r @ w if axis == 0 else w @ r
+    for chunk in (1, 100, 1 << 22):
+        np.testing.assert_allclose(rotate(w, axis, 32, chunk_elements=chunk), want, rtol=1e-5, atol=1e-5)
