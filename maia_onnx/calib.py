@@ -24,8 +24,11 @@ import onnx_ir as ir
 from maia_onnx.data import ImageSource, TextSource, data_kind, feeds_valid, make_data_source, real_positions
 from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.formats.fp8 import Fp8Format, cast_fp8_saturate, fp8_amax_scale, get_fp8_format
+from maia_onnx.formats.gptq import DEFAULT_HESSIAN_BYTES, HessianAccumulator
 from maia_onnx.inputs import make_inputs
+from maia_onnx.io import give_back_free_memory
 from maia_onnx.ortutil import session_options
+from maia_onnx.segments import DEFAULT_SEGMENT_BYTES, run_segments
 
 logger = logging.getLogger(__name__)
 
@@ -512,3 +515,36 @@ def calibrate(
     check_method(method, percentile)
     stats = collect_statistics(model, value_names, source, bins, show_progress)
     return compute_scales(stats, method, fmt, percentile), stats
+
+
+def collect_hessians(
+    model: ir.Model,
+    columns: Mapping[str, int],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    on_hessian,
+    normalize_tokens: bool = True,
+    max_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    max_hessian_bytes: int = DEFAULT_HESSIAN_BYTES,
+):
+    """Stream ``batches`` once through ``model`` segment by segment (``maia_onnx.segments``) and hand each named
+    layer input's Hessian ``2/n X^T X`` (float32, ``columns[name]`` wide, padding masked out by the batches'
+    ``valid``) to ``on_hessian(name, hessian, rows)`` as soon as the segment that makes it is done, then drop it:
+    at most ``max_hessian_bytes`` of Hessians exist at once.  Returns (batches streamed, segments)."""
+    hessians: dict[str, HessianAccumulator] = {}
+
+    def on_values(_, values, valid):
+        for name, x in values.items():
+            if name not in hessians:
+                hessians[name] = HessianAccumulator(columns[name], normalize_tokens, np.float32)
+            hessians[name].update(x, valid)
+
+    def on_segment(segment):
+        for name in segment.wanted:
+            acc = hessians.pop(name)
+            rows = acc.rows
+            on_hessian(name, acc.take(), rows)
+            del acc
+            give_back_free_memory()
+
+    return run_segments(model, list(columns), batches, on_values, on_segment, max_weight_bytes=max_segment_bytes,
+                        cost={name: c * c * 4 for name, c in columns.items()}, max_cost=max_hessian_bytes)

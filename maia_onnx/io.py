@@ -389,3 +389,24 @@ def release_mapping(tensor) -> None:
             tensor.release()
         except BufferError:  # a view of the mapping is still alive: it goes when the view does
             pass
+
+
+def proto_without_initializers(model: ir.Model) -> onnx.ModelProto:
+    """``model`` as a proto with no initializers, for callers that add only the ones they need
+    (``initializer_proto``): no weight is read from disk or computed, whatever their size.  The model is left as
+    it was."""
+    graph = model.graph
+    saved = dict(graph.initializers)
+    graph.initializers.clear()
+    try:
+        return ir.to_proto(model)
+    finally:
+        graph.initializers.update(saved)
+
+
+def initializer_proto(value: ir.Value) -> onnx.TensorProto:
+    """One initializer as a proto: a file reference for external data, the values otherwise (a lazy tensor is
+    computed now)."""
+    tensor = ir.serde.serialize_tensor(value.const_value)
+    tensor.name = value.name
+    return tensor

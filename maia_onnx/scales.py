@@ -22,6 +22,7 @@ API used by the quantize front end:
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import re
 from dataclasses import dataclass, field
@@ -49,6 +50,23 @@ class WeightTarget:
     reduction_axis: int  # the axis summed over (MX blocks run along it)
     output_axis: int | None  # the per-output-channel axis (per-channel weight scales run along it)
     layer: str
+
+    def excluded_by(self, patterns) -> bool:
+        """Whether an fnmatch pattern (``--exclude``) names its layer, node or weight."""
+        names = [n for n in (self.layer, self.node.name, self.weight.name) if n]
+        return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+    def linear_input(self) -> ir.Value | None:
+        """The activation a 2-D linear (MatMul, or Gemm without transA) multiplies its ``[in, out]`` /
+        ``[out, in]`` weight with, when that is a named value computed at run time (GPTQ's Hessians and the
+        Hadamard rotation are about it); None for anything else."""
+        node = self.node
+        if len(self.weight.shape) != 2 or node.op_type not in ("MatMul", "Gemm"):
+            return None
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
+            return None
+        x = node.inputs[0]
+        return x if x is not None and x.const_value is None and x.name else None
 
 
 def _literal_list(text: str | None) -> list[str]:

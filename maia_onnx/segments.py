@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from maia_onnx.data import feeds_valid
 from maia_onnx.errors import UserError
-from maia_onnx.io import give_back_free_memory
+from maia_onnx.io import give_back_free_memory, initializer_proto, proto_without_initializers
 from maia_onnx.ortutil import session_options
 
 DEFAULT_SEGMENT_BYTES = 256 << 20
@@ -34,6 +34,7 @@ DEFAULT_SEGMENT_BYTES = 256 << 20
 class Segment:
     index: int
     nodes: list[int]  # indices into the model's top-level nodes (topological order), pruned of unneeded nodes
+    initializers: list[str] = field(default_factory=list)  # what its nodes read from the model's initializers
     inputs: list[str] = field(default_factory=list)  # values read from earlier segments or the graph inputs
     keep: list[str] = field(default_factory=list)  # values made here that later segments read
     wanted: list[str] = field(default_factory=list)  # the caller's values available once this segment ran
@@ -170,8 +171,8 @@ def plan_segments(proto: onnx.ModelProto, wanted: Sequence[str], max_weight_byte
             for out in graph.nodes[i].output:
                 if out:
                     made_in[out] = k
-        inits = {n for i in seg.nodes for n in graph.reads[i] if n in graph.inits}
-        seg.weight_bytes = sum(graph.init_bytes[n] for n in inits)
+        seg.initializers = sorted({n for i in seg.nodes for n in graph.reads[i] if n in graph.inits})
+        seg.weight_bytes = sum(graph.init_bytes[n] for n in seg.initializers)
         segments.append(seg)
     # what each segment reads from before it, and keeps for after it
     for seg in segments:
@@ -186,18 +187,9 @@ def plan_segments(proto: onnx.ModelProto, wanted: Sequence[str], max_weight_byte
     return segments
 
 
-def _initializer_proto(value: ir.Value) -> onnx.TensorProto:
-    """One initializer as the segment needs it: a file reference for external data, the values otherwise (a lazy
-    tensor, e.g. a rotated weight, is computed now, for this segment only)."""
-    tensor = ir.serde.serialize_tensor(value.const_value)
-    tensor.name = value.name
-    return tensor
-
-
 def _segment_model(proto: onnx.ModelProto, graph_nodes: list[onnx.NodeProto], seg: Segment,
                    inits: Mapping[str, ir.Value], examples: Mapping[str, np.ndarray]) -> bytes:
     nodes = [graph_nodes[i] for i in seg.nodes]
-    reads = {n for node in nodes for n in _reads(node)}
     made = {o for node in nodes for o in node.output if o}
     outputs = [n for n in dict.fromkeys(seg.keep + seg.wanted) if n in made]
     g = onnx.helper.make_graph(
@@ -205,7 +197,8 @@ def _segment_model(proto: onnx.ModelProto, graph_nodes: list[onnx.NodeProto], se
         [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(examples[n].dtype),
                                             [None] * examples[n].ndim) for n in seg.inputs],
         [onnx.ValueInfoProto(name=n) for n in outputs],  # ORT infers the types of untyped outputs
-        initializer=[_initializer_proto(inits[n]) for n in sorted(reads & inits.keys())])
+        # external weights stay file references; a lazy one (a rotated weight) is computed for this segment only
+        initializer=[initializer_proto(inits[n]) for n in seg.initializers])
     model = onnx.helper.make_model(g, opset_imports=proto.opset_import, ir_version=proto.ir_version)
     model.functions.extend(proto.functions)
     return model.SerializeToString()
@@ -227,14 +220,10 @@ def run_segments(
     Returns (batches, segments)."""
     import onnxruntime as ort
 
-    # the graph without its initializers: each segment serializes only its own (lazy tensors would otherwise all
-    # be computed here, and a multi-GB model would not fit a protobuf)
+    # each segment serializes only its own initializers: lazy tensors would otherwise all be computed here, and a
+    # multi-GB model would not fit a protobuf
+    proto = proto_without_initializers(model)
     inits = dict(model.graph.initializers)
-    model.graph.initializers.clear()
-    try:
-        proto = ir.to_proto(model)
-    finally:
-        model.graph.initializers.update(inits)
     sizes = {name: int(v.const_value.nbytes) if v.const_value is not None else 0 for name, v in inits.items()}
     segments = plan_segments(proto, list(wanted), max_weight_bytes, cost, max_cost, init_bytes=sizes)
     graph_nodes = list(proto.graph.node)

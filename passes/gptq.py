@@ -1,13 +1,14 @@
 """GptqPass: 4-bit weights (mxfp4, fp4-e4m3) rounded by GPTQ from calibration Hessians, stored packed.
 
-The calibration batches stream once through the (still float) model segment by segment (``maia_onnx.segments``):
+The calibration batches stream once through the (still float) model segment by segment
+(``maia_onnx.calib.collect_hessians`` over ``maia_onnx.segments``):
 only one segment's weights (``max_segment_bytes``, cut between decoder layers) are in ONNX Runtime at a time, and
 a segment ends before the Hessians of the layer inputs it makes pass ``max_hessian_bytes``.  For each such input
 ``formats.gptq.HessianAccumulator`` sums ``2 X^T X`` over the real positions only (a batch's ``Feeds.valid`` mask
 drops padding); layers reading the same input (q/k/v) share one Hessian and one factorization.  When a segment is
-done its inputs' layers are rounded (``formats.gptq.gptq_rows``, ``row_chunk`` output rows at a time from the
-memory-mapped weight) and packed (``formats.fp4.encode_fp4``, which stores GPTQ's values and scales exactly as
-given), and their Hessians are dropped before the next segment runs.  The graph is then rewritten by
+done its inputs' layers are rounded (``formats.gptq.gptq_rows``, a slab of ``ROW_CHUNK_ELEMENTS`` output rows at
+a time from the memory-mapped weight) and packed (``formats.fp4.encode_fp4``, which stores GPTQ's values and scales
+exactly as given), and their Hessians are dropped before the next segment runs.  The graph is then rewritten by
 ``QuantizeMxPass`` with those weights; layers GPTQ cannot take (Conv, batched MatMul weights, Gemm with transA)
 are rounded to nearest.  Every layer reads the float model's activations (not its already-rounded predecessors'),
 so the result does not depend on how the model was cut.
@@ -27,19 +28,18 @@ for round-to-nearest and for GPTQ on the calibration inputs (``formats.gptq.outp
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
+from maia_onnx.calib import collect_hessians
 from maia_onnx.errors import InvalidOptionError, UserError
 from maia_onnx.formats.fp4 import FP4_KINDS, Fp4Weight, encode_fp4
 from maia_onnx.formats.gptq import (
     DEFAULT_HESSIAN_BYTES,
     GroupQuantizer,
-    HessianAccumulator,
     HessianFactor,
     factor_hessian,
     fp4_e4m3_global_scale,
@@ -52,7 +52,7 @@ from maia_onnx.formats.packing import BlockLayout, layout
 from maia_onnx.io import SpillFile, give_back_free_memory, release_mapping
 from maia_onnx.passes.quantize_mx import MxPassResult, QuantizeMxPass
 from maia_onnx.scales import WeightTarget, weight_targets
-from maia_onnx.segments import DEFAULT_SEGMENT_BYTES, run_segments
+from maia_onnx.segments import DEFAULT_SEGMENT_BYTES
 
 ROW_CHUNK_ELEMENTS = 1 << 22  # rows of a weight rounded together: ~16 MB of float32 working copies per array
 
@@ -83,19 +83,6 @@ def _quantizer(fmt: str, weight: np.ndarray, block_size: int) -> tuple[GroupQuan
         return mxfp4_quantizer(block_size), 1.0
     g = fp4_e4m3_global_scale(weight)
     return fp4_e4m3_quantizer(g, block_size), float(g)
-
-
-def _gptq_input(t: WeightTarget) -> ir.Value | None:
-    """The activation a linear multiplies its ``[in, out]`` / ``[out, in]`` weight with, when GPTQ can take it."""
-    node = t.node
-    if len(t.weight.shape) != 2 or node.op_type not in ("MatMul", "Gemm"):
-        return None
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-        return None
-    x = node.inputs[0]
-    if x is None or x.const_value is not None or not x.name:
-        return None
-    return x
 
 
 class _SpilledWeights(Mapping[str, Fp4Weight]):
@@ -154,51 +141,35 @@ class GptqPass(QuantizeMxPass):
         self.progress = progress
 
     def call(self, model: ir.Model) -> GptqPassResult:
-        targets = [t for t in weight_targets(model.graph)
-                   if not any(fnmatch.fnmatchcase(n, p) for p in self.exclude
-                              for n in (t.layer, t.node.name or "", t.weight.name or "") if n)]
+        targets = [t for t in weight_targets(model.graph) if not t.excluded_by(self.exclude)]
         by_input: dict[str, list[WeightTarget]] = {}
         columns: dict[str, int] = {}
         for t in targets:
-            x = _gptq_input(t)
+            x = t.linear_input()
             if x is None:
                 continue
             by_input.setdefault(x.name, []).append(t)
             columns[x.name] = int(t.weight.shape[t.reduction_axis])
         encoded = _SpilledWeights()
         records: list[GptqLayerRecord] = []
-        hessians: dict[str, HessianAccumulator] = {}
         total = sum(len(ts) for ts in by_input.values())
 
-        def on_values(_, values, valid):
-            for name, x in values.items():
-                acc = hessians.get(name)
-                if acc is None:
-                    acc = hessians[name] = HessianAccumulator(columns[name], self.normalize_tokens, np.float32)
-                acc.update(x, valid)
+        def on_hessian(name, h, rows):
+            if rows == 0:
+                raise UserError(f"GPTQ: calibration data gave no valid positions for {name!r}: pass non-empty samples")
+            factor = factor_hessian(h, self.damp, self.act_order)
+            for t in by_input[name]:
+                if t.weight.name in encoded:
+                    continue  # a weight shared by two nodes with one input: rounded once
+                encoded[t.weight.name], row = self._round(t, name, h, factor)
+                records.append(row)
+                give_back_free_memory()
+                if self.progress is not None:
+                    self.progress(len(records), total, t.weight.name)
 
-        def on_segment(segment):
-            for name in segment.wanted:
-                acc = hessians.pop(name)
-                if acc.rows == 0:
-                    raise UserError(f"GPTQ: calibration data gave no valid positions for {name!r}: pass non-empty samples")
-                h = acc.take()
-                del acc
-                factor = factor_hessian(h, self.damp, self.act_order)
-                for t in by_input[name]:
-                    if t.weight.name in encoded:
-                        continue  # a weight shared by two nodes with one input: rounded once
-                    encoded[t.weight.name], row = self._round(t, name, h, factor)
-                    records.append(row)
-                    give_back_free_memory()
-                    if self.progress is not None:
-                        self.progress(len(records), total, t.weight.name)
-                del h, factor
-
-        cost = {name: c * c * 4 for name, c in columns.items()}
-        streamed, segments = (0, []) if not by_input else run_segments(
-            model, list(by_input), self.batches(model), on_values, on_segment,
-            max_weight_bytes=self.max_segment_bytes, cost=cost, max_cost=self.max_hessian_bytes)
+        streamed, segments = (0, []) if not by_input else collect_hessians(
+            model, columns, self.batches(model), on_hessian, self.normalize_tokens, self.max_segment_bytes,
+            self.max_hessian_bytes)
         if by_input and streamed == 0:
             raise UserError("GPTQ: the calibration source gave no batches: pass calibration data with samples")
         result = super().call(model) if not encoded else QuantizeMxPass(
@@ -209,7 +180,7 @@ class GptqPass(QuantizeMxPass):
 
     def _round(self, t: WeightTarget, input_name: str, hessian: np.ndarray,
                factor: HessianFactor) -> tuple[Fp4Weight, GptqLayerRecord]:
-        """GPTQ of one weight, ``row_chunk`` output rows at a time, read from the (memory-mapped) source."""
+        """GPTQ of one weight, a slab of output rows at a time, read from the (memory-mapped) source."""
         source = t.weight.const_value
         data = source.numpy()
         axis = t.reduction_axis
@@ -225,10 +196,10 @@ class GptqPass(QuantizeMxPass):
         for r0 in range(0, out_rows, step):
             r1 = min(r0 + step, out_rows)
             rows = np.ascontiguousarray(w[r0:r1], dtype=np.float32)
-            rtn, _ = quantizer.fake_quant(rows)
+            rtn, rtn_scales = quantizer.fake_quant(rows)
             rtn_sum += output_error_sum(rows, rtn, hessian)
             del rtn
-            values, scales = gptq_rows(rows, factor, quantizer, self.block)
+            values, scales = gptq_rows(rows, factor, quantizer, self.block, rtn_scales)
             gptq_sum += output_error_sum(rows, values, hessian)
             # the chunk as its own ONNX-oriented tensor: [in, rows] (MatMul) or [rows, in] (Gemm transB)
             piece = encode_fp4(values.T if axis == 0 else values, scales.T if axis == 0 else scales, self.fmt, axis,

@@ -11,10 +11,10 @@ format's block size so a rotation never mixes two blocks.
 
 "Where it helps": the layers reading one input are rotated together or not at all, and only when the sum of their
 round-to-nearest errors falls.  With calibration ``batches`` the error is the layers' *output* error on the
-calibration inputs, ``tr(D^T H D)`` against ``R H R`` when rotated (Hessians streamed segment by segment as in
-``passes/gptq.py``): measured on all-MiniLM-L6-v2, rotating by weight error alone made MXFP4 round-to-nearest worse
-(the rotation moves error into the few input channels that carry outlier activations), while the output error sees
-that.  Without data it is the weight error energy (``R`` is orthonormal, so before and after compare directly).
+calibration inputs, ``tr(D^T H D)`` against ``R H R`` when rotated (Hessians streamed segment by segment by
+``maia_onnx.calib.collect_hessians``, as for GPTQ): measured on all-MiniLM-L6-v2, rotating by weight error alone
+made MXFP4 round-to-nearest worse (the rotation moves error into the few input channels that carry outlier
+activations), while the output error sees that.  Without data it is the weight error energy (``R`` is orthonormal, so before and after compare directly).
 ``HadamardRotationPass(fmt, block_size=None, exclude=(), batches=None, normalize_tokens=True)``; the result's
 ``rotations`` rows give each input's error both ways, which measure, and whether it was rotated.  Weights
 memory-mapped from external data stay lazy: the rotated weight is computed when it is read.
@@ -22,7 +22,6 @@ memory-mapped from external data stay lazy: the rotated weight is computed when 
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -30,13 +29,12 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 
+from maia_onnx.calib import collect_hessians
 from maia_onnx.errors import InvalidOptionError
 from maia_onnx.formats.fp4 import FP4_KINDS, quantize_fp4, tensor_scale_e4m3
-from maia_onnx.formats.gptq import DEFAULT_HESSIAN_BYTES, HessianAccumulator
-from maia_onnx.io import give_back_free_memory, release_mapping
+from maia_onnx.io import release_mapping
 from maia_onnx.passes.packed_weights import Namer
 from maia_onnx.scales import NOT_A_WEIGHT_KEY, WeightTarget, weight_targets
-from maia_onnx.segments import run_segments
 
 
 ROW_SLAB_ELEMENTS = 1 << 22  # weight elements rotated / quantized together while judging a rotation
@@ -93,15 +91,8 @@ class HadamardPassResult(onnx_ir.passes.PassResult):
 
 def _rotatable(t: WeightTarget, b: int) -> ir.Value | None:
     """The input ``x`` of a 2-D linear whose reduction axis splits into whole blocks, when it can be rotated."""
-    node = t.node
-    if node.op_type not in ("MatMul", "Gemm") or len(t.weight.shape) != 2:
-        return None
-    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
-        return None
-    if int(t.weight.shape[t.reduction_axis]) % b:
-        return None
-    x = node.inputs[0]
-    return x if x is not None and x.const_value is None and x.name else None
+    x = t.linear_input()
+    return x if x is not None and int(t.weight.shape[t.reduction_axis]) % b == 0 else None
 
 
 def _rotated_tensor(source: ir.TensorProtocol, axis: int, b: int, name: str) -> ir.TensorProtocol:
@@ -171,33 +162,21 @@ class HadamardRotationPass(onnx_ir.passes.InPlacePass):
         b = self.block_size
         groups: dict[str, tuple[ir.Value, list[WeightTarget]]] = {}
         for t in weight_targets(graph):
-            if any(fnmatch.fnmatchcase(n, p) for p in self.exclude for n in (t.layer, t.node.name or "", t.weight.name or "") if n):
-                continue
             x = _rotatable(t, b)
-            if x is not None:
+            if x is not None and not t.excluded_by(self.exclude):
                 groups.setdefault(x.name, (x, []))[1].append(t)
         records: dict[str, RotationRecord] = {}
         if self.batches is None or not groups:
             for name, (_, targets) in groups.items():
                 records[name] = self._decide(name, targets, None)
         else:
-            # the layers' own calibration inputs decide, one segment of the model at a time (passes/gptq.py)
+            # the layers' own calibration inputs decide, one segment of the model at a time (as GPTQ's Hessians)
             columns = {name: int(ts[0].weight.shape[ts[0].reduction_axis]) for name, (_, ts) in groups.items()}
-            hessians: dict[str, HessianAccumulator] = {}
 
-            def on_values(_, values, valid):
-                for name, x in values.items():
-                    if name not in hessians:
-                        hessians[name] = HessianAccumulator(columns[name], self.normalize_tokens, np.float32)
-                    hessians[name].update(x, valid)
+            def on_hessian(name, h, _rows):
+                records[name] = self._decide(name, groups[name][1], h)
 
-            def on_segment(segment):
-                for name in segment.wanted:
-                    records[name] = self._decide(name, groups[name][1], hessians.pop(name).take())
-                    give_back_free_memory()
-
-            run_segments(model, list(groups), self.batches(model), on_values, on_segment,
-                         cost={n: c * c * 4 for n, c in columns.items()}, max_cost=DEFAULT_HESSIAN_BYTES)
+            collect_hessians(model, columns, self.batches(model), on_hessian, self.normalize_tokens)
         namer = Namer(graph)
         table = None
         for name, (x, targets) in groups.items():

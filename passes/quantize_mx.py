@@ -43,7 +43,6 @@ name, shape, axis, SQNR in dB, bytes before/after, whether its activations are q
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -119,10 +118,6 @@ def require_opset(model: ir.Model, version: int) -> None:
     # FLOAT4E2M1 / FLOAT8E8M0 tensors need IR 11
     min_ir = max(min_ir, 11 if version >= STANDARD_OPSET else min_ir)
     model.ir_version = max(model.ir_version, min_ir)
-
-
-def _matches(patterns: Iterable[str], *names: str) -> bool:
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names if n)
 
 
 @dataclass
@@ -395,11 +390,7 @@ class QuantizeMxPass(onnx_ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> MxPassResult:
         graph = model.graph
         namer = Namer(graph)
-        targets = [
-            t
-            for t in weight_targets(graph)
-            if not _matches(self.exclude, t.layer, t.node.name or "", t.weight.name or "")
-        ]
+        targets = [t for t in weight_targets(graph) if not t.excluded_by(self.exclude)]
         if not targets:
             return MxPassResult(model, modified=False)
         if not self.smx:

@@ -180,14 +180,15 @@ def factor_hessian(hessian: np.ndarray, damp: float = 0.01, act_order: bool = Fa
 SUB_BLOCK = 16  # columns whose errors move their block-mates one by one (the rest move in one matrix product)
 
 
-def gptq_rows(weight: np.ndarray, factor: HessianFactor, quantizer: GroupQuantizer,
-              block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+def gptq_rows(weight: np.ndarray, factor: HessianFactor, quantizer: GroupQuantizer, block: int = 128,
+              rtn_scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """GPTQ of ``[rows, in]`` output rows under a factored Hessian: (dequantized values, per-group scales
     ``[rows, groups]``).  Output rows are independent, so a large weight is rounded a slice of rows at a time.
 
     With ``factor.perm`` (act_order) the group scales are fixed up front from the weights as given (static groups:
     the groups are no longer reached in order); without it a group's scale is taken from the weights as they stand
-    when GPTQ reaches the group (compensation included)."""
+    when GPTQ reaches the group (compensation included).  ``rtn_scales``: ``quantizer.fake_quant(weight)``'s scales
+    when the caller has them already (the static groups), so they are not computed twice."""
     dtype = factor.hinv.dtype
     w = np.array(weight, dtype=dtype, copy=True)
     rows, cols = w.shape
@@ -197,7 +198,8 @@ def gptq_rows(weight: np.ndarray, factor: HessianFactor, quantizer: GroupQuantiz
     w[:, factor.dead] = 0.0
     perm = factor.perm
     if perm is not None:
-        _, scales = quantizer.fake_quant(np.asarray(weight, np.float32))  # static groups: the RTN scales
+        # static groups: the round-to-nearest scales
+        scales = rtn_scales if rtn_scales is not None else quantizer.fake_quant(np.asarray(weight, np.float32))[1]
         w = w[:, perm]
         col_scale = np.ascontiguousarray(scales[:, perm // group].T, dtype=np.float32)  # [in, rows]: per column
     else:

@@ -21,6 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from maia_onnx.errors import InvalidOptionError
+from maia_onnx.io import initializer_proto, proto_without_initializers
 
 # Initializers up to this many elements stay in the inference copy: shape inference reads small constants
 # (Reshape targets, axes), never weights.
@@ -151,20 +152,11 @@ def _is_weight(value: ir.Value) -> bool:
 
 def _shape_only_proto(model: ir.Model) -> onnx.ModelProto:
     """The model as a proto without its weights: external or large initializers become typed graph inputs."""
-    graph = model.graph
-    saved = list(graph.initializers.values())
-    graph.initializers.clear()
-    try:
-        proto = ir.to_proto(model)
-    finally:
-        for value in saved:
-            graph.initializers[value.name] = value
+    proto = proto_without_initializers(model)
     listed = {i.name for i in proto.graph.input}
-    for value in saved:
+    for value in model.graph.initializers.values():
         if not _is_weight(value):
-            tensor = ir.serde.serialize_tensor(value.const_value)
-            tensor.name = value.name
-            proto.graph.initializer.append(tensor)
+            proto.graph.initializer.append(initializer_proto(value))
         elif value.name not in listed:
             tensor = value.const_value
             dtype = (value.dtype or tensor.dtype).value
