@@ -272,6 +272,5 @@ def run_segments(
         del session
         give_back_free_memory()  # the session's weights, before the caller allocates its own working set
         if on_segment is not None:
-            on_segment(seg)
-            give_back_free_memory()
+            on_segment(seg)  # frees what it made itself (calib.collect_hessians trims after each Hessian)
     return len(stores), segments
